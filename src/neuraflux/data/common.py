@@ -1,0 +1,86 @@
+"""What every data module shares: named batches, a resumable seeded sampler, loading local or hub datasets."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+
+
+@dataclass
+class LMBatch:
+    """Next-token batch: targets[:, t] is the token after input_ids[:, t]; loss counts where loss_mask is True."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    targets: torch.Tensor  # (B, T) long
+    loss_mask: torch.Tensor  # (B, T) bool
+    attention_mask: torch.Tensor | None = None  # (B, T) bool, None when nothing is padded
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+class StreamSampler(Sampler[int]):
+    """An endless, seeded stream of dataset indices: epoch e is a permutation seeded by (seed, e).
+
+    Rank r of w takes every w-th index, so DDP ranks see disjoint data without Lightning's sampler.
+    `start` skips that many of this rank's indices, which is how a resumed run continues where it stopped.
+    It has no length: training length comes from trainer.max_steps.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.start, self.rank, self.world_size = size, seed, start, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        per_epoch = len(range(self.rank, self.size, self.world_size))
+        epoch, skip = divmod(self.start, per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.size, generator=g)[self.rank :: self.world_size]
+            yield from perm[skip:].tolist()
+            epoch, skip = epoch + 1, 0
+
+
+def file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def check_data_file(path: str | Path, key: str = "data.path") -> Path:
+    """The path must exist and be non-empty; checked before any work starts."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{key}: file {p} does not exist")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"{key}: file {p} is empty")
+    return p
+
+
+def load_local_or_hub(path: str | None, dataset: str | None, split: str, key: str, **kwargs):
+    """A `datasets.Dataset` from a local .txt/.json/.jsonl(.gz) file, a saved datasets folder, or a hub name.
+
+    Hub names need the network the first time; afterwards the datasets cache serves them offline.
+    """
+    import datasets
+
+    if (path is None) == (dataset is None):
+        raise ValueError(f"{key}: give exactly one of a local path or a dataset name")
+    if dataset is not None:
+        return datasets.load_dataset(dataset, split=split, **kwargs)
+    p = check_data_file(path, key)
+    if p.is_dir():
+        return datasets.load_from_disk(str(p))
+    name = p.name.removesuffix(".gz")
+    if name.endswith((".jsonl", ".json")):
+        return datasets.load_dataset("json", data_files=str(p), split="train", **kwargs)
+    if name.endswith(".txt") or "." not in name:
+        # the whole file is one document: line splits would cut sentences and waste block padding
+        return datasets.load_dataset("text", data_files=str(p), split="train", sample_by="document", **kwargs)
+    raise ValueError(f"{key}: {p} has an unsupported extension; use .txt, .jsonl, .jsonl.gz or a saved dataset folder")

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning data: prompt/response pairs in the chat format, loss on response tokens only."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from neuraflux.chat import render_example
+from neuraflux.data.common import LMBatch, load_local_or_hub
+from neuraflux.data.lm import ResumableDataModule
+
+log = logging.getLogger(__name__)
+
+
+def encode_example(tokenizer, prompt: str, response: str, context: str | None, max_tokens: int) -> dict:
+    """Token ids and the index where the response starts.
+
+    Over-long examples lose prompt tokens from the left (the response is what is trained on, and the
+    question sits at the prompt's end); a response longer than max_tokens is cut at its end.
+    """
+    prompt_text, completion_text = render_example(prompt, response, context or None)
+    p, c = tokenizer.encode(prompt_text), tokenizer.encode(completion_text)
+    c = c[:max_tokens - 1]
+    p = p[max(0, len(p) + len(c) - max_tokens) :]
+    return {"ids": p + c, "response_start": len(p)}
+
+
+class SFTExamples(Dataset):
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[i]
+
+
+def make_sft_collate(pad_id: int):
+    def collate(items: list[dict]) -> LMBatch:
+        T = max(len(it["ids"]) for it in items) - 1
+        B = len(items)
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        targets = torch.full((B, T), pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((B, T), dtype=torch.bool)
+        attention_mask = torch.zeros((B, T), dtype=torch.bool)
+        for i, it in enumerate(items):
+            ids = torch.tensor(it["ids"], dtype=torch.long)
+            n = len(ids) - 1
+            input_ids[i, :n], targets[i, :n] = ids[:-1], ids[1:]
+            attention_mask[i, :n] = True
+            # target t is token t + 1: the response's first token is the target at response_start - 1
+            loss_mask[i, it["response_start"] - 1 : n] = True
+        return LMBatch(input_ids, targets, loss_mask, None if bool(attention_mask.all()) else attention_mask)
+
+    return collate
+
+
+class SFTDataModule(ResumableDataModule):
+    """Records {prompt, response, context?} from a JSONL file, a `datasets` dataset, or the built-in world."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        dataset: str | None = None,
+        builtin: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        seed: int = 1337,
+        num_workers: int = 0,
+        world: dict | None = None,
+    ):
+        super().__init__()
+        if len([s for s in (path, dataset, builtin) if s is not None]) != 1:
+            raise ValueError("data: set exactly one of data.path, data.dataset or data.builtin")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.path, self.dataset_name, self.builtin = path, dataset, builtin
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.seed, self.num_workers, self.world_cfg = seed, num_workers, world or {}
+        self.tokenizer = None
+        self._raw = self._load()
+
+    def _load(self):
+        import datasets
+
+        if self.builtin is not None:
+            from neuraflux.data.builtin import builtin_sft_records
+
+            return datasets.Dataset.from_list(builtin_sft_records(self.builtin, self.world_cfg))
+        key = "data.path" if self.path else "data.dataset"
+        ds = load_local_or_hub(self.path, self.dataset_name, "train", key)
+        missing = {"prompt", "response"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"{key}: SFT records need fields {sorted(missing)}; found {ds.column_names}")
+        if "context" not in ds.column_names:
+            ds = ds.add_column("context", [""] * len(ds))
+        for i, row in enumerate(ds):
+            if not row["prompt"] or not row["response"]:
+                raise ValueError(f"{key}: record {i + 1} has an empty prompt or response")
+        return ds
+
+    def texts(self) -> list[str]:
+        """Rendered conversations, for training a tokenizer."""
+        return ["".join(render_example(r["prompt"], r["response"], r["context"] or None)) for r in self._raw]
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        tok, max_tokens = self.tokenizer, self.block_size + 1
+        encoded = self._raw.map(
+            lambda r: encode_example(tok, r["prompt"], r["response"], r["context"], max_tokens),
+            remove_columns=self._raw.column_names,
+            desc="tokenizing",
+        )
+        records = [{"ids": ids, "response_start": s} for ids, s in zip(encoded["ids"], encoded["response_start"])]
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(records), generator=g).tolist()
+        n_val = max(1, int(len(records) * self.val_fraction))
+        self.val_set = SFTExamples([records[i] for i in order[:n_val]])
+        self.train_set = SFTExamples([records[i] for i in order[n_val:]])
+        self.collate = make_sft_collate(tok.pad_id)
+        log.info("SFT data: %d train, %d val examples", len(self.train_set), len(self.val_set))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(self.train_set, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._val_loader(self.val_set, self.collate)

@@ -1,0 +1,185 @@
+"""Generation, written once: rollouts, evaluation, the CLI and the server all sample through here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from neuraflux.model.nano import KVCache, NanoLM
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Mask (B, V) logits to -inf outside the top-k set and the top-p nucleus.
+
+    top-k keeps exactly k tokens even when several share the k-th value (a threshold would keep them all).
+    top-p keeps the smallest set of most likely tokens whose probability reaches p; the best token always stays.
+    """
+    if top_k is not None:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        if top_k < logits.shape[-1]:
+            idx = logits.topk(top_k, dim=-1).indices
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+            logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if top_p < 1.0:
+            sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # drop a token when the mass before it already reaches p
+            drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+            drop_sorted[..., 0] = False
+            drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids; temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """Move each row's real tokens to the right end, so all rows end together and decode in lockstep."""
+    lengths = attention_mask.long().sum(-1)  # (B,)
+    B, T = input_ids.shape
+    cols = torch.arange(T, device=input_ids.device)[None, :]
+    # source index for each destination column: real tokens land in the last `length` columns
+    src = (cols - (T - lengths)[:, None]).clamp(min=0)
+    real_first = attention_mask.long().argmax(-1)  # first real token (0 for right padding)
+    src = (src + real_first[:, None]).clamp(max=T - 1)
+    new_mask = cols >= (T - lengths)[:, None]
+    new_ids = torch.where(new_mask, input_ids.gather(1, src), torch.full_like(input_ids, pad_token_id))
+    return new_ids, new_mask
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    return not bool(attention_mask[:, -1].all())
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: NanoLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    use_kv_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) per decoding step for left-padded (or unpadded) prompts.
+
+    Rows that have finished keep yielding the pad id. Stops when every row has finished or after
+    max_new_tokens steps.
+    """
+    config = model.config
+    B, T0 = input_ids.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if T0 + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({config.max_position_embeddings})"
+        )
+    eos = torch.tensor(
+        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+        device=input_ids.device,
+        dtype=torch.long,
+    )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    # A padding mask is carried only when some row is padded; it grows by one column a step.
+    padded = not bool(attention_mask.all())
+    mask = attention_mask.bool() if padded else None
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    head = model.lm_head
+    if use_kv_cache:
+        p = head.weight
+        cache = KVCache.empty(config, B, T0 + max_new_tokens, p.device, p.dtype)
+        hidden = model.transformer(input_ids, mask, kv_cache=cache)
+    else:
+        seq = input_ids
+        hidden = model.transformer(seq, mask)
+    for _ in range(max_new_tokens):
+        logits = head(hidden[:, -1])  # (B, V): only the last position is needed
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, config.pad_token_id)
+        if eos.numel():
+            finished = finished | torch.isin(token, eos)
+        yield token, finished
+        if bool(finished.all()):
+            return
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
+        if use_kv_cache:
+            hidden = model.transformer(token[:, None], mask, kv_cache=cache)
+        else:
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            hidden = model.transformer(seq, mask)
+
+
+def generate(
+    model: NanoLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    use_kv_cache: bool = True,
+    generator: torch.Generator | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Prompt + new tokens as (B, T0 + n) with n <= max_new_tokens.
+
+    Prompts may be left- or right-padded (give `attention_mask`); the output keeps the input's padding side:
+    right-padded rows come back as prompt, continuation, then padding. After a row's eos it is padded.
+    """
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    attention_mask = attention_mask.bool()
+    right = is_right_padded(attention_mask)
+    ids, mask = to_left_padding(input_ids, attention_mask, pad) if right else (input_ids, attention_mask)
+    was_training = model.training
+    model.eval()
+    try:
+        steps = [
+            tok
+            for tok, _ in generate_stream(
+                model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, mask, use_kv_cache, generator
+            )
+        ]
+    finally:
+        model.train(was_training)
+    new = torch.stack(steps, dim=1) if steps else ids.new_empty(ids.shape[0], 0)
+    if not right:
+        return torch.cat([ids, new], dim=1)
+    # Re-pack as prompt + continuation at the left, padding at the right.
+    new_mask = new != pad
+    full_ids = torch.cat([ids, new], dim=1)
+    full_mask = torch.cat([mask, new_mask], dim=1)
+    order = torch.sort((~full_mask).long(), dim=1, stable=True).indices  # real tokens first, order kept
+    return torch.where(
+        torch.gather(full_mask, 1, order), torch.gather(full_ids, 1, order), torch.full_like(full_ids, pad)
+    )

@@ -1,0 +1,341 @@
+"""The transformer backbone, top to bottom: embeddings, attention, layer, model, LM head.
+
+Shapes: B batch, T query length, S key length (cache included), C n_embd, H heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from neuraflux.model.config import NanoConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer; `length` positions are filled."""
+
+    keys: list[torch.Tensor]  # each (B, H, S_max, D)
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: NanoConfig, batch_size: int, max_length: int, device, dtype) -> KVCache:
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        return cls(
+            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class NanoEmbeddings(nn.Module):
+    """Token embeddings plus learned absolute positions."""
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position = nn.Embedding(config.max_position_embeddings, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids, position_ids: (B, T) -> (B, T, C)
+        return self.dropout(self.token(input_ids) + self.position(position_ids))
+
+
+class NanoSelfAttention(nn.Module):
+    """Causal multi-head self-attention on scaled_dot_product_attention, with an optional KV cache."""
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache_k, cache_v, start = cache
+            cache_k[:, :, start : start + T] = k
+            cache_v[:, :, start : start + T] = v
+            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
+        weights = None
+        if need_weights:
+            # Explicit softmax so the maps can be shown; same math as the fused kernel.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if mask is None:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = weights @ v
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            # With no mask and no cache, the kernel's own causal path is fastest; a single decoded
+            # token with no padding may attend to every cached position, so it needs no mask either.
+            is_causal = mask is None and cache is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), weights
+
+
+class NanoMLP(nn.Module):
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class NanoLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = NanoSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = NanoMLP(config)
+
+    def forward(self, x, mask=None, cache=None, need_weights=False):
+        a, weights = self.attn(self.ln_1(x), mask, cache, need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int = 0
+) -> torch.Tensor | None:
+    """Bool (B, 1, T, S) mask from a (B, S) padding mask, S = past_length + T; None when nothing is padded.
+
+    A query may attend to keys at or before its own position that are not padding. Padding queries may
+    attend to themselves, so no softmax row is empty (an all -inf row would give NaN).
+    """
+    if attention_mask is None:
+        return None
+    S = past_length + query_length
+    key_ok = attention_mask[:, :S].bool()  # (B, S)
+    if bool(key_ok.all()):
+        if query_length == 1 or past_length == 0:
+            return None  # plain causal (handled by is_causal) or one query that sees everything
+    device = attention_mask.device
+    q_pos = torch.arange(past_length, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    diagonal = k_pos == q_pos
+    return (causal[None] & key_ok[:, None, :] | diagonal[None])[:, None]  # (B, 1, T, S)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row starts at position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class NanoModel(nn.Module):
+    """Embeddings, the stack of layers and the final LayerNorm: input ids to hidden states."""
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = NanoEmbeddings(config)
+        self.layers = nn.ModuleList([NanoLayer(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ):
+        """input_ids (B, T) -> hidden (B, T, C); with need_weights, also a list of (B, H, T, S) per layer.
+
+        attention_mask (B, S) covers the cached positions too when kv_cache is given.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds model.max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = position_ids_from_mask(attention_mask[:, : past + T])[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = build_attention_mask(attention_mask, T, past)
+        x = self.embeddings(input_ids, position_ids)  # (B, T, C)
+        maps = []
+        for i, layer in enumerate(self.layers):
+            cache = (kv_cache.keys[i], kv_cache.values[i], past) if kv_cache is not None else None
+            x, weights = layer(x, mask, cache, need_weights)
+            if need_weights:
+                maps.append(weights)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        x = self.ln_f(x)
+        return (x, maps) if need_weights else x
+
+
+class NanoLMHead(nn.Module):
+    """Projection to the vocabulary; its weight is the token embedding's (tied), so it adds no parameters."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)  # (B, T, V)
+
+
+class NanoLM(nn.Module):
+    """NanoModel + NanoLMHead: logits for every position."""
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = NanoModel(config)
+        self.lm_head = NanoLMHead(self.transformer.embeddings.token)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
+        # does not grow with depth at initialisation.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) or None -> logits (B, T, V)."""
+        return self.lm_head(self.transformer(input_ids, attention_mask))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (the tied head counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.embeddings.position.weight.numel()
+        return n
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate in place (stages may train with a different rate than pretraining)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {p}")
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, NanoSelfAttention):
+                m.dropout = p
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""
+        T = seq_len or self.config.block_size
+        c = self.config
+        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * T * c.n_embd
+
+    @torch.no_grad()
+    def attention_maps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per layer, the (B, H, T, T) attention weights."""
+        _, maps = self.transformer(input_ids, attention_mask, need_weights=True)
+        return maps
+
+    def get_attention_maps(self, text: str, tokenizer) -> list[torch.Tensor]:
+        """Attention maps for one text: per layer, (H, T, T)."""
+        ids = torch.tensor([tokenizer.encode(text)[: self.config.max_position_embeddings]], dtype=torch.long)
+        was_training = self.training
+        self.eval()
+        try:
+            maps = self.attention_maps(ids.to(self.lm_head.weight.device))
+        finally:
+            self.train(was_training)
+        return [m[0].float().cpu() for m in maps]
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        """Sample a continuation; see `neuraflux.model.generation.generate` for the arguments."""
+        from neuraflux.model.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and model.safetensors (tied weights stored once)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> NanoLM:
+        """Rebuild from a directory written by save_pretrained; safetensors only, so no code runs."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a model directory written by save_pretrained")
+        model = cls(NanoConfig.load(directory / CONFIG_FILE))
+        state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        load_state_checked(model, state, source=str(directory / WEIGHTS_FILE))
+        return model
+
+
+def load_state_checked(model: NanoLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, naming the vocabulary or shape mismatch instead of PyTorch's long size dump."""
+    own = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    vocab_key = "transformer.embeddings.token.weight"
+    if state[vocab_key].shape[0] != own[vocab_key].shape[0]:
+        raise ValueError(
+            f"{source}: vocabulary size {state[vocab_key].shape[0]} does not match the config's "
+            f"model.vocab_size={own[vocab_key].shape[0]}"
+        )
+    for key, tensor in own.items():
+        if state[key].shape != tensor.shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(state[key].shape)}, the config expects {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,45 @@
+"""Behaviour every stage shares, as plain functions: optimizer wiring, gradient-norm logging, checkpoint extras."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from neuraflux.optim import OptimizerFactory
+
+
+def configure_optimizers(module: pl.LightningModule, optim: OptimizerFactory, named_parameters) -> dict:
+    """Optimizer and per-step scheduler over the given (trainable) parameters only."""
+    total = module.trainer.max_steps if module.trainer is not None and module.trainer.max_steps > 0 else 1000
+    optimizer, scheduler = optim(named_parameters, total_steps=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def clip_and_log_grad_norm(module: pl.LightningModule, optimizer, clip_val: float | None) -> None:
+    """Clip by global norm (when configured) and log the norm before clipping as train/grad_norm."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_val if clip_val else math.inf)
+    module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+
+def log_lr(module: pl.LightningModule) -> None:
+    opt = module.optimizers()
+    opt = opt.optimizer if hasattr(opt, "optimizer") else opt
+    module.log("lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+
+
+def checkpoint_extras(model, tokenizer) -> dict:
+    """Plain data stored in each checkpoint so it alone rebuilds model and tokenizer (weights_only-safe)."""
+    return {"model_config": model.config.to_dict(), "tokenizer_json": tokenizer_json(tokenizer)}
+
+
+def tokenizer_json(tokenizer) -> str:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        return Path(tokenizer.save(Path(d) / "tokenizer.json")).read_text()

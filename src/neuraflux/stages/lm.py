@@ -1,0 +1,65 @@
+"""Causal language modelling: `stage=pretrain` (every token) and `stage=sft` (response tokens only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from neuraflux.data.common import LMBatch
+from neuraflux.model import NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.common import checkpoint_extras, clip_and_log_grad_norm, configure_optimizers, log_lr
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions where loss_mask is True. logits (B, T, V), targets (B, T)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    mask = loss_mask.flatten()
+    if bool(mask.all()):
+        return losses.mean()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+class CausalLMStage(pl.LightningModule):
+    """Next-token training of the shared backbone; the batch's loss mask decides which tokens count."""
+
+    def __init__(self, model: NanoLM, tokenizer, optim: OptimizerFactory, name: str = "pretrain"):
+        super().__init__()
+        self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    def _loss(self, batch: LMBatch) -> torch.Tensor:
+        return lm_loss(self.model(batch.input_ids, batch.attention_mask), batch.targets, batch.loss_mask)
+
+    def training_step(self, batch: LMBatch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step}; stopping (last good checkpoint kept)"
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        log_lr(self)
+        return loss
+
+    def validation_step(self, batch: LMBatch, batch_idx: int) -> None:
+        n = int(batch.loss_mask.sum())
+        self.log("val/loss", self._loss(batch), on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        val = self.trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            self.log("val/ppl", math.exp(min(float(val), 50.0)), sync_dist=False)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optim, self.model.named_parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name}

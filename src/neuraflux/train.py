@@ -1,0 +1,212 @@
+"""One training run from a composed Hydra config: `train(cfg) -> (metrics, objects)`, called by train.py and tests."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.model.nano import load_state_checked
+from neuraflux.tokenizer import NanoTokenizer
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "max_position_embeddings")
+
+
+@dataclass
+class Settings:
+    """What validation produced: the config objects built before any work starts."""
+
+    model_config: NanoConfig
+    run_dir: Path
+    resume_ckpt: Path | None
+    init_from: Path | None
+
+
+def _model_config(cfg: DictConfig) -> NanoConfig:
+    return NanoConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Reject a nonsensical config with one message naming the key, before anything is written."""
+    model_config = _model_config(cfg)
+    instantiate(cfg.optim)  # OptimizerFactory validates lr, betas, ...
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
+    if cfg.data.get("block_size", model_config.block_size) > model_config.max_position_embeddings:
+        raise ValueError(
+            f"data.block_size ({cfg.data.block_size}) must be <= model.max_position_embeddings "
+            f"({model_config.max_position_embeddings})"
+        )
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(f"trainer.max_steps must be a positive integer (training length), got {max_steps}")
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and interval % accumulate:
+        # checkpoints written after validation must sit on an optimizer-step boundary to resume exactly
+        raise ValueError(
+            f"trainer.val_check_interval ({interval}) must be a multiple of trainer.accumulate_grad_batches ({accumulate})"
+        )
+    if cfg.tokenizer.mode not in ("bpe", "char"):
+        raise ValueError(f"tokenizer.mode={cfg.tokenizer.mode!r} is not one of ['bpe', 'char']")
+    run_dir = Path(cfg.paths.run_dir)
+    resume = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir), cfg.stage.name)
+    if resume is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise FileExistsError(
+            f"{run_dir}/checkpoints already holds checkpoints; refusing to overwrite them. "
+            "Pass resume=last (or resume=PATH) to continue, or choose another paths.run_dir"
+        )
+    init_from = cfg.stage.get("init_from")
+    if init_from is not None:
+        init_from = Path(init_from)
+        if not init_from.exists():
+            raise FileNotFoundError(f"stage.init_from: {init_from} does not exist")
+    return Settings(model_config, run_dir, resume, init_from)
+
+
+def resolve_resume(resume: str | None, output_dir: Path, stage_name: str) -> Path | None:
+    """`last` = newest checkpoints/last.ckpt of this stage under output_dir; a run dir = its last.ckpt."""
+    if resume in (None, "", False):
+        return None
+    if resume == "last":
+        candidates = sorted(
+            (output_dir / stage_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        if not candidates:
+            raise FileNotFoundError(f"resume=last: no {output_dir}/{stage_name}/*/checkpoints/last.ckpt to resume from")
+        return candidates[-1]
+    p = Path(resume)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.is_file():
+        raise FileNotFoundError(f"resume: checkpoint {p} not found")
+    return p
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """A Lightning checkpoint as plain data; weights_only, so the file can't run code."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "neuraflux" not in ckpt:
+        raise ValueError(f"{path}: not a NeuraFlux checkpoint (no model config or tokenizer stored in it)")
+    return ckpt
+
+
+def tokenizer_from_json(text: str) -> NanoTokenizer:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "tokenizer.json"
+        p.write_text(text)
+        return NanoTokenizer.load(p)
+
+
+def load_pretrained(source: Path) -> tuple[NanoLM, NanoTokenizer]:
+    """Model and tokenizer from a model directory (safetensors) or a .ckpt file."""
+    if source.is_dir():
+        model_dir = source / "model" if (source / "model" / "config.json").is_file() else source
+        tokenizer = NanoTokenizer.load(model_dir / "tokenizer.json")
+        return NanoLM.from_pretrained(model_dir), tokenizer
+    ckpt = load_checkpoint_file(source)
+    extras = ckpt["neuraflux"]
+    model = NanoLM(NanoConfig.from_dict(extras["model_config"]))
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    load_state_checked(model, state, source=str(source))
+    return model, tokenizer_from_json(extras["tokenizer_json"])
+
+
+def check_same_shape(configured: NanoConfig, loaded: NanoConfig, source: Path) -> None:
+    for key in SHAPE_KEYS:
+        a, b = getattr(configured, key), getattr(loaded, key)
+        if a != b:
+            raise ValueError(f"{source}: the checkpoint has model.{key}={b} but the config asks for model.{key}={a}")
+
+
+def build_tokenizer(cfg: DictConfig, datamodule) -> NanoTokenizer:
+    if cfg.tokenizer.get("path"):
+        return NanoTokenizer.load(cfg.tokenizer.path)
+    return NanoTokenizer.train(datamodule.texts(), vocab_size=cfg.tokenizer.vocab_size, mode=cfg.tokenizer.mode)
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if spec is None:
+            continue
+        if "every_n_steps" in spec and not spec.every_n_steps:
+            continue  # a diagnostic switched off
+        callbacks.append(instantiate(spec))
+        log.debug("callback %s", name)
+    return callbacks
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Run the configured stage; returns (metrics, {"model", "tokenizer", "trainer", "module", "run_dir"})."""
+    settings = validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)  # a missing or empty data file fails here, before anything is written
+
+    model_config = settings.model_config
+    if settings.resume_ckpt is not None:
+        model, tokenizer = load_pretrained(settings.resume_ckpt)
+        check_same_shape(model_config, model.config, settings.resume_ckpt)
+    elif settings.init_from is not None:
+        model, tokenizer = load_pretrained(settings.init_from)
+        check_same_shape(model_config, model.config, settings.init_from)
+    else:
+        tokenizer = build_tokenizer(cfg, datamodule)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}; "
+                "raise model.vocab_size or lower tokenizer.vocab_size"
+            )
+        model = NanoLM(model_config)
+    model.set_dropout(model_config.dropout)  # dropout may change between stages; shapes may not
+    datamodule.tokenizer = tokenizer
+
+    # Built objects go in through a partial: Hydra would turn dataclass kwargs back into configs.
+    module = instantiate(cfg.stage.module, _partial_=True)(model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = build_callbacks(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume_ckpt, weights_only=True)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["params"] = model.num_parameters()
+    metrics["global_step"] = trainer.global_step
+    throughput = next((c for c in callbacks if hasattr(c, "tokens_per_sec")), None)
+    if throughput is not None:
+        metrics["train_tokens_per_sec"] = throughput.tokens_per_sec
+    if trainer.world_size > 1:
+        metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
+    if trainer.is_global_zero:
+        export_dir = run_dir / "model"
+        model.save_pretrained(export_dir)
+        tokenizer.save(export_dir / "tokenizer.json")
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    objects = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "module": module, "run_dir": run_dir}
+    return metrics, objects
+
+
+def ranks_in_sync(trainer: pl.Trainer, model: NanoLM) -> bool:
+    """Every rank holds the same weights: compare a checksum of all parameters across ranks."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    gathered = trainer.strategy.all_gather(checksum.to(trainer.strategy.root_device))
+    same = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
+    if not same:
+        raise RuntimeError(f"DDP ranks diverged: parameter checksums {gathered.tolist()}")
+    return same

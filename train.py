@@ -1,0 +1,15 @@
+"""Hydra entry point: `python train.py [group=option] [key=value] [-m sweeps]`; see conf/config.yaml."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from neuraflux.run import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
