@@ -30,6 +30,7 @@ class OptimizerFactory:
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"  # or "constant" (after warmup)
     fused: bool | None = None  # None: PyTorch decides
+    total_steps: int | None = None  # schedule length; None = trainer.max_steps
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -43,6 +44,8 @@ class OptimizerFactory:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"optim.total_steps must be a positive integer or null, got {self.total_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be one of ['cosine', 'constant'], got {self.schedule!r}")
 
@@ -60,6 +63,7 @@ class OptimizerFactory:
         ]
 
     def __call__(self, named_parameters, total_steps: int):
+        total_steps = self.total_steps or total_steps
         optimizer = torch.optim.AdamW(
             self.param_groups(named_parameters), lr=self.lr, betas=self.betas, eps=self.eps, fused=self.fused
         )

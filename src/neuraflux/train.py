@@ -32,6 +32,18 @@ class Settings:
     init_from: Path | None
 
 
+def build(spec, **kwargs):
+    """hydra.utils.instantiate, with a config error raised as itself: one line naming the key, not a wrapper."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(spec, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError, TypeError)):
+            raise err.__cause__ from None
+        raise
+
+
 def _model_config(cfg: DictConfig) -> NanoConfig:
     return NanoConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
@@ -39,7 +51,7 @@ def _model_config(cfg: DictConfig) -> NanoConfig:
 def validate(cfg: DictConfig) -> Settings:
     """Reject a nonsensical config with one message naming the key, before anything is written."""
     model_config = _model_config(cfg)
-    instantiate(cfg.optim)  # OptimizerFactory validates lr, betas, ...
+    build(cfg.optim)  # OptimizerFactory validates lr, betas, ...
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
@@ -155,7 +167,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run the configured stage; returns (metrics, {"model", "tokenizer", "trainer", "module", "run_dir"})."""
     settings = validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)  # a missing or empty data file fails here, before anything is written
+    datamodule = build(cfg.data)  # a missing or empty data file fails here, before anything is written
 
     model_config = settings.model_config
     if settings.resume_ckpt is not None:
@@ -176,7 +188,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule.tokenizer = tokenizer
 
     # Built objects go in through a partial: Hydra would turn dataclass kwargs back into configs.
-    module = instantiate(cfg.stage.module, _partial_=True)(model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
+    module = instantiate(cfg.stage.module, _partial_=True)(model=model, tokenizer=tokenizer, optim=build(cfg.optim))
     run_dir = settings.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

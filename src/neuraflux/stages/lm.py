@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from neuraflux.data.common import LMBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
-from neuraflux.stages.common import checkpoint_extras, clip_and_log_grad_norm, configure_optimizers, log_lr
+from neuraflux.stages.common import (
+    checkpoint_extras,
+    clip_and_log_grad_norm,
+    configure_optimizers,
+    load_rng_state,
+    log_lr,
+    save_rng_state,
+)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -63,3 +70,10 @@ class CausalLMStage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name}
+        save_rng_state(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        load_rng_state(getattr(self, "_resume_rng", None))

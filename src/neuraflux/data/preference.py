@@ -1,0 +1,285 @@
+"""Preference data for DPO-style training and reward models: (prompt, chosen, rejected) texts.
+
+Sources, all ending as one `datasets.Dataset` with string columns prompt / chosen / rejected:
+
+* the built-in world's judge-labelled pairs (`PreferenceDataset.from_world`);
+* JSON-lines files (`.jsonl`, `.jsonl.gz`) in either common shape:
+  - `{"prompt", "chosen", "rejected"}`: the prompt is kept if it is already a rendered chat prompt (starts with
+    `<|bos|>`), converted if it is an hh-rlhf transcript, otherwise rendered as one user turn;
+  - `{"chosen", "rejected"}` full transcripts in the Anthropic hh-rlhf style
+    ("\\n\\nHuman: ...\\n\\nAssistant: ..."): the prompt is their shared prefix up to the last shared
+    "\\n\\nAssistant:", its turns rendered in our chat format; chosen/rejected are the two final replies.
+* in-memory lists of such records (`PreferenceDataset.from_records`).
+
+Every record is validated before use (missing field, non-string, empty text, chosen identical to rejected,
+transcripts that cannot be split); problems name the file and the 1-based line. With `on_invalid="error"` they
+raise one ValueError listing them; with `on_invalid="skip"` the records are dropped with one logged warning.
+Tokenisation and batching happen elsewhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import datasets
+
+from neuraflux.chat import BOS, Message, render_prompt
+from neuraflux.world import World, preference_pairs
+
+log = logging.getLogger(__name__)
+
+ON_INVALID = ("skip", "error")
+SUFFIXES = (".jsonl", ".jsonl.gz")
+HUMAN_TAG = "\n\nHuman:"
+ASSISTANT_TAG = "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+_MAX_REPORTED = 20
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str  # rendered chat prompt, ending with the assistant tag
+    chosen: str  # bare response text (no end/eos tokens)
+    rejected: str
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    where: str  # "path, line 3" or "source, record 3"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def transcript_messages(transcript: str) -> list[Message]:
+    """hh-rlhf turns ("\\n\\nHuman: hi\\n\\nAssistant: hello") as chat messages; text before the first tag is a
+    user turn."""
+    if transcript.startswith(("Human:", "Assistant:")):
+        transcript = "\n\n" + transcript
+    parts = _TURN.split(transcript)  # [lead, role, text, role, text, ...]
+    messages = [Message("user", parts[0].strip())] if parts[0].strip() else []
+    messages += [Message(_ROLES[role], text.strip()) for role, text in zip(parts[1::2], parts[2::2], strict=True)]
+    return messages
+
+
+def _render_transcript_prompt(transcript: str) -> str:
+    """A transcript prefix (optionally ending with the "Assistant:" tag) as our chat prompt."""
+    transcript = transcript.rstrip()
+    if transcript.endswith(ASSISTANT_TAG.strip()):
+        transcript = transcript[: -len(ASSISTANT_TAG.strip())]
+    messages = transcript_messages(transcript)
+    if not any(m.role == "user" for m in messages):
+        raise ValueError("the prompt transcript has no Human turn")
+    return render_prompt(messages)
+
+
+def split_transcripts(chosen: str, rejected: str) -> PreferenceExample:
+    """Split two full hh-rlhf transcripts at their last shared "\\n\\nAssistant:"; ValueError says why not."""
+    shared = _common_prefix(chosen, rejected)
+    cut = shared.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        raise ValueError("chosen and rejected share no '\\n\\nAssistant:' turn (not an hh-rlhf transcript pair)")
+    replies = [text[cut + len(ASSISTANT_TAG):].strip() for text in (chosen, rejected)]
+    for field, reply in zip(("chosen", "rejected"), replies, strict=True):
+        if HUMAN_TAG in reply or ASSISTANT_TAG in reply:
+            raise ValueError(f"{field} continues past its final Assistant turn (the transcripts diverge earlier)")
+    return PreferenceExample(_render_transcript_prompt(chosen[:cut]), replies[0], replies[1])
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _render_prompt_field(prompt: str) -> str:
+    if prompt.startswith(BOS):
+        return prompt
+    if HUMAN_TAG.strip() in prompt:
+        return _render_transcript_prompt(prompt)
+    return render_prompt([Message("user", prompt.strip())])
+
+
+def to_example(record: dict, with_prompt: bool) -> PreferenceExample:
+    """One raw record as a validated PreferenceExample; ValueError names the problem. `with_prompt` says which
+    shape the source has: prompt/chosen/rejected, or chosen/rejected full transcripts."""
+    fields = ("prompt", "chosen", "rejected") if with_prompt else ("chosen", "rejected")
+    for name in fields:
+        value = record.get(name)
+        if value is None:
+            raise ValueError(f"missing field {name!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r} is not a string (got {type(value).__name__})")
+        if not value.strip():
+            raise ValueError(f"empty {name!r}")
+    if with_prompt:
+        example = PreferenceExample(_render_prompt_field(record["prompt"]), record["chosen"].strip(),
+                                    record["rejected"].strip())
+    else:
+        example = split_transcripts(record["chosen"], record["rejected"])
+    for name in ("chosen", "rejected"):
+        if not getattr(example, name):
+            raise ValueError(f"empty {name!r} reply")
+    if example.chosen == example.rejected:
+        raise ValueError("chosen and rejected are identical")
+    return example
+
+
+def _empty() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []},
+                                      features=datasets.Features({k: datasets.Value("string")
+                                                                  for k in ("prompt", "chosen", "rejected")}))
+
+
+def _validate(records: list[dict], wheres: list[str], with_prompt: list[bool], source: str, on_invalid: str
+              ) -> datasets.Dataset:
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    good: list[dict] = []
+    bad: list[InvalidRecord] = []
+    for record, where, shape in zip(records, wheres, with_prompt, strict=True):
+        try:
+            example = to_example(record, shape)
+        except ValueError as e:
+            bad.append(InvalidRecord(where, str(e)))
+            continue
+        good.append({"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected})
+    if bad:
+        listing = "\n  ".join(str(b) for b in bad[:_MAX_REPORTED])
+        more = f"\n  ... and {len(bad) - _MAX_REPORTED} more" if len(bad) > _MAX_REPORTED else ""
+        summary = f"{source}: {len(bad)} of {len(records)} preference records are invalid:\n  {listing}{more}"
+        if on_invalid == "error":
+            raise ValueError(summary)
+        log.warning("skipping them. %s", summary)
+    return datasets.Dataset.from_list(good) if good else _empty()
+
+
+def _open_text(path: Path) -> TextIO:
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+
+
+def _record_lines(path: Path) -> list[int]:
+    """1-based numbers of the non-blank lines: the JSON reader skips blank lines, so row i sits on line [i]."""
+    with _open_text(path) as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """Records and their 1-based line numbers, parsed one line at a time; ValueError names a bad line."""
+    records, numbers = [], []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: line {n}: not a JSON object (got {type(value).__name__})")
+            records.append(value)
+            numbers.append(n)
+    return records, numbers
+
+
+def _load_jsonl(path: Path) -> tuple[list[dict], list[str], bool]:
+    """Rows of a JSON-lines file, where each came from ("path, line n"), and whether the file has prompts."""
+    lines = _record_lines(path)
+    if not lines:
+        raise ValueError(f"{path}: the file holds no records")
+    try:
+        table = datasets.load_dataset("json", data_files=str(path), split="train")
+        records, columns = table.to_list(), table.column_names
+    except Exception:
+        # The Arrow reader refuses bad JSON and mixed-type fields with errors that name neither file nor line;
+        # read line by line instead, so a bad line is named and mixed types reach per-record validation.
+        records, columns = [], []
+    if len(records) != len(lines):  # failed above, or a line that is not an object was read as several rows
+        records, lines = _read_json_lines(path)
+        columns = list(dict.fromkeys(k for r in records for k in r))
+    if "chosen" not in columns or "rejected" not in columns:
+        raise ValueError(f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt'); "
+                         f"found fields {columns}")
+    return records, [f"{path}, line {n}" for n in lines], "prompt" in columns
+
+
+class PreferenceDataset:
+    """Validated preference examples; `len`, indexing (-> PreferenceExample) and iteration, plus `.data` (the
+    underlying `datasets.Dataset` with string columns prompt / chosen / rejected)."""
+
+    def __init__(self, data: datasets.Dataset) -> None:
+        missing = {"prompt", "chosen", "rejected"} - set(data.column_names)
+        if missing:
+            raise ValueError(f"PreferenceDataset needs columns prompt/chosen/rejected; missing {sorted(missing)} "
+                             "(build it with from_jsonl / from_records / from_world, which validate)")
+        self.data = data
+
+    @classmethod
+    def from_records(cls, records: list[dict], source: str = "<records>", on_invalid: str = "error"
+                     ) -> PreferenceDataset:
+        """In-memory records; a record with a "prompt" key is in the prompt/chosen/rejected shape."""
+        wheres = [f"{source}, record {i}" for i in range(1, len(records) + 1)]
+        return cls(_validate(records, wheres, ["prompt" in r for r in records], source, on_invalid))
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, on_invalid: str = "skip") -> PreferenceDataset:
+        path = Path(path)
+        if on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        if not path.is_file():
+            raise FileNotFoundError(f"preference file {path} does not exist")
+        if not path.name.endswith(SUFFIXES):
+            raise ValueError(f"{path}: preference files must end with one of {SUFFIXES}")
+        records, wheres, with_prompt = _load_jsonl(path)
+        return cls(_validate(records, wheres, [with_prompt] * len(records), str(path), on_invalid))
+
+    @classmethod
+    def from_world(cls, world: World, rng_seed: int = 0) -> PreferenceDataset:
+        """The world's judge-labelled pairs (see `neuraflux.world.preference_pairs`)."""
+        source = f"<world seed={world.config.seed}>"
+        return cls.from_records(preference_pairs(world, rng_seed), source=source, on_invalid="error")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> PreferenceExample:
+        row = self.data[index]
+        return PreferenceExample(row["prompt"], row["chosen"], row["rejected"])
+
+    def __iter__(self) -> Iterator[PreferenceExample]:
+        for row in self.data:
+            yield PreferenceExample(row["prompt"], row["chosen"], row["rejected"])
+
+
+@dataclass(frozen=True)
+class PreferenceSplit:
+    train: PreferenceDataset
+    test: PreferenceDataset
+
+
+def train_test_split(dataset: PreferenceDataset, test_fraction: float, seed: int = 0) -> PreferenceSplit:
+    """A seeded random split; the test part holds round(test_fraction * n) examples, at least one and at most
+    n - 1, and the two parts never share an index."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"cannot split {n} preference example(s) into train and test; need at least 2")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_test = min(n - 1, max(1, int(test_fraction * n + 0.5)))
+    return PreferenceSplit(train=PreferenceDataset(dataset.data.select(sorted(order[n_test:]))),
+                           test=PreferenceDataset(dataset.data.select(sorted(order[:n_test]))))

@@ -1,0 +1,54 @@
+"""Fixtures: configs composed from the real conf/ tree, with every output in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Small enough for a few seconds a stage on 2 cores.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=64",
+    "model.vocab_size=512",
+    "tokenizer.vocab_size=300",
+    "world.n_entities=20",
+    "data.batch_size=8",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "optim.warmup_steps=2",
+    "callbacks=minimal",
+    "~callbacks.progress_bar",
+]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str, tiny: bool = True):
+    """The real config, composed as `python train.py OVERRIDES` would, writing under tmp_path."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                *(TINY if tiny else []),
+                f"paths.output_dir={tmp_path}",
+                f"paths.run_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *overrides, **kw: compose_cfg(tmp_path, *overrides, **kw)

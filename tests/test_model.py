@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from neuraflux.model import NanoConfig, NanoLM, filter_logits, generate, sample_next
+
+SMALL = dict(vocab_size=97, block_size=32, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return NanoLM(NanoConfig(**SMALL)).eval()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd (30) must be divisible by model.n_head (4)"),
+        (dict(n_layer=0), "model.n_layer must be a positive integer"),
+        (dict(dropout=1.0), "model.dropout must be in [0, 1)"),
+        (dict(block_size=128, max_position_embeddings=64), "model.block_size (128) must be <= model.max_position"),
+        (dict(vocab_size=-5), "model.vocab_size must be a positive integer"),
+    ],
+)
+def test_config_rejects_nonsense(overrides, message):
+    with pytest.raises(ValueError) as err:
+        NanoConfig(**{**SMALL, **overrides})
+    assert message in str(err.value)
+
+
+def test_nano_preset_parameter_count():
+    # per layer: qkv 384*1152+1152, proj 384*384+384, fc 384*1536+1536, proj 1536*384+384, two LayerNorms 4*384
+    #   = 442,752 + 147,840 + 591,360 + 590,208 + 1,536 = 1,773,696; six layers = 10,642,176
+    # embeddings: tokens 10,000*384 = 3,840,000, positions 512*384 = 196,608; final LayerNorm 768
+    # head tied to the token embedding: 0 extra. Total 14,679,552 + 4,608? -> computed below term by term.
+    layer = (384 * 1152 + 1152) + (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 4 * 384
+    expected = 6 * layer + 10_000 * 384 + 512 * 384 + 2 * 384
+    m = NanoLM(NanoConfig(vocab_size=10_000, block_size=256, max_position_embeddings=512))
+    assert m.num_parameters() == expected == 14_684_160
+    assert m.lm_head.weight is m.transformer.embeddings.token.weight
+
+
+def test_forward_shape_and_causality(model):
+    ids = torch.randint(0, 97, (2, 10))
+    logits = model(ids)
+    assert logits.shape == (2, 10, 97)
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 97
+    # positions before the change cannot see it
+    torch.testing.assert_close(model(changed)[:, :6], logits[:, :6])
+    assert not torch.allclose(model(changed)[:, 6:], logits[:, 6:])
+
+
+def test_left_padding_matches_unpadded(model):
+    ids = torch.randint(1, 97, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[False] * 3 + [True] * 7])
+    torch.testing.assert_close(model(padded, mask)[:, 3:], model(ids), atol=1e-5, rtol=1e-5)
+
+
+def _prompts():
+    torch.manual_seed(1)
+    rows = [torch.randint(1, 97, (n,)) for n in (5, 9, 2)]
+    T = 9
+    left = torch.zeros(3, T, dtype=torch.long)
+    right = torch.zeros(3, T, dtype=torch.long)
+    lmask = torch.zeros(3, T, dtype=torch.bool)
+    rmask = torch.zeros(3, T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        left[i, T - len(r) :], lmask[i, T - len(r) :] = r, True
+        right[i, : len(r)], rmask[i, : len(r)] = r, True
+    return rows, left, lmask, right, rmask
+
+
+def test_greedy_with_and_without_cache_agree_on_mixed_lengths(model):
+    rows, left, lmask, right, rmask = _prompts()
+    with_cache = generate(model, left, 12, temperature=0, attention_mask=lmask, use_kv_cache=True)
+    without = generate(model, left, 12, temperature=0, attention_mask=lmask, use_kv_cache=False)
+    assert torch.equal(with_cache, without)
+    for i, r in enumerate(rows):  # each row equals decoding that prompt alone
+        alone = generate(model, r[None], 12, temperature=0)
+        assert torch.equal(alone[0, len(r) :], with_cache[i, -12:])
+
+
+def test_right_padded_prompts_come_back_right_padded(model):
+    rows, left, lmask, right, rmask = _prompts()
+    out = generate(model, right, 12, temperature=0, attention_mask=rmask)
+    ref = generate(model, left, 12, temperature=0, attention_mask=lmask)
+    for i, r in enumerate(rows):
+        assert torch.equal(out[i, : len(r)], r)
+        assert torch.equal(out[i, len(r) : len(r) + 12], ref[i, -12:])
+        assert bool((out[i, len(r) + 12 :] == 0).all())
+
+
+def test_eos_stops_row_and_pads_after(model):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    free = generate(model, ids, 6, temperature=0)
+    eos = int(free[0, 4])  # row 0's first new token becomes "eos"
+    out = generate(model, ids, 6, temperature=0, eos_token_id=eos)
+    assert out[0, 4] == eos and bool((out[0, 5:] == 0).all())
+    row1 = free[1, 4:].tolist()
+    n = row1.index(eos) + 1 if eos in row1 else len(row1)  # row 1 runs until its own eos
+    assert out[1, 4 : 4 + n].tolist() == row1[:n]
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert int(kept.sum()) == 2 and bool(kept[0, 1:4].sum() == 2)
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.8))
+    # 0.5 < 0.8, 0.5 + 0.3 = 0.8 reaches p: the first two stay
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(probs.log(), top_p=0.1)).sum() == 1
+
+
+def test_temperature_zero_is_argmax_and_sampling_is_seeded():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+    a = sample_next(logits, 1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, 1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    top5 = logits.topk(5).indices
+    assert all(int(a[i]) in top5[i].tolist() for i in range(4))
+
+
+def test_generation_length_beyond_positions_is_refused(model):
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        generate(model, torch.ones(1, 60, dtype=torch.long), 10)
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = NanoLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 8))
+    torch.testing.assert_close(loaded.eval()(ids), model(ids))
+    assert loaded.lm_head.weight is loaded.transformer.embeddings.token.weight
+
+
+def test_load_names_vocab_mismatch(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    other = NanoLM(NanoConfig(**{**SMALL, "vocab_size": 120}))
+    from safetensors.torch import load_file
+
+    from neuraflux.model.nano import load_state_checked
+
+    with pytest.raises(ValueError, match="vocabulary size 97 does not match the config's model.vocab_size=120"):
+        load_state_checked(other, load_file(str(tmp_path / "model.safetensors")), "x")
+
+
+def test_attention_maps_are_causal_distributions(model):
+    maps = model.attention_maps(torch.randint(0, 97, (1, 6)))
+    assert len(maps) == 2 and maps[0].shape == (1, 4, 6, 6)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 4, 6))
+    assert float(maps[1].triu(1).abs().max()) == 0.0
+
+
+def test_attention_maps_match_fused_path(model):
+    ids = torch.randint(0, 97, (2, 6))
+    hidden, _ = model.transformer(ids, need_weights=True)
+    torch.testing.assert_close(hidden, model.transformer(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    m = NanoLM(NanoConfig(**SMALL))
+    n = m.num_parameters() - 64 * 32  # without position embeddings
+    assert m.flops_per_token(32) == 6 * n + 12 * 2 * 32 * 32
