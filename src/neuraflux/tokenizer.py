@@ -136,7 +136,11 @@ class NanoTokenizer:
         if self._bpe is not None:
             return self._bpe.decode(ids, skip_special_tokens=skip_special_tokens)
         skip = self.special_ids if skip_special_tokens else set()
-        return "".join("\ufffd" if self._chars[i] == UNK else self._chars[i] for i in ids if i not in skip)
+        n = len(self._chars)
+        # ids past the vocabulary (a model may have more rows than the tokenizer has tokens) decode as U+FFFD
+        return "".join(
+            "\ufffd" if i >= n or self._chars[i] == UNK else self._chars[i] for i in ids if i not in skip
+        )
 
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]

@@ -1,0 +1,79 @@
+"""The `neuraflux` console script: generate (streaming to the terminal), and the subcommands later issues add."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def load_for_inference(source: str):
+    """(model, tokenizer) from a run directory, a model directory or a .ckpt file; no Lightning needed."""
+    from neuraflux.train import load_pretrained
+
+    path = Path(source)
+    if not path.exists():
+        raise SystemExit(f"error: --model {source}: no such run directory, model directory or checkpoint")
+    model, tokenizer = load_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuraflux.chat import Message, render_prompt
+    from neuraflux.model import generate_stream
+    from neuraflux.tokenizer import StreamDecoder
+
+    torch.manual_seed(args.seed)
+    model, tok = load_for_inference(args.model)
+    text = render_prompt([Message("user", args.prompt)]) if args.chat else args.prompt
+    ids = tok.encode(text)
+    budget = model.config.max_position_embeddings - args.max_new_tokens
+    if budget <= 0:
+        raise SystemExit(f"error: --max-new-tokens must be below {model.config.max_position_embeddings}")
+    ids = ids[-budget:]  # keep the end of an over-long prompt
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    decoder = StreamDecoder(tok)
+    stops = [tok.eos_id, tok.end_id] if args.chat else [tok.eos_id]
+    for token, finished in generate_stream(
+        model,
+        torch.tensor([ids]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=stops,
+    ):
+        if bool(finished[0]):
+            break
+        sys.stdout.write(decoder.push(int(token[0])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuraflux", description="NeuraFlux: train, evaluate and chat with small LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a continuation (or, with --chat, an answer) to the terminal")
+    g.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and stop at the end of the answer")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
