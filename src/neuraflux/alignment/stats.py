@@ -1,0 +1,154 @@
+"""Masked statistics over padded `(B, T)` tensors, per-token KL estimators and KL-coefficient controllers.
+
+Masks are bool with `True` marking a position that counts. Every mean over a padded tensor in `alignment/`
+goes through `masked_mean`, so padding is handled (and tested) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+KL_KINDS: tuple[str, ...] = ("k1", "k3", "abs", "mse")
+
+# Added to the variance before the square root when whitening, as in TRL, so a constant input stays finite.
+WHITEN_EPS = 1e-8
+
+
+def check_mask(x: Tensor, mask: Tensor, name: str = "mask") -> None:
+    """Raise if `mask` is not a bool tensor of exactly `x`'s shape (a float or broadcast mask is a silent bug)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor (True = counts), got {got}")
+    if mask.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(x.shape)}")
+
+
+def check_same_shape(**tensors: Tensor) -> None:
+    """Raise naming the arguments whose shapes differ from the first one's."""
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first} has shape {tuple(ref.shape)}")
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Sum of `x` over positions where `mask` is True; over `dim`, or over everything when `dim` is None.
+
+    Masked positions are replaced by zero rather than multiplied by it, so a NaN or inf in padding cannot leak.
+    """
+    check_mask(x, mask)
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of `x` over positions where `mask` is True; over `dim`, or over everything when `dim` is None.
+
+    x, mask: same shape, e.g. `(B, T)`. With `dim=-1` the result is `(B,)`. A slice with no valid position has
+    mean 0 (the count is clamped to 1), so a fully padded row contributes nothing instead of NaN.
+    """
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of `x` over all positions where `mask` is True (scalar).
+
+    `unbiased` applies Bessel's correction n / (n - 1), as TRL's `masked_var` does; it needs at least two valid
+    positions, and at least one is needed either way.
+    """
+    check_mask(x, mask)
+    n = int(mask.sum())
+    if n < (2 if unbiased else 1):
+        raise ValueError(
+            f"masked_var needs at least {2 if unbiased else 1} valid positions"
+            f"{' for the unbiased estimate' if unbiased else ''}, the mask has {n}"
+        )
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise `x` to zero mean and unit variance using only the valid positions; masked positions become 0.
+
+    PPO whitens advantages over all valid tokens of a batch (as TRL does). With `shift_mean=False` only the
+    scale changes and the original mean is kept (used for whitening rewards). Shape is preserved.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
+
+    Schulman, "Approximating KL divergence" (2020): with p the policy, q the reference and r = q / p,
+    k1 = log p - log q (unbiased, can be negative), k3 = (r - 1) - log r (unbiased, always >= 0, low variance).
+    "abs" = |log p - log q| and "mse" = 0.5 (log p - log q)^2 are TRL's biased alternatives.
+    logprobs, ref_logprobs: `(B, T)` (any equal shapes) -> same shape. Masking is the caller's job.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl_penalty kind must be one of {list(KL_KINDS)}, got {kind!r}")
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    log_ratio = logprobs - ref_logprobs  # log p - log q
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        # log r = log q - log p = -log_ratio
+        return torch.expm1(-log_ratio) + log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    return 0.5 * log_ratio.square()
+
+
+@dataclass
+class AdaptiveKLController:
+    """KL coefficient that tracks a target KL (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+    Preferences", eq. 2): e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n_steps / horizon).
+    """
+
+    init_kl_coef: float
+    target: float
+    horizon: float
+    value: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.init_kl_coef <= 0:
+            raise ValueError(f"AdaptiveKLController init_kl_coef must be > 0, got {self.init_kl_coef}")
+        if self.target <= 0:
+            raise ValueError(f"AdaptiveKLController target must be > 0, got {self.target}")
+        if self.horizon <= 0:
+            raise ValueError(f"AdaptiveKLController horizon must be > 0, got {self.horizon}")
+        self.value = float(self.init_kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Move the coefficient towards keeping `current_kl` at the target; returns the new value."""
+        # The clip keeps one noisy KL reading from moving beta by more than 20% per horizon.
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+@dataclass
+class FixedKLController:
+    """A constant KL coefficient with the same interface as `AdaptiveKLController`."""
+
+    kl_coef: float
+    value: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.kl_coef < 0:
+            raise ValueError(f"FixedKLController kl_coef must be >= 0, got {self.kl_coef}")
+        self.value = float(self.kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """The coefficient never changes; returns it so callers treat both controllers alike."""
+        return self.value
