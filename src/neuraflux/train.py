@@ -166,6 +166,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run the configured stage; returns (metrics, {"model", "tokenizer", "trainer", "module", "run_dir"})."""
     settings = validate(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)  # a missing or empty data file fails here, before anything is written
 

@@ -17,19 +17,50 @@ def configure_optimizers(module: pl.LightningModule, optim: OptimizerFactory, na
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
+def is_logging_step(module: pl.LightningModule) -> bool:
+    """True on the steps Lightning writes to the logger (every trainer.log_every_n_steps).
+
+    `self.log` costs ~1-3 ms a call on CPU, a few percent of a small model's step, so per-step metrics
+    are only computed and logged on the steps that are written.
+    """
+    trainer = module._trainer
+    if trainer is None:
+        return True
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 def clip_and_log_grad_norm(module: pl.LightningModule, optimizer, clip_val: float | None) -> None:
     """Clip by global norm (when configured) and log the norm before clipping as train/grad_norm."""
+    log_now = is_logging_step(module)
+    if not clip_val and not log_now:
+        return
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not params:
         return
     norm = torch.nn.utils.clip_grad_norm_(params, clip_val if clip_val else math.inf)
-    module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+    if log_now:
+        module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
 
 def log_lr(module: pl.LightningModule) -> None:
     opt = module.optimizers()
     opt = opt.optimizer if hasattr(opt, "optimizer") else opt
     module.log("lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+
+
+def move_batch(batch, device: torch.device):
+    """Move a dataclass batch's tensors; a no-op on CPU (Lightning's generic walk costs ~5 ms a step)."""
+    if device.type == "cpu":
+        return batch
+    from dataclasses import fields, replace
+
+    moved = {
+        f.name: getattr(batch, f.name).to(device, non_blocking=True)
+        for f in fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return replace(batch, **moved)
 
 
 def checkpoint_extras(model, tokenizer) -> dict:

@@ -15,8 +15,10 @@ from neuraflux.stages.common import (
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
+    is_logging_step,
     load_rng_state,
     log_lr,
+    move_batch,
     save_rng_state,
 )
 
@@ -49,9 +51,13 @@ class CausalLMStage(pl.LightningModule):
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at step {self.global_step}; stopping (last good checkpoint kept)"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        log_lr(self)
+        if is_logging_step(self):
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            log_lr(self)
         return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return move_batch(batch, device)
 
     def validation_step(self, batch: LMBatch, batch_idx: int) -> None:
         n = int(batch.loss_mask.sum())

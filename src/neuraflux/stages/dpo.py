@@ -1,0 +1,230 @@
+"""`stage=dpo`: direct preference optimisation of the policy against a frozen copy of itself.
+
+The reference is the policy as it was given (the model of `stage.init_from`), deep-copied in the constructor.
+Its log-probs come either from a forward per batch under no_grad, or, with `precompute_ref_logps`, from one pass
+over the whole dataset at fit start, after which the reference model is dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from neuraflux.alignment.losses import DPOOutput, dpo_loss, sequence_logprobs
+from neuraflux.alignment.reward_model import check_same_tokenizer
+from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
+from neuraflux.model import NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.common import (
+    checkpoint_extras,
+    clip_and_log_grad_norm,
+    configure_optimizers,
+    load_rng_state,
+    log_lr,
+    save_rng_state,
+)
+from neuraflux.stages.reward import check_finite, preference_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrozenReference:
+    """The reference policy, held outside nn.Module registration: it never enters the stage's state_dict (so
+    no checkpoint holds it), its parameters() (so no optimizer sees it), DDP's gradient sync or Lightning's
+    precision casting. None once its log-probs are precomputed."""
+
+    model: NanoLM | None
+
+
+@dataclass
+class PrecomputedLogps:
+    """Reference sequence log-probs of every pair of one split, indexed by `PreferenceBatch.index`."""
+
+    chosen: torch.Tensor  # (N,)
+    rejected: torch.Tensor  # (N,)
+
+
+@dataclass
+class DPOStep:
+    out: DPOOutput
+    loss: torch.Tensor  # scalar
+    policy: Paired  # sequence log-probs, with gradient
+    reference: Paired
+
+
+def freeze(model: NanoLM) -> NanoLM:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class NanoDPO(pl.LightningModule):
+    """DPO (Rafailov et al. 2023) and its variants (`loss_type`: sigmoid, hinge, ipo, robust) on `self.model`.
+
+    `reference_from` names where the initial policy came from (stage.init_from). It is read only on resume: the
+    policy train() restores from a checkpoint has already moved, so the reference is loaded from there instead.
+    """
+
+    def __init__(
+        self,
+        model: NanoLM,
+        tokenizer,
+        optim: OptimizerFactory,
+        name: str = "dpo",
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        precompute_ref_logps: bool = False,
+        reference_from: str | None = None,
+    ):
+        super().__init__()
+        # A dry call validates the settings where the rules live, before any work starts.
+        zero = torch.zeros(1)
+        try:
+            dpo_loss(zero, zero, zero, zero, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        except ValueError as err:
+            raise ValueError(f"stage.module: {err}") from None
+        self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.precompute_ref_logps = precompute_ref_logps
+        self.reference_from = reference_from
+        # IPO is defined on length-averaged log-probs (Azar et al. 2023, sec. 5); the others on sums.
+        self.average_logps = loss_type == "ipo"
+        self.frozen = FrozenReference(freeze(copy.deepcopy(model)))
+        self.precomputed: dict[str, PrecomputedLogps] = {}
+
+    @property
+    def reference(self) -> NanoLM | None:
+        return self.frozen.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    # ---- log-probs --------------------------------------------------------------------------------------
+    def _logps(self, model: NanoLM, batch: PreferenceBatch) -> Paired:
+        # Both halves in one (2B, T, V) forward. The batch is right padded, and under the causal mask a real token
+        # never sees the pads to its right, so no padding mask is needed: the backbone takes its fused causal
+        # path, and logits at pad positions, which differ, are masked out by response_mask.
+        logits = model(batch.input_ids)
+        logps = sequence_logprobs(logits, batch.targets, batch.response_mask, average=self.average_logps)
+        return batch.pair(logps)
+
+    def _reference_model(self) -> NanoLM:
+        ref = self.frozen.model
+        if ref is None:
+            raise RuntimeError("the reference model was dropped after precomputing; no per-batch reference log-probs")
+        if ref.lm_head.weight.device != self.device:
+            ref.to(self.device)  # not registered, so Lightning does not move it
+        return ref
+
+    @torch.no_grad()
+    def reference_logps(self, batch: PreferenceBatch, split: str) -> Paired:
+        if split in self.precomputed:
+            table = self.precomputed[split]
+            return Paired(table.chosen[batch.index], table.rejected[batch.index])
+        return self._logps(self._reference_model(), batch)
+
+    @torch.no_grad()
+    def precompute(self, datamodule) -> None:
+        """Reference log-probs of every pair of every split, then drop the reference model."""
+        if not hasattr(datamodule, "sequential_loader"):
+            raise TypeError(
+                f"stage.module.precompute_ref_logps needs a PreferenceDataModule; the data module is "
+                f"{type(datamodule).__name__}"
+            )
+        ref = self._reference_model()
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        for split in SPLITS:
+            loader = datamodule.sequential_loader(split)
+            n = len(loader.dataset)
+            chosen = torch.full((n,), float("nan"), device=self.device)
+            rejected = torch.full((n,), float("nan"), device=self.device)
+            for batch in loader:
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                # the training step's autocast, so precomputed and per-batch values agree under mixed precision
+                if precision is not None:
+                    with precision.forward_context():
+                        logps = self._logps(ref, batch)
+                else:
+                    logps = self._logps(ref, batch)
+                chosen[batch.index], rejected[batch.index] = logps.chosen.float(), logps.rejected.float()
+            self.precomputed[split] = PrecomputedLogps(chosen, rejected)
+            log.info("precomputed reference log-probs of %d %s pairs", n, split)
+        self.frozen.model = None
+
+    def on_fit_start(self) -> None:
+        if self.precompute_ref_logps and not self.precomputed:
+            self.precompute(self.trainer.datamodule)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def _step(self, batch: PreferenceBatch, split: str) -> DPOStep:
+        policy = self._logps(self.model, batch)
+        reference = self.reference_logps(batch, split)
+        out = dpo_loss(
+            policy.chosen, policy.rejected, reference.chosen, reference.rejected,
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+        )
+        return DPOStep(out, out.losses.mean(), policy, reference)
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        step = self._step(batch, "train")
+        check_finite(self.global_step, "train/loss", step.loss, {
+            "logps/chosen": step.policy.chosen, "logps/rejected": step.policy.rejected,
+            "ref_logps/chosen": step.reference.chosen, "ref_logps/rejected": step.reference.rejected,
+        })
+        self.log("train/loss", step.loss, on_step=True, on_epoch=False, prog_bar=True)
+        metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
+        metrics["logps/chosen"] = step.policy.chosen.detach().mean()
+        metrics["logps/rejected"] = step.policy.rejected.detach().mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        log_lr(self)
+        return step.loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        step = self._step(batch, "val")
+        metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
+        values = {
+            "val/loss": step.loss,
+            "val/accuracies": metrics["rewards/accuracies"],
+            "val/margins": metrics["rewards/margins"],
+        }
+        self.log_dict(values, on_epoch=True, batch_size=batch.num_pairs, sync_dist=True)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optim, self.model.named_parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
+                                   "reference_from": self.reference_from}
+        save_rng_state(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng")
+        if self.reference_from is None:
+            raise ValueError(
+                "resuming DPO needs stage.module.reference_from (the model the run started from, normally "
+                "stage.init_from): the policy restored from the checkpoint has moved and is no reference"
+            )
+        from neuraflux.train import SHAPE_KEYS, load_pretrained
+
+        where = f"stage.module.reference_from={self.reference_from}"
+        reference, tokenizer = load_pretrained(Path(self.reference_from))
+        check_same_tokenizer(tokenizer, self.tokenizer, where)
+        for key in SHAPE_KEYS:
+            a, b = getattr(reference.config, key), getattr(self.model.config, key)
+            if a != b:
+                raise ValueError(f"{where}: the reference has model.{key}={a} but the policy has {b}")
+        self.frozen = FrozenReference(freeze(reference))
+        self.precomputed = {}
+
+    def on_train_start(self) -> None:
+        load_rng_state(getattr(self, "_resume_rng", None))

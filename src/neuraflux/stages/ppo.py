@@ -1,0 +1,237 @@
+"""PPO from a reward (`stage=ppo`): sample, score, shape with a KL penalty, then clipped updates.
+
+One training step is one batch of prompts (so `trainer.max_steps` counts rollout batches):
+
+1. sample a response per prompt with the KV-cached generator, and score the sequences in one no-grad forward:
+   policy log-probs, value-head estimates and the frozen reference's log-probs;
+2. reward = the configured source (world judges, a reward model, or both) at the last response token, minus
+   kl_coef * KL(policy || reference) on every response token (Ziegler et al. 2019);
+3. GAE advantages (Schulman et al. 2016), whitened over the batch's response tokens;
+4. `ppo_epochs` passes over the batch in shuffled `mini_batch_size` chunks, each one optimizer update of the
+   clipped policy loss + vf_coef * clipped value loss (Schulman et al. 2017), gradients clipped to max_grad_norm.
+
+The value head is a Linear(C, 1) on the policy's final hidden states: trained with the stage and saved in its
+checkpoint, but not part of the exported LM. Manual optimization, so the trainer's gradient_clip_val must be unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
+from neuraflux.alignment.rewards import RewardFn, make_reward
+from neuraflux.alignment.rollout import (
+    FrozenModels,
+    KLSettings,
+    Rollout,
+    SamplingSettings,
+    check_finite,
+    check_rollout_fits,
+    generate_rollouts,
+    greedy_rollout,
+    load_reference,
+    policy_forward,
+    score_rollout,
+    sequence_kl,
+)
+from neuraflux.alignment.stats import masked_mean, masked_whiten
+from neuraflux.data.prompts import PromptBatch
+from neuraflux.model import NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.common import checkpoint_extras, configure_optimizers, load_rng_state, log_lr, save_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class NanoPPO(pl.LightningModule):
+    """Policy (the shared backbone) + value head, trained with PPO against a frozen reference."""
+
+    def __init__(
+        self,
+        model: NanoLM,
+        tokenizer,
+        optim: OptimizerFactory,
+        name: str = "ppo",
+        reference_path: str | None = None,
+        reward_source: str = "judges",
+        reward_model_path: str | None = None,
+        world: Mapping | None = None,
+        judge_weights: Mapping[str, float] | None = None,
+        reward_model_weight: float = 1.0,
+        reward_fn: RewardFn | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        kl_estimator: str = "k1",
+        kl_controller: str = "fixed",
+        kl_coef: float = 0.05,
+        kl_target: float = 6.0,
+        kl_horizon: float = 10_000.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        ppo_epochs: int = 4,
+        mini_batch_size: int = 4,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        max_grad_norm: float = 1.0,
+        whiten_advantages: bool = True,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        if ppo_epochs < 1 or mini_batch_size < 1:
+            raise ValueError(f"stage.module.ppo_epochs ({ppo_epochs}) and mini_batch_size ({mini_batch_size}) must be >= 1")
+        if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
+            raise ValueError(f"stage.module.gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+        if clip_range <= 0 or clip_range_value <= 0 or vf_coef < 0 or max_grad_norm <= 0:
+            raise ValueError("stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0")
+        self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
+        self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
+        self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
+        self.kl_ctl = self.kl.controller_object()
+        self.gamma, self.lam, self.ppo_epochs, self.mini_batch_size = gamma, lam, ppo_epochs, mini_batch_size
+        self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
+        self.max_grad_norm, self.whiten_advantages = max_grad_norm, whiten_advantages
+        # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
+        reward = None if reward_fn is not None else make_reward(
+            reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
+        )
+        self.reward_fn = reward_fn if reward_fn is not None else reward.fn
+        # The PPO ratio compares the update's log-probs with the rollout's: dropout would make them differ.
+        if model.config.dropout > 0:
+            log.info("stage %s: dropout %.2f -> 0 (PPO needs the rollout's log-probs reproducible)", name, model.config.dropout)
+            model.set_dropout(0.0)
+        self.reference_path = reference_path
+        reward_model = reward.reward_model if reward is not None else None
+        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward_model)
+        self.value_head = nn.Linear(model.config.n_embd, 1)
+        # Zero init: values start at 0, so the first advantages are the discounted rewards themselves.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    # ---- rollouts --------------------------------------------------------------------------------------
+    def make_rollout(self, batch: PromptBatch, temperature: float | None = None) -> Rollout:
+        """Sample and score one response per prompt; rewards shaped with the current KL coefficient."""
+        s = self.sampling
+        rollout = generate_rollouts(
+            self.model, self.tokenizer, batch, s.max_new_tokens, s.temperature if temperature is None else temperature,
+            s.top_k, s.top_p, reference=self.frozen.reference, value_head=self.value_head,
+        )
+        return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
+
+    def advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """GAE advantages (whitened over the batch's response tokens when configured) and returns, (B, T) each."""
+        adv, returns = gae(rollout.rewards, rollout.values, rollout.response_mask, self.gamma, self.lam)
+        if self.whiten_advantages and int(rollout.response_mask.sum()) > 1:
+            adv = masked_whiten(adv, rollout.response_mask)
+        return adv, returns
+
+    def ppo_loss(self, rollout: Rollout, advantages: Tensor, returns: Tensor) -> LossOutput:
+        """Clipped policy loss + vf_coef * clipped value loss for one mini-batch of a rollout."""
+        out = policy_forward(
+            self.model, rollout.input_ids, rollout.attention_mask, self.sampling.temperature, self.value_head
+        )
+        mask = rollout.response_mask
+        pg = ppo_policy_loss(out.logprobs, rollout.logprobs, advantages, mask, self.clip_range)
+        vf = ppo_value_loss(out.values, rollout.values, returns, mask, self.clip_range_value)
+        return LossOutput(
+            pg.loss + self.vf_coef * vf.loss,
+            {"policy/loss": pg.loss, "policy/clipfrac": pg.clipfrac, "policy/approx_kl": pg.approx_kl,
+             "value/loss": vf.loss, "value/clipfrac": vf.clipfrac},
+        )
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.make_rollout(batch)
+        check_finite(self.global_step, **{"objective/reward": rollout.scores})
+        adv, returns = self.advantages(rollout)
+        rollout_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        opt, B = self.optimizers(), len(rollout)
+        chunks = [
+            perm[i : i + self.mini_batch_size]
+            for perm in (torch.randperm(B, device=adv.device) for _ in range(self.ppo_epochs))
+            for i in range(0, B, self.mini_batch_size)
+        ]
+        metrics: dict[str, list[Tensor]] = {}
+        for n, idx in enumerate(chunks):
+            out = self.ppo_loss(rollout.select(idx), adv[idx], returns[idx])
+            check_finite(self.global_step, **{k: v for k, v in out.metrics.items() if k.endswith("loss")})
+            opt.zero_grad()
+            self.manual_backward(out.loss)
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+            # Only the last update goes through Lightning's optimizer, so global_step counts rollout batches.
+            (opt if n == len(chunks) - 1 else opt.optimizer).step()
+            for k, v in {**out.metrics, "train/grad_norm": norm}.items():
+                metrics.setdefault(k, []).append(v.detach())
+        self.lr_schedulers().step()
+        learn_s = time.perf_counter() - start
+
+        kl = sequence_kl(rollout).mean()
+        self.log_dict({k: torch.stack(v).mean() for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self.log_dict(
+            {
+                "objective/reward": rollout.scores.mean(),
+                "objective/kl": kl,
+                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * sequence_kl(rollout)).mean(),
+                "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
+                "objective/kl_coef": self.kl_ctl.value,
+                "rollout/response_length": rollout.response_lengths.float().mean(),
+                "value/mean": masked_mean(rollout.values, rollout.response_mask),
+                "time/rollout_s": rollout_s,
+                "time/learn_s": learn_s,
+            },
+            on_step=True, on_epoch=False, prog_bar=False,
+        )
+        log_lr(self)
+        self.kl_ctl.update(float(kl), B)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
+        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
+        B = len(rollout)
+        self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
+        self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
+
+    # ---- wiring ----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Lightning itself rejects trainer.gradient_clip_val under manual optimization.
+        if str(self.trainer.precision).startswith("16"):
+            # manual_backward would scale the loss for fp16, and the clipping below needs unscaled gradients
+            raise ValueError(f"stage {self.name} does not support trainer.precision={self.trainer.precision}; "
+                             "use bf16-mixed or 32-true")
+        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
+
+    def on_fit_start(self) -> None:
+        self.frozen.to(self.device)
+
+    def configure_optimizers(self):
+        # Frozen models are not registered submodules, so these are the policy's and the value head's only.
+        return configure_optimizers(self, self.optim, self.named_parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
+                                   "kl_coef": self.kl_ctl.value}
+        save_rng_state(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_path is None:
+            raise ValueError(
+                f"resuming stage {self.name} needs stage.init_from: the frozen reference is rebuilt from it, "
+                "never stored in checkpoints"
+            )
+        self.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", self.kl_ctl.value))
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        load_rng_state(getattr(self, "_resume_rng", None))

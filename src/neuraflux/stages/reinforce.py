@@ -1,0 +1,183 @@
+"""REINFORCE with a leave-one-out baseline (RLOO, Ahmadian et al. 2024) from a reward (`stage=reinforce`).
+
+One training step is one batch of N prompts:
+
+1. sample k responses per prompt (N * k rows, each prompt's k samples contiguous) with the KV-cached generator;
+2. shaped reward of a response = its score - kl_coef * KL(policy || reference) summed over its tokens. The KL
+   penalty is reward shaping (as in the RLOO paper), not a separate loss term, so the baseline sees it too;
+3. advantage = shaped reward - the mean shaped reward of the prompt's other k - 1 samples (zero-sum per prompt);
+4. loss = -mean(advantage * log pi(response | prompt)), one optimizer step (automatic optimization, so the
+   trainer's gradient_clip_val and accumulation apply as in every other stage).
+
+No value network and no ratio clipping: every sample is used once, on-policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
+from neuraflux.alignment.rewards import RewardFn, make_reward
+from neuraflux.alignment.rollout import (
+    FrozenModels,
+    KLSettings,
+    Rollout,
+    SamplingSettings,
+    check_finite,
+    check_rollout_fits,
+    generate_rollouts,
+    greedy_rollout,
+    load_reference,
+    policy_forward,
+    score_rollout,
+    sequence_kl,
+)
+from neuraflux.alignment.stats import masked_mean, masked_sum
+from neuraflux.data.prompts import PromptBatch
+from neuraflux.model import NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.common import (
+    checkpoint_extras,
+    clip_and_log_grad_norm,
+    configure_optimizers,
+    load_rng_state,
+    log_lr,
+    save_rng_state,
+)
+
+
+class NanoREINFORCE(pl.LightningModule):
+    """The shared backbone trained with RLOO against a frozen reference."""
+
+    def __init__(
+        self,
+        model: NanoLM,
+        tokenizer,
+        optim: OptimizerFactory,
+        name: str = "reinforce",
+        reference_path: str | None = None,
+        reward_source: str = "judges",
+        reward_model_path: str | None = None,
+        world: Mapping | None = None,
+        judge_weights: Mapping[str, float] | None = None,
+        reward_model_weight: float = 1.0,
+        reward_fn: RewardFn | None = None,
+        k: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        kl_estimator: str = "k1",
+        kl_controller: str = "fixed",
+        kl_coef: float = 0.05,
+        kl_target: float = 6.0,
+        kl_horizon: float = 10_000.0,
+    ):
+        super().__init__()
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
+        self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
+        self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
+        self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
+        self.kl_ctl = self.kl.controller_object()
+        # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
+        reward = None if reward_fn is not None else make_reward(
+            reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
+        )
+        self.reward_fn = reward_fn if reward_fn is not None else reward.fn
+        self.reference_path = reference_path
+        reward_model = reward.reward_model if reward is not None else None
+        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward_model)
+
+    def make_rollout(self, batch: PromptBatch) -> Rollout:
+        """k sampled responses per prompt (N * k rows), scored, with the per-token KL to the reference."""
+        s = self.sampling
+        rollout = generate_rollouts(
+            self.model, self.tokenizer, batch.repeat_interleave(self.k), s.max_new_tokens, s.temperature,
+            s.top_k, s.top_p, reference=self.frozen.reference,
+        )
+        return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
+
+    def advantages(self, rollout: Rollout) -> Tensor:
+        """(N * k,) leave-one-out advantages of the KL-shaped sequence rewards; each prompt's k sum to zero."""
+        shaped = rollout.scores - self.kl_ctl.value * sequence_kl(rollout)
+        return leave_one_out_baseline(shaped, self.k)
+
+    def reinforce_loss(self, rollout: Rollout, advantages: Tensor) -> LossOutput:
+        """-mean(A * log pi(y | x)) with log pi summed over each response's tokens."""
+        out = policy_forward(self.model, rollout.input_ids, rollout.attention_mask, self.sampling.temperature)
+        seq_logprobs = masked_sum(out.logprobs, rollout.response_mask, dim=-1)  # (N * k,)
+        loss = -(advantages.detach() * seq_logprobs).mean()
+        return LossOutput(loss, {"train/loss": loss})
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        start = time.perf_counter()
+        rollout = self.make_rollout(batch)
+        check_finite(self.global_step, **{"objective/reward": rollout.scores})
+        advantages = self.advantages(rollout)
+        self._learn_start = time.perf_counter()
+        out = self.reinforce_loss(rollout, advantages)
+        check_finite(self.global_step, **{"train/loss": out.loss})
+        kl = sequence_kl(rollout).mean()
+        self.log_dict(
+            {
+                **out.metrics,
+                "objective/reward": rollout.scores.mean(),
+                "objective/kl": kl,
+                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * sequence_kl(rollout)).mean(),
+                "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
+                "objective/kl_coef": self.kl_ctl.value,
+                "rollout/response_length": rollout.response_lengths.float().mean(),
+                "time/rollout_s": self._learn_start - start,
+            },
+            on_step=True, on_epoch=False,
+        )
+        log_lr(self)
+        self.kl_ctl.update(float(kl), len(rollout))
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Automatic optimization: backward and the optimizer step have run by now.
+        self.log("time/learn_s", time.perf_counter() - self._learn_start, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
+        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
+        B = len(rollout)
+        self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
+        self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
+
+    def setup(self, stage: str) -> None:
+        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
+
+    def on_fit_start(self) -> None:
+        self.frozen.to(self.device)
+
+    def configure_optimizers(self):
+        # Frozen models are not registered submodules: these are the policy's parameters only.
+        return configure_optimizers(self, self.optim, self.named_parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
+                                   "kl_coef": self.kl_ctl.value}
+        save_rng_state(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_path is None:
+            raise ValueError(
+                f"resuming stage {self.name} needs stage.init_from: the frozen reference is rebuilt from it, "
+                "never stored in checkpoints"
+            )
+        self.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", self.kl_ctl.value))
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        load_rng_state(getattr(self, "_resume_rng", None))

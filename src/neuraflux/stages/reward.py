@@ -1,0 +1,123 @@
+"""`stage=reward`: a Bradley-Terry reward model on preference pairs, exported to run_dir/model at the end.
+
+Also the two helpers the preference stages share: per-pair metrics and the non-finite-loss check.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from neuraflux.alignment.losses import reward_loss
+from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.data.preference_batches import Paired, PreferenceBatch
+from neuraflux.model import NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.common import (
+    checkpoint_extras,
+    clip_and_log_grad_norm,
+    configure_optimizers,
+    load_rng_state,
+    log_lr,
+    save_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+def preference_metrics(rewards: Paired) -> dict[str, torch.Tensor]:
+    """TRL's reward metrics from per-pair rewards (each `(B,)`), as `rewards/name` scalars, detached."""
+    chosen, rejected = rewards.chosen.detach().float(), rewards.rejected.detach().float()
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+    }
+
+
+def check_finite(step: int, loss_name: str, loss: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+    """Stop on a NaN/inf loss, naming the first non-finite input it came from (Lightning keeps the last good
+    checkpoint). Only the loss is tested on the happy path: one device sync per step."""
+    if bool(torch.isfinite(loss)):
+        return
+    culprit = next((name for name, t in inputs.items() if not bool(torch.isfinite(t).all())), None)
+    source = f" (first non-finite input: {culprit})" if culprit else ""
+    raise FloatingPointError(
+        f"{loss_name} is {loss.item()} at step {step}{source}; stopping (last good checkpoint kept)"
+    )
+
+
+class RewardModelStage(pl.LightningModule):
+    """Trains `NanoRewardModel` (`self.model`) with the pairwise loss -log sigma(r_chosen - r_rejected).
+
+    Given a NanoLM (what train() passes: the model of `stage.init_from`), the reward model is built on that LM's
+    backbone, so the LM train() exports afterwards has the same backbone weights as the reward model.
+    """
+
+    def __init__(
+        self,
+        model: NanoLM | NanoRewardModel,
+        tokenizer,
+        optim: OptimizerFactory,
+        name: str = "reward",
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.model = model if isinstance(model, NanoRewardModel) else NanoRewardModel.from_lm(model)
+        self.tokenizer, self.optim, self.name = tokenizer, optim, name
+        self.export_dir = Path(export_dir) if export_dir else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.score(input_ids, attention_mask)
+
+    def _rewards(self, batch: PreferenceBatch) -> Paired:
+        # one (2B, T) forward for both halves
+        return batch.pair(self.model.score(batch.input_ids, batch.attention_mask))
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        rewards = self._rewards(batch)
+        loss = reward_loss(rewards.chosen, rewards.rejected).mean()
+        check_finite(self.global_step, "train/loss", loss, {"rewards/chosen": rewards.chosen,
+                                                              "rewards/rejected": rewards.rejected})
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict(preference_metrics(rewards), on_step=True, on_epoch=False)
+        log_lr(self)
+        return loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        rewards = self._rewards(batch)
+        metrics = preference_metrics(rewards)
+        values = {
+            "val/loss": reward_loss(rewards.chosen, rewards.rejected).mean(),
+            "val/accuracies": metrics["rewards/accuracies"],
+            "val/margins": metrics["rewards/margins"],
+        }
+        self.log_dict(values, on_epoch=True, batch_size=batch.num_pairs, sync_dist=True, prog_bar=False)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.optim, self.model.named_parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
+                                   "reward_model": True}
+        save_rng_state(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        load_rng_state(getattr(self, "_resume_rng", None))
+
+    def on_fit_end(self) -> None:
+        if self.export_dir is None or not self.trainer.is_global_zero:
+            return
+        self.model.save_pretrained(self.export_dir)
+        self.tokenizer.save(self.export_dir / "tokenizer.json")
+        log.info("reward model written to %s", self.export_dir)
