@@ -1,14 +1,17 @@
-"""What `python train.py` does with a composed config: train the stage, print a summary, return the objective."""
+"""What `python train.py` does with a composed config: one stage, or a curriculum of stages; then a summary."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from neuraflux.train import train
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def summary_table(metrics: dict, title: str):
@@ -23,11 +26,27 @@ def summary_table(metrics: dict, title: str):
     return table
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Train; the returned val/loss is what a Hydra sweeper minimises."""
+def run(cfg: DictConfig, overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> float | None:
+    """Train; the returned val/loss (of the last stage) is what a Hydra sweeper minimises."""
+    from rich.console import Console
+
+    if cfg.curriculum.stages:
+        from neuraflux.curriculum import run_curriculum
+        from neuraflux.eval import eval_table
+
+        if overrides is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        result = run_curriculum(cfg, overrides, conf_dir)
+        console = Console()
+        for name, metrics in result["stages"].items():
+            console.print(summary_table(metrics, f"{name}: {result['parent'] / name}"))
+        if result["eval"] is not None:
+            console.print(eval_table(result["eval"], f"evaluation: {result['parent']}"))
+        last = list(result["stages"].values())[-1] if result["stages"] else {}
+        return last.get("val/loss")
     metrics, objects = train(cfg)
     if objects["trainer"].is_global_zero:
-        from rich.console import Console
-
         Console().print(summary_table(metrics, f"{cfg.stage.name}: {objects['run_dir']}"))
     return metrics.get("val/loss")

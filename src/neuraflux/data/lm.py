@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neuraflux.data.common import LMBatch, StreamSampler, file_fingerprint, load_local_or_hub
+from neuraflux.data.common import LMBatch, StreamSampler, file_fingerprint, load_local_or_hub, move_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class ResumableDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return move_batch(batch, device)
 
     def _val_loader(self, dataset: Dataset, collate: Callable) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate, num_workers=0)

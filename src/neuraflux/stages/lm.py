@@ -18,7 +18,6 @@ from neuraflux.stages.common import (
     is_logging_step,
     load_rng_state,
     log_lr,
-    move_batch,
     save_rng_state,
 )
 
@@ -56,8 +55,6 @@ class CausalLMStage(pl.LightningModule):
             log_lr(self)
         return loss
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        return move_batch(batch, device)
 
     def validation_step(self, batch: LMBatch, batch_idx: int) -> None:
         n = int(batch.loss_mask.sum())

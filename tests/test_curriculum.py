@@ -1,0 +1,67 @@
+"""The curriculum: stages chained through exported models, resumable, validated before training."""
+
+import json
+
+import pytest
+from hydra import initialize_config_dir
+
+from neuraflux.curriculum import CurriculumState, run_curriculum
+from tests.conftest import CONF, TINY, compose_cfg
+
+SMALL = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "curriculum.overrides.pretrain=[]",
+    "curriculum.overrides.sft=[]",
+    "curriculum.eval_limit=3",
+]
+
+
+def run(tmp_path, *extra):
+    overrides = [*SMALL, f"paths.output_dir={tmp_path}", f"paths.run_dir={tmp_path / 'world' / 'run1'}", *extra]
+    cfg = compose_cfg(tmp_path, *overrides, tiny=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return run_curriculum(cfg, overrides, CONF)
+
+
+def test_two_stage_curriculum_end_to_end(tmp_path):
+    result = run(tmp_path)
+    parent = tmp_path / "world" / "run1"
+    assert list(result["stages"]) == ["pretrain", "sft"]
+    for stage in ("pretrain", "sft"):
+        assert (parent / stage / "model" / "model.safetensors").is_file()
+        assert (parent / stage / "tensorboard").is_dir()
+        assert json.loads((parent / stage / "metrics.json").read_text())["global_step"] == 4
+    sft_cfg = (parent / "sft" / "config.yaml").read_text()
+    assert f"init_from: {parent / 'pretrain' / 'model'}" in sft_cfg
+    assert (parent / "pretrain" / "model" / "tokenizer.json").read_text() == (
+        parent / "sft" / "model" / "tokenizer.json"
+    ).read_text()
+    assert CurriculumState.load(parent).completed == ["pretrain", "sft"]
+    assert set(json.loads((parent / "eval.json").read_text())["exact_match"]) == {"seen", "unseen", "unknown"}
+
+
+def test_interrupted_curriculum_resumes_at_its_stage(tmp_path):
+    run(tmp_path, "curriculum.eval=false")
+    parent = tmp_path / "world" / "run1"
+    # pretend the run died during sft: sft not completed, its model not exported
+    state = CurriculumState.load(parent)
+    state.completed = ["pretrain"]
+    state.save(parent)
+    pretrain_weights = (parent / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns
+    (parent / "sft" / "model" / "model.safetensors").unlink()
+    result = run(tmp_path, "resume=last", "curriculum.eval=false")
+    assert list(result["stages"]) == ["pretrain", "sft"] and result["parent"] == parent
+    assert (parent / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns == pretrain_weights
+    assert (parent / "sft" / "model" / "model.safetensors").is_file()
+
+
+def test_unknown_stage_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['bogus'\]; available: .*'pretrain'"):
+        run(tmp_path, "curriculum.stages=[pretrain,bogus]")
+    assert not (tmp_path / "world" / "run1" / "pretrain").exists()
+
+
+def test_start_at_runs_the_tail(tmp_path):
+    with pytest.raises(ValueError, match="curriculum.start_at='dpo' is not one of curriculum.stages"):
+        run(tmp_path, "curriculum.start_at=dpo")

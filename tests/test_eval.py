@@ -1,0 +1,48 @@
+import json
+
+import pytest
+import torch
+
+from neuraflux.eval import EvalSettings, chance_exact_match, evaluate, main, retrieval_recall
+from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.rag import world_retriever
+from neuraflux.tokenizer import NanoTokenizer
+from neuraflux.world import QAItem, WorldConfig, generate_world, pretrain_text
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(WorldConfig(n_entities=30))
+
+
+def test_lexical_retrieval_finds_the_asked_entity(world):
+    # questions name their entity; the hashed n-gram embedder must find one of its documents
+    assert retrieval_recall(world, world_retriever(world), k=5, limit=0) >= 0.95
+
+
+def test_chance_exact_match_by_hand(world):
+    key = next(iter(world.entities[0].attributes))
+    n_values = len({e.attributes[key] for e in world.entities if key in e.attributes})
+    items = [QAItem("q", world.entities[0].name, key, "v", "seen")] * 3
+    assert chance_exact_match(world, items) == pytest.approx(1 / n_values)
+
+
+def test_evaluate_shape_and_ranges(world, tmp_path):
+    tok = NanoTokenizer.train([pretrain_text(world)], 300)
+    torch.manual_seed(0)
+    model = NanoLM(NanoConfig(vocab_size=320, block_size=128, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate(model, tok, world, EvalSettings(limit=4, max_new_tokens=6))
+    for split in ("seen", "unseen", "unknown"):
+        for cond in ("with_retrieval", "without_retrieval"):
+            assert 0.0 <= result["exact_match"][split][cond] <= 1.0
+    assert set(result["judges"]) == {"helpfulness", "harmlessness", "honesty"}
+    assert 0.0 <= result["retrieval"]["recall_at_5"] <= 1.0
+    assert result["n"] == {"seen": 4, "unseen": 4, "unknown": 4, "red_team": 4}
+    # an untrained model answers nothing right
+    assert result["exact_match"]["unseen"]["with_retrieval"] == 0.0
+
+    model.save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    assert main(["--model", str(tmp_path), "--limit", "2"]) == 0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["n"]["seen"] == 2
