@@ -55,7 +55,7 @@ def test_sft_loss_mask_covers_exactly_the_response(tmp_path):
     dm.setup()
     items = dm.train_set.records + dm.val_set.records
     batch = make_sft_collate(tok.pad_id)(items)
-    for i, item in enumerate(items):
+    for i in range(len(items)):
         trained = batch.targets[i][batch.loss_mask[i]].tolist()
         text = tok.decode(trained)
         assert text in (f"yo{END}{EOS}", f"sky{END}{EOS}")

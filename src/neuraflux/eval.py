@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 from neuraflux.rag import NanoRAG, world_retriever
-from neuraflux.world import SPLITS, World, WorldConfig, exact_match, generate_world, judge, qa_items, red_team_prompts
+from neuraflux.world import (
+    SPLITS,
+    World,
+    WorldConfig,
+    exact_match,
+    generate_world,
+    judge,
+    qa_items,
+    red_team_prompts,
+)
 
 log = logging.getLogger(__name__)
 

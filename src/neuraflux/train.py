@@ -132,8 +132,9 @@ def load_pretrained(source: Path) -> tuple[NanoLM, NanoTokenizer]:
     ckpt = load_checkpoint_file(source)
     extras = ckpt["neuraflux"]
     model = NanoLM(NanoConfig.from_dict(extras["model_config"]))
+    # the backbone only: stages may hold heads (reward, value) beside it under "model." or elsewhere
     prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.transformer.")}
     load_state_checked(model, state, source=str(source))
     return model, tokenizer_from_json(extras["tokenizer_json"])
 
@@ -199,7 +200,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume_ckpt, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics["params"] = model.num_parameters()
+    exported = getattr(module, "model", model)  # what the stage trains: the LM, or e.g. a reward model
+    metrics["params"] = sum(p.numel() for p in {id(p): p for p in exported.parameters()}.values())
     metrics["global_step"] = trainer.global_step
     throughput = next((c for c in callbacks if hasattr(c, "tokens_per_sec")), None)
     if throughput is not None:
@@ -208,7 +210,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
     if trainer.is_global_zero:
         export_dir = run_dir / "model"
-        model.save_pretrained(export_dir)
+        exported.save_pretrained(export_dir)
         tokenizer.save(export_dir / "tokenizer.json")
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

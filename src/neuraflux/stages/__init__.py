@@ -1,5 +1,18 @@
 """Training stages: LightningModules over the shared backbone, selected with `stage=...`."""
 
+from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.stages.dpo import NanoDPO
 from neuraflux.stages.lm import CausalLMStage, lm_loss
+from neuraflux.stages.ppo import NanoPPO
+from neuraflux.stages.reinforce import NanoREINFORCE
+from neuraflux.stages.reward import RewardModelStage
 
-__all__ = ["CausalLMStage", "lm_loss"]
+__all__ = [
+    "CausalLMStage",
+    "NanoDPO",
+    "NanoPPO",
+    "NanoREINFORCE",
+    "NanoRewardModel",
+    "RewardModelStage",
+    "lm_loss",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from neuraflux.stages.common import (
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
+    is_logging_step,
     load_rng_state,
     log_lr,
     save_rng_state,
@@ -107,6 +109,7 @@ class NanoDPO(pl.LightningModule):
 
     # ---- log-probs --------------------------------------------------------------------------------------
     def _logps(self, model: NanoLM, batch: PreferenceBatch) -> Paired:
+        """Sequence log-probs of the chosen and rejected responses under `model`, `(B,)` each."""
         # Both halves in one (2B, T, V) forward. The batch is right padded, and under the causal mask a real token
         # never sees the pads to its right, so no padding mask is needed: the backbone takes its fused causal
         # path, and logits at pad positions, which differ, are masked out by response_mask.
@@ -124,6 +127,7 @@ class NanoDPO(pl.LightningModule):
 
     @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch, split: str) -> Paired:
+        """Reference sequence log-probs `(B,)` each: from the split's precomputed table, else a reference forward."""
         if split in self.precomputed:
             table = self.precomputed[split]
             return Paired(table.chosen[batch.index], table.rejected[batch.index])
@@ -138,19 +142,16 @@ class NanoDPO(pl.LightningModule):
                 f"{type(datamodule).__name__}"
             )
         ref = self._reference_model()
-        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        # the training step's autocast, so precomputed and per-batch values agree under mixed precision
+        autocast = self._trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
         for split in SPLITS:
             loader = datamodule.sequential_loader(split)
             n = len(loader.dataset)
             chosen = torch.full((n,), float("nan"), device=self.device)
             rejected = torch.full((n,), float("nan"), device=self.device)
             for batch in loader:
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
-                # the training step's autocast, so precomputed and per-batch values agree under mixed precision
-                if precision is not None:
-                    with precision.forward_context():
-                        logps = self._logps(ref, batch)
-                else:
+                batch = datamodule.transfer_batch_to_device(batch, self.device, 0)
+                with autocast():
                     logps = self._logps(ref, batch)
                 chosen[batch.index], rejected[batch.index] = logps.chosen.float(), logps.rejected.float()
             self.precomputed[split] = PrecomputedLogps(chosen, rejected)
@@ -162,7 +163,8 @@ class NanoDPO(pl.LightningModule):
             self.precompute(self.trainer.datamodule)
 
     # ---- steps ------------------------------------------------------------------------------------------
-    def _step(self, batch: PreferenceBatch, split: str) -> DPOStep:
+    def dpo_step(self, batch: PreferenceBatch, split: str) -> DPOStep:
+        """Policy and reference log-probs of a batch and the DPO loss; `split` picks the precomputed table."""
         policy = self._logps(self.model, batch)
         reference = self.reference_logps(batch, split)
         out = dpo_loss(
@@ -172,21 +174,22 @@ class NanoDPO(pl.LightningModule):
         return DPOStep(out, out.losses.mean(), policy, reference)
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        step = self._step(batch, "train")
+        step = self.dpo_step(batch, "train")
         check_finite(self.global_step, "train/loss", step.loss, {
             "logps/chosen": step.policy.chosen, "logps/rejected": step.policy.rejected,
             "ref_logps/chosen": step.reference.chosen, "ref_logps/rejected": step.reference.rejected,
         })
-        self.log("train/loss", step.loss, on_step=True, on_epoch=False, prog_bar=True)
-        metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
-        metrics["logps/chosen"] = step.policy.chosen.detach().mean()
-        metrics["logps/rejected"] = step.policy.rejected.detach().mean()
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        log_lr(self)
+        if is_logging_step(self):
+            self.log("train/loss", step.loss, on_step=True, on_epoch=False, prog_bar=True)
+            metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
+            metrics["logps/chosen"] = step.policy.chosen.detach().mean()
+            metrics["logps/rejected"] = step.policy.rejected.detach().mean()
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+            log_lr(self)
         return step.loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
-        step = self._step(batch, "val")
+        step = self.dpo_step(batch, "val")
         metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
         values = {
             "val/loss": step.loss,

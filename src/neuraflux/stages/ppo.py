@@ -7,11 +7,13 @@ One training step is one batch of prompts (so `trainer.max_steps` counts rollout
 2. reward = the configured source (world judges, a reward model, or both) at the last response token, minus
    kl_coef * KL(policy || reference) on every response token (Ziegler et al. 2019);
 3. GAE advantages (Schulman et al. 2016), whitened over the batch's response tokens;
-4. `ppo_epochs` passes over the batch in shuffled `mini_batch_size` chunks, each one optimizer update of the
-   clipped policy loss + vf_coef * clipped value loss (Schulman et al. 2017), gradients clipped to max_grad_norm.
+4. `ppo_epochs` passes over the batch in shuffled `mini_batch_size` chunks, each one optimizer update of
+   the clipped policy loss + vf_coef * clipped value loss (Schulman et al. 2017), gradients clipped to
+   max_grad_norm.
 
-The value head is a Linear(C, 1) on the policy's final hidden states: trained with the stage and saved in its
-checkpoint, but not part of the exported LM. Manual optimization, so the trainer's gradient_clip_val must be unset.
+The value head is a Linear(C, 1) on the policy's final hidden states: trained with the stage and saved in
+its checkpoint, but not part of the exported LM. Manual optimization, so trainer.gradient_clip_val must be
+unset.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
-from neuraflux.alignment.rewards import RewardFn, make_reward
+from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
     FrozenModels,
     KLSettings,
@@ -45,7 +47,13 @@ from neuraflux.alignment.stats import masked_mean, masked_whiten
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
-from neuraflux.stages.common import checkpoint_extras, configure_optimizers, load_rng_state, log_lr, save_rng_state
+from neuraflux.stages.common import (
+    checkpoint_extras,
+    configure_optimizers,
+    load_rng_state,
+    log_lr,
+    save_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +96,15 @@ class NanoPPO(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         if ppo_epochs < 1 or mini_batch_size < 1:
-            raise ValueError(f"stage.module.ppo_epochs ({ppo_epochs}) and mini_batch_size ({mini_batch_size}) must be >= 1")
+            raise ValueError(
+                f"stage.module.ppo_epochs ({ppo_epochs}) and mini_batch_size ({mini_batch_size}) must be >= 1"
+            )
         if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
             raise ValueError(f"stage.module.gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
         if clip_range <= 0 or clip_range_value <= 0 or vf_coef < 0 or max_grad_norm <= 0:
-            raise ValueError("stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0")
+            raise ValueError(
+                "stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0"
+            )
         self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
         self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
         self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
@@ -101,34 +113,40 @@ class NanoPPO(pl.LightningModule):
         self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
         self.max_grad_norm, self.whiten_advantages = max_grad_norm, whiten_advantages
         # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
-        reward = None if reward_fn is not None else make_reward(
-            reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
-        )
-        self.reward_fn = reward_fn if reward_fn is not None else reward.fn
+        if reward_fn is not None:
+            reward = RewardSetup(reward_fn)
+        else:
+            reward = make_reward(
+                reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
+            )
+        self.reward_fn = reward.fn
         # The PPO ratio compares the update's log-probs with the rollout's: dropout would make them differ.
         if model.config.dropout > 0:
-            log.info("stage %s: dropout %.2f -> 0 (PPO needs the rollout's log-probs reproducible)", name, model.config.dropout)
+            log.info(
+                "stage %s: dropout %.2f -> 0 (PPO needs the rollout's log-probs reproducible)",
+                name,
+                model.config.dropout,
+            )
             model.set_dropout(0.0)
         self.reference_path = reference_path
-        reward_model = reward.reward_model if reward is not None else None
-        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward_model)
+        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
         self.value_head = nn.Linear(model.config.n_embd, 1)
         # Zero init: values start at 0, so the first advantages are the discounted rewards themselves.
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    # ---- rollouts --------------------------------------------------------------------------------------
-    def make_rollout(self, batch: PromptBatch, temperature: float | None = None) -> Rollout:
+    # ---- rollouts ----------
+    def make_rollout(self, batch: PromptBatch) -> Rollout:
         """Sample and score one response per prompt; rewards shaped with the current KL coefficient."""
         s = self.sampling
         rollout = generate_rollouts(
-            self.model, self.tokenizer, batch, s.max_new_tokens, s.temperature if temperature is None else temperature,
-            s.top_k, s.top_p, reference=self.frozen.reference, value_head=self.value_head,
-        )
+            self.model, self.tokenizer, batch, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+            reference=self.frozen.reference, value_head=self.value_head,
+        )  # fmt: skip
         return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
 
     def advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
-        """GAE advantages (whitened over the batch's response tokens when configured) and returns, (B, T) each."""
+        """GAE advantages (whitened over the batch's response tokens if configured) and returns, (B, T)."""
         adv, returns = gae(rollout.rewards, rollout.values, rollout.response_mask, self.gamma, self.lam)
         if self.whiten_advantages and int(rollout.response_mask.sum()) > 1:
             adv = masked_whiten(adv, rollout.response_mask)
@@ -144,11 +162,16 @@ class NanoPPO(pl.LightningModule):
         vf = ppo_value_loss(out.values, rollout.values, returns, mask, self.clip_range_value)
         return LossOutput(
             pg.loss + self.vf_coef * vf.loss,
-            {"policy/loss": pg.loss, "policy/clipfrac": pg.clipfrac, "policy/approx_kl": pg.approx_kl,
-             "value/loss": vf.loss, "value/clipfrac": vf.clipfrac},
+            {
+                "policy/loss": pg.loss,
+                "policy/clipfrac": pg.clipfrac,
+                "policy/approx_kl": pg.approx_kl,
+                "value/loss": vf.loss,
+                "value/clipfrac": vf.clipfrac,
+            },
         )
 
-    # ---- training ------------------------------------------------------------------------------------------
+    # ---- training ----------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         rollout = self.make_rollout(batch)
@@ -177,13 +200,14 @@ class NanoPPO(pl.LightningModule):
         self.lr_schedulers().step()
         learn_s = time.perf_counter() - start
 
-        kl = sequence_kl(rollout).mean()
+        seq_kl = sequence_kl(rollout)  # (B,)
+        kl = seq_kl.mean()
         self.log_dict({k: torch.stack(v).mean() for k, v in metrics.items()}, on_step=True, on_epoch=False)
         self.log_dict(
             {
                 "objective/reward": rollout.scores.mean(),
                 "objective/kl": kl,
-                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * sequence_kl(rollout)).mean(),
+                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * seq_kl).mean(),
                 "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
                 "objective/kl_coef": self.kl_ctl.value,
                 "rollout/response_length": rollout.response_lengths.float().mean(),
@@ -191,26 +215,34 @@ class NanoPPO(pl.LightningModule):
                 "time/rollout_s": rollout_s,
                 "time/learn_s": learn_s,
             },
-            on_step=True, on_epoch=False, prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=False,
         )
         log_lr(self)
         self.kl_ctl.update(float(kl), B)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
+        rollout = greedy_rollout(
+            self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn
+        )
         B = len(rollout)
         self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
         self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
 
-    # ---- wiring ----------------------------------------------------------------------------------------------
+    # ---- wiring ----------
     def setup(self, stage: str) -> None:
-        # Lightning itself rejects trainer.gradient_clip_val under manual optimization.
+        # Lightning itself rejects trainer.gradient_clip_val under manual optimization. fp16 would scale the
+        # loss in manual_backward, and training_step clips and steps on gradients it assumes unscaled.
         if str(self.trainer.precision).startswith("16"):
-            # manual_backward would scale the loss for fp16, and the clipping below needs unscaled gradients
-            raise ValueError(f"stage {self.name} does not support trainer.precision={self.trainer.precision}; "
-                             "use bf16-mixed or 32-true")
-        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
+            raise ValueError(
+                f"stage {self.name} does not support trainer.precision={self.trainer.precision}; "
+                "use bf16-mixed or 32-true"
+            )
+        check_rollout_fits(
+            getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model
+        )
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)
@@ -220,8 +252,11 @@ class NanoPPO(pl.LightningModule):
         return configure_optimizers(self, self.optim, self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
-                                   "kl_coef": self.kl_ctl.value}
+        checkpoint["neuraflux"] = {
+            **checkpoint_extras(self.model, self.tokenizer),
+            "stage": self.name,
+            "kl_coef": self.kl_ctl.value,
+        }
         save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -2,10 +2,10 @@
 
 One training step is one batch of N prompts:
 
-1. sample k responses per prompt (N * k rows, each prompt's k samples contiguous) with the KV-cached generator;
+1. sample k responses per prompt (N * k rows, a prompt's k samples contiguous) with the KV-cached generator;
 2. shaped reward of a response = its score - kl_coef * KL(policy || reference) summed over its tokens. The KL
    penalty is reward shaping (as in the RLOO paper), not a separate loss term, so the baseline sees it too;
-3. advantage = shaped reward - the mean shaped reward of the prompt's other k - 1 samples (zero-sum per prompt);
+3. advantage = shaped reward - mean shaped reward of the prompt's other k - 1 samples (zero-sum per prompt);
 4. loss = -mean(advantage * log pi(response | prompt)), one optimizer step (automatic optimization, so the
    trainer's gradient_clip_val and accumulation apply as in every other stage).
 
@@ -18,11 +18,10 @@ import time
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
-from neuraflux.alignment.rewards import RewardFn, make_reward
+from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
     FrozenModels,
     KLSettings,
@@ -80,19 +79,23 @@ class NanoREINFORCE(pl.LightningModule):
     ):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
-            raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
+            raise ValueError(
+                f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}"
+            )
         self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
         self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
         self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
         self.kl_ctl = self.kl.controller_object()
         # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
-        reward = None if reward_fn is not None else make_reward(
-            reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
-        )
-        self.reward_fn = reward_fn if reward_fn is not None else reward.fn
+        if reward_fn is not None:
+            reward = RewardSetup(reward_fn)
+        else:
+            reward = make_reward(
+                reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
+            )
+        self.reward_fn = reward.fn
         self.reference_path = reference_path
-        reward_model = reward.reward_model if reward is not None else None
-        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward_model)
+        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
 
     def make_rollout(self, batch: PromptBatch) -> Rollout:
         """k sampled responses per prompt (N * k rows), scored, with the per-token KL to the reference."""
@@ -100,11 +103,11 @@ class NanoREINFORCE(pl.LightningModule):
         rollout = generate_rollouts(
             self.model, self.tokenizer, batch.repeat_interleave(self.k), s.max_new_tokens, s.temperature,
             s.top_k, s.top_p, reference=self.frozen.reference,
-        )
+        )  # fmt: skip
         return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
 
     def advantages(self, rollout: Rollout) -> Tensor:
-        """(N * k,) leave-one-out advantages of the KL-shaped sequence rewards; each prompt's k sum to zero."""
+        """(N * k,) leave-one-out advantages of the KL-shaped rewards; each prompt's k sum to zero."""
         shaped = rollout.scores - self.kl_ctl.value * sequence_kl(rollout)
         return leave_one_out_baseline(shaped, self.k)
 
@@ -123,19 +126,21 @@ class NanoREINFORCE(pl.LightningModule):
         self._learn_start = time.perf_counter()
         out = self.reinforce_loss(rollout, advantages)
         check_finite(self.global_step, **{"train/loss": out.loss})
-        kl = sequence_kl(rollout).mean()
+        seq_kl = sequence_kl(rollout)  # (N * k,)
+        kl = seq_kl.mean()
         self.log_dict(
             {
                 **out.metrics,
                 "objective/reward": rollout.scores.mean(),
                 "objective/kl": kl,
-                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * sequence_kl(rollout)).mean(),
+                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * seq_kl).mean(),
                 "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
                 "objective/kl_coef": self.kl_ctl.value,
                 "rollout/response_length": rollout.response_lengths.float().mean(),
                 "time/rollout_s": self._learn_start - start,
             },
-            on_step=True, on_epoch=False,
+            on_step=True,
+            on_epoch=False,
         )
         log_lr(self)
         self.kl_ctl.update(float(kl), len(rollout))
@@ -147,13 +152,17 @@ class NanoREINFORCE(pl.LightningModule):
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
+        rollout = greedy_rollout(
+            self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn
+        )
         B = len(rollout)
         self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
         self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
 
     def setup(self, stage: str) -> None:
-        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
+        check_rollout_fits(
+            getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model
+        )
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)
@@ -162,12 +171,17 @@ class NanoREINFORCE(pl.LightningModule):
         # Frozen models are not registered submodules: these are the policy's parameters only.
         return configure_optimizers(self, self.optim, self.named_parameters())
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
-                                   "kl_coef": self.kl_ctl.value}
+        checkpoint["neuraflux"] = {
+            **checkpoint_extras(self.model, self.tokenizer),
+            "stage": self.name,
+            "kl_coef": self.kl_ctl.value,
+        }
         save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -20,6 +20,7 @@ from neuraflux.stages.common import (
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
+    is_logging_step,
     load_rng_state,
     log_lr,
     save_rng_state,
@@ -83,9 +84,10 @@ class RewardModelStage(pl.LightningModule):
         loss = reward_loss(rewards.chosen, rewards.rejected).mean()
         check_finite(self.global_step, "train/loss", loss, {"rewards/chosen": rewards.chosen,
                                                               "rewards/rejected": rewards.rejected})
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log_dict(preference_metrics(rewards), on_step=True, on_epoch=False)
-        log_lr(self)
+        if is_logging_step(self):
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log_dict(preference_metrics(rewards), on_step=True, on_epoch=False)
+            log_lr(self)
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:

@@ -1,0 +1,140 @@
+"""NanoRewardModel: the shared backbone plus a scalar head read at each sequence's last real token.
+
+A saved reward model is a model directory whose `config.json` and `model.safetensors` hold the backbone exactly
+as `NanoLM.save_pretrained` writes it, plus `reward_head.safetensors` and the marker `reward_model.json`. So the
+backbone can be read by anything that reads model directories, while `NanoRewardModel.from_pretrained` refuses
+a directory without the marker (a policy passed where a reward model belongs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from neuraflux.model.config import NanoConfig
+from neuraflux.model.nano import CONFIG_FILE, WEIGHTS_FILE, NanoLM, NanoModel
+
+MARKER_FILE = "reward_model.json"
+HEAD_FILE = "reward_head.safetensors"
+FORMAT = "neuraflux-reward-model-v1"
+HEAD_PREFIX = "score_head."
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token: `(B, T)` bool -> `(B,)` long. Works for left and right padding."""
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be a (B, T) bool tensor, got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+        )
+    empty = ~attention_mask.any(dim=-1)
+    if bool(empty.any()):
+        raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} have no token to score")
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).int().argmax(dim=-1)  # argmax finds the first True from the right
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when no row has a real token after a pad: `(B, T)` bool."""
+    return not bool((~attention_mask[:, :-1] & attention_mask[:, 1:]).any())
+
+
+def check_same_tokenizer(a, b, what: str) -> None:
+    """Raise when two tokenizers' vocabularies differ: a reward model reads the policy's token ids directly."""
+    fa, fb = a.fingerprint(), b.fingerprint()
+    if fa != fb:
+        raise ValueError(
+            f"{what}: its tokenizer (fingerprint {fa}, {a.vocab_size} tokens) is not the policy's "
+            f"(fingerprint {fb}, {b.vocab_size} tokens); train the reward model from the same SFT model so "
+            "both read the same token ids"
+        )
+
+
+class NanoRewardModel(nn.Module):
+    """`NanoModel` backbone + `Linear(C, 1)`: one scalar score per sequence."""
+
+    def __init__(self, config: NanoConfig, transformer: NanoModel | None = None):
+        super().__init__()
+        self.config = config
+        # A fresh backbone gets NanoLM's initialisation (scaled residual projections).
+        self.transformer = transformer if transformer is not None else NanoLM(config).transformer
+        self.score_head = nn.Linear(config.n_embd, 1)
+        # Small weights and zero bias: initial scores are near 0, so the pairwise loss starts near log 2.
+        nn.init.normal_(self.score_head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.score_head.bias)
+
+    @classmethod
+    def from_lm(cls, source: NanoLM | str | Path) -> NanoRewardModel:
+        """A reward model on an LM's backbone (an SFT model, usually), with a fresh head.
+
+        Given a NanoLM, the backbone is that LM's own module, not a copy: training the reward model changes the
+        LM (pass `copy.deepcopy(lm)` to keep it). Given a path, the model directory is loaded.
+        """
+        lm = source if isinstance(source, NanoLM) else NanoLM.from_pretrained(source)
+        return cls(lm.config, transformer=lm.transformer)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) bool or None (nothing padded) -> scores (B,) float32."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+            hidden = self.transformer(input_ids)  # (B, T, C)
+        else:
+            last = last_token_index(attention_mask)
+            # Under the causal mask a real token never sees the pads to its right, so right-padded rows need no
+            # padding mask: same scores, and the backbone takes its fast fused-causal path.
+            hidden = self.transformer(input_ids, None if is_right_padded(attention_mask) else attention_mask)
+        picked = hidden[torch.arange(B, device=input_ids.device), last]  # (B, C)
+        return self.score_head(picked).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score(input_ids, attention_mask)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and model.safetensors (the backbone, as NanoLM writes it), the head and the marker."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+        head = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        save_file(backbone, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
+        marker = {"format": FORMAT, "head": HEAD_FILE, "score": "last non-pad token"}
+        (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> NanoRewardModel:
+        """Rebuild from a directory written by save_pretrained (safetensors only, so no code runs)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        marker = directory / MARKER_FILE
+        if not marker.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a reward model directory (no {MARKER_FILE}); a policy or SFT model "
+                "becomes a reward model through stage=reward (NanoRewardModel.from_lm)"
+            )
+        fmt = json.loads(marker.read_text()).get("format")
+        if fmt != FORMAT:
+            raise ValueError(f"{marker}: format {fmt!r} is not {FORMAT!r}")
+        lm = NanoLM.from_pretrained(directory, map_location=map_location)  # checks config and backbone shapes
+        model = cls(lm.config, transformer=lm.transformer)
+        head = load_file(str(directory / HEAD_FILE), device=map_location)
+        expected = {k: v.shape for k, v in model.score_head.state_dict().items()}
+        got = {k.removeprefix(HEAD_PREFIX): v.shape for k, v in head.items()}
+        if got != expected:
+            raise ValueError(
+                f"{directory / HEAD_FILE}: head tensors {dict(sorted(got.items()))} do not match the config's "
+                f"{dict(sorted(expected.items()))}"
+            )
+        model.score_head.load_state_dict({k.removeprefix(HEAD_PREFIX): v for k, v in head.items()})
+        return model
