@@ -59,7 +59,7 @@ def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int)
     tok = NanoTokenizer.train([text], 0, mode="char")
     tokens = torch.tensor(tok.encode(text), dtype=torch.long)
     train = tokens[: int(len(tokens) * 0.9)]
-    cfg = NanoConfig(vocab_size=128, block_size=s["block_size"], max_position_embeddings=s["block_size"],
+    cfg = NanoConfig(vocab_size=80, bias=False, block_size=s["block_size"], max_position_embeddings=s["block_size"],
                      n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"])
     torch.manual_seed(0)
     model = NanoLM(cfg).train()

@@ -168,3 +168,23 @@ def test_flops_per_token_is_six_n_plus_attention():
     m = NanoLM(NanoConfig(**SMALL))
     n = m.num_parameters() - 64 * 32  # without position embeddings
     assert m.flops_per_token(32) == 6 * n + 12 * 2 * 32 * 32
+
+
+def test_get_attention_maps_from_text_with_the_saved_tokenizer(model, tmp_path):
+    from neuraflux.tokenizer import NanoTokenizer
+
+    tok = NanoTokenizer.train(["abc def"], 0, mode="char")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        model.get_attention_maps("abc")
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    loaded = NanoLM.from_pretrained(tmp_path)
+    maps = loaded.get_attention_maps("abc d")
+    assert len(maps) == 2 and maps[0].shape == (4, 5, 5)
+
+
+def test_right_padding_needs_no_mask_and_matches_unpadded(model):
+    ids = torch.randint(1, 97, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[True] * 7 + [False] * 3])
+    torch.testing.assert_close(model(padded, mask)[:, :7], model(ids), atol=1e-5, rtol=1e-5)

@@ -36,11 +36,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.flip(-1).int().argmax(dim=-1)  # argmax finds the first True from the right
 
 
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when no row has a real token after a pad: `(B, T)` bool."""
-    return not bool((~attention_mask[:, :-1] & attention_mask[:, 1:]).any())
-
-
 def check_same_tokenizer(a, b, what: str) -> None:
     """Raise when two tokenizers' vocabularies differ: a reward model reads the policy's token ids directly."""
     fa, fb = a.fingerprint(), b.fingerprint()
@@ -83,9 +78,7 @@ class NanoRewardModel(nn.Module):
             hidden = self.transformer(input_ids)  # (B, T, C)
         else:
             last = last_token_index(attention_mask)
-            # Under the causal mask a real token never sees the pads to its right, so right-padded rows need no
-            # padding mask: same scores, and the backbone takes its fast fused-causal path.
-            hidden = self.transformer(input_ids, None if is_right_padded(attention_mask) else attention_mask)
+            hidden = self.transformer(input_ids, attention_mask)  # right padding takes the fused causal path
         picked = hidden[torch.arange(B, device=input_ids.device), last]  # (B, C)
         return self.score_head(picked).squeeze(-1).float()
 

@@ -67,7 +67,8 @@ def to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_t
     return new_ids, new_mask
 
 
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
+def ends_with_padding(attention_mask: torch.Tensor) -> bool:
+    """Some row's last position is padding: the prompts are right-padded, not left-padded."""
     return not bool(attention_mask[:, -1].all())
 
 
@@ -159,7 +160,7 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     attention_mask = attention_mask.bool()
-    right = is_right_padded(attention_mask)
+    right = ends_with_padding(attention_mask)
     ids, mask = to_left_padding(input_ids, attention_mask, pad) if right else (input_ids, attention_mask)
     was_training = model.training
     model.eval()

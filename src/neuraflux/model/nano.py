@@ -106,7 +106,7 @@ class NanoMLP(nn.Module):
     def __init__(self, config: NanoConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU()  # exact erf form: as nanoGPT, and faster than the tanh form on CPU
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -154,6 +154,12 @@ def build_attention_mask(
     return (causal[None] & key_ok[:, None, :] | diagonal[None])[:, None]  # (B, 1, T, S)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Each row is real tokens then padding (or no padding at all)."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded row starts at position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -188,6 +194,10 @@ class NanoModel(nn.Module):
                 f"sequence of {past + T} tokens exceeds model.max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
+        if attention_mask is not None and past == 0 and is_right_padded(attention_mask):
+            # A real token never attends to padding on its right, so right padding needs no mask: the fused
+            # causal kernel gives the same outputs at real positions (padding rows are never read).
+            attention_mask = None
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask[:, : past + T])[:, past:]
@@ -276,8 +286,14 @@ class NanoLM(nn.Module):
         _, maps = self.transformer(input_ids, attention_mask, need_weights=True)
         return maps
 
-    def get_attention_maps(self, text: str, tokenizer) -> list[torch.Tensor]:
-        """Attention maps for one text: per layer, (H, T, T)."""
+    def get_attention_maps(self, text: str, tokenizer=None) -> list[torch.Tensor]:
+        """Attention maps for one text: per layer, (H, T, T).
+
+        The tokenizer defaults to the one `from_pretrained` found beside the weights.
+        """
+        tokenizer = tokenizer or getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("get_attention_maps needs a tokenizer: pass one, or load the model from a directory with tokenizer.json")
         ids = torch.tensor([tokenizer.encode(text)[: self.config.max_position_embeddings]], dtype=torch.long)
         was_training = self.training
         self.eval()
@@ -316,6 +332,10 @@ class NanoLM(nn.Module):
         model = cls(NanoConfig.load(directory / CONFIG_FILE))
         state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
         load_state_checked(model, state, source=str(directory / WEIGHTS_FILE))
+        if (directory / "tokenizer.json").is_file():
+            from neuraflux.tokenizer import NanoTokenizer
+
+            model.tokenizer = NanoTokenizer.load(directory / "tokenizer.json")  # a plain attribute, not a module
         return model
 
 
