@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full-run", action="store_true", help="one 2000-iteration framework run; report val loss")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the full run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps}")
@@ -99,8 +100,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             m = framework_run(args.data, args.shape, 2000, args.precision, args.threads, Path(d),
-                              extra=["trainer.val_check_interval=500"])
-            print(f"full run: {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
+                              extra=["trainer.val_check_interval=500", f"seed={args.seed}"])
+            print(f"full run (seed {args.seed}): {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
                   f"val/loss {m['val/loss']:.4f}, {m['train_tokens_per_sec']:.0f} tokens/s")
         return
     fw, plain = [], []
