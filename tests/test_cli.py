@@ -22,3 +22,12 @@ def test_missing_model_is_named(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="no-such-dir"):
         main(["generate", "--model", str(tmp_path / "no-such-dir"), "--prompt", "x"])
+
+
+def test_serve_subcommand_reaches_the_server_and_names_a_missing_model(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as err:
+        main(["serve", "--model", str(tmp_path / "no-model-here")])
+    assert err.value.code != 0
+    assert "no-model-here" in capsys.readouterr().err + str(err.value.code)

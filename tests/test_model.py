@@ -188,3 +188,72 @@ def test_right_padding_needs_no_mask_and_matches_unpadded(model):
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     mask = torch.tensor([[True] * 7 + [False] * 3])
     torch.testing.assert_close(model(padded, mask)[:, :7], model(ids), atol=1e-5, rtol=1e-5)
+
+
+def _slot_view(cache, row: int):
+    """Row `row` of a slot cache as a one-row cache writing into the shared storage."""
+    from neuraflux.model.nano import KVCache
+
+    return KVCache(
+        keys=[k[row : row + 1] for k in cache.keys],
+        values=[v[row : row + 1] for v in cache.values],
+        positions=cache.positions[row : row + 1],
+    )
+
+
+def test_slot_cache_decodes_requests_of_different_lengths_together_as_if_alone(model):
+    # Three prompts of lengths 5, 9 and 3; the third joins after two shared steps, into a slot whose cache
+    # still holds 20 stale positions from an earlier, longer request. Greedy tokens must equal decoding alone.
+    from neuraflux.model.nano import KVCache
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,)) for n in (5, 9, 3)]
+    steps = 6
+    alone = [generate(model, p[None], steps, temperature=0.0)[0, len(p) :].tolist() for p in prompts]
+
+    w = model.lm_head.weight
+    cache = KVCache.slots(model.config, 3, 32, w.device, w.dtype)
+    with torch.no_grad():
+        model.transformer(torch.randint(1, 97, (1, 20)), kv_cache=_slot_view(cache, 2))  # stale occupant
+        cache.positions[2] = 0  # the slot is freed; its old keys stay in memory
+        out: list[list[int]] = [[], [], []]
+        for row in (0, 1):
+            h = model.transformer(prompts[row][None], kv_cache=_slot_view(cache, row))
+            out[row].append(int(model.lm_head(h[:, -1]).argmax(-1)))
+        for step in range(steps + 2):
+            if step == 2:
+                h = model.transformer(prompts[2][None], kv_cache=_slot_view(cache, 2))
+                out[2].append(int(model.lm_head(h[:, -1]).argmax(-1)))
+            live = 3 if step >= 2 else 2
+            tokens = torch.tensor([[out[r][-1]] for r in range(live)])  # (live, 1)
+            logits = model.lm_head(model.transformer(tokens, kv_cache=cache.rows(live))[:, -1])  # (live, V)
+            for r in range(live):
+                if len(out[r]) < steps:
+                    out[r].append(int(logits[r].argmax()))
+    assert out == alone
+    assert cache.positions.tolist() == [5 + 8, 9 + 8, 3 + 6]  # every shared step advanced each live row by one
+
+
+def test_slot_mask_hides_keys_past_each_rows_end():
+    from neuraflux.model.nano import slot_attention_mask
+
+    m = slot_attention_mask(torch.tensor([0, 2]), query_length=2, key_length=4)  # (2, 1, 2, 4)
+    assert m[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]]
+    assert m[1, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_slot_cache_refuses_to_run_past_the_row_limit(model):
+    from neuraflux.model.nano import KVCache
+
+    cache = KVCache.slots(model.config, 2, 8, torch.device("cpu"), torch.float32)
+    cache.positions += torch.tensor([3, 7])
+    with pytest.raises(ValueError, match="a cache row would hold 9 tokens, over its limit of 8"):
+        model.transformer(torch.ones(2, 2, dtype=torch.long), kv_cache=cache)
+
+
+def test_slot_cache_starts_zeroed_so_masked_keys_cannot_hold_nan(model):
+    from neuraflux.model.nano import KVCache
+
+    cache = KVCache.slots(model.config, 2, 8, torch.device("cpu"), torch.float32)
+    assert cache.positions.tolist() == [0, 0]
+    assert all(float(t.abs().sum()) == 0.0 for t in cache.keys + cache.values)

@@ -67,11 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser(
+        "serve",
+        help="WebSocket + OpenAI-style HTTP server and a chat page (see `neuraflux serve --help`)",
+        add_help=False,
+    )
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from neuraflux.serve import main as serve_main
+
+    return serve_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the server parses its own arguments (and Hydra-style key=value overrides)
+        args = argparse.Namespace(func=cmd_serve, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -21,11 +21,17 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer; `length` positions are filled."""
+    """Preallocated keys/values for every layer; `length` positions are filled.
+
+    With `positions` (B,) set, each row is an independent slot: row b's next keys go to `positions[b]`, its
+    queries see only its own first `positions[b] + t + 1` keys, and `length` is unused. The server decodes
+    requests of different lengths together this way (continuous batching).
+    """
 
     keys: list[torch.Tensor]  # each (B, H, S_max, D)
     values: list[torch.Tensor]
     length: int = 0
+    positions: torch.Tensor | None = None  # (B,) long: filled positions per row, or None for one shared length
 
     @classmethod
     def empty(cls, config: NanoConfig, batch_size: int, max_length: int, device, dtype) -> KVCache:
@@ -35,9 +41,28 @@ class KVCache:
             values=[torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
         )
 
+    @classmethod
+    def slots(cls, config: NanoConfig, n_slots: int, max_length: int, device, dtype) -> KVCache:
+        """A per-row cache, all rows empty. Zero-filled, unlike `empty`: a masked key still enters the fused
+        kernel's arithmetic, and uninitialised memory holding NaN would poison every row it sits in."""
+        shape = (n_slots, config.n_head, max_length, config.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            positions=torch.zeros(n_slots, dtype=torch.long, device=device),
+        )
+
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
+
+    def rows(self, stop: int) -> KVCache:
+        """A view of slots [0, stop): writes through it land in this cache (positions included)."""
+        return KVCache(
+            keys=[k[:stop] for k in self.keys],
+            values=[v[:stop] for v in self.values],
+            positions=None if self.positions is None else self.positions[:stop],
+        )
 
 
 class NanoEmbeddings(nn.Module):
@@ -73,7 +98,11 @@ class NanoSelfAttention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend."""
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend.
+
+        cache is (keys, values, start): start an int (every row writes at start) or a (B,) tensor of per-row
+        write positions, in which case the mask is required and its S says how many cached keys to read.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -81,9 +110,17 @@ class NanoSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             cache_k, cache_v, start = cache
-            cache_k[:, :, start : start + T] = k
-            cache_v[:, :, start : start + T] = v
-            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
+            if isinstance(start, torch.Tensor):
+                idx = start[:, None] + torch.arange(T, device=x.device)  # (B, T): each row's own positions
+                idx = idx[:, None, :, None].expand(B, self.n_head, T, self.head_dim)
+                cache_k.scatter_(2, idx, k)
+                cache_v.scatter_(2, idx, v)
+                S = mask.shape[-1]
+                k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # (B, H, S, D); keys past a row's end are masked
+            else:
+                cache_k[:, :, start : start + T] = k
+                cache_v[:, :, start : start + T] = v
+                k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
         weights = None
         if need_weights:
             # Explicit softmax so the maps can be shown; same math as the fused kernel.
@@ -154,6 +191,16 @@ def build_attention_mask(
     return (causal[None] & key_ok[:, None, :] | diagonal[None])[:, None]  # (B, 1, T, S)
 
 
+def slot_attention_mask(positions: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """Bool (B, 1, T, S) mask for per-row cache positions (B,): query t of row b sees keys 0..positions[b]+t.
+
+    Keys beyond a row's own end (left by a longer request that held the slot before) stay hidden.
+    """
+    q_pos = positions[:, None] + torch.arange(query_length, device=positions.device)  # (B, T)
+    k_pos = torch.arange(key_length, device=positions.device)  # (S,)
+    return (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, T, S)
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """Each row is real tokens then padding (or no padding at all)."""
     m = attention_mask.bool()
@@ -185,9 +232,12 @@ class NanoModel(nn.Module):
     ):
         """input_ids (B, T) -> hidden (B, T, C); with need_weights, also a list of (B, H, T, S) per layer.
 
-        attention_mask (B, S) covers the cached positions too when kv_cache is given.
+        attention_mask (B, S) covers the cached positions too when kv_cache is given. A cache with per-row
+        `positions` needs no attention_mask (each row's length is its mask) and advances every row by T.
         """
         B, T = input_ids.shape
+        if kv_cache is not None and kv_cache.positions is not None:
+            return self._forward_slots(input_ids, kv_cache, need_weights)
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
@@ -213,6 +263,26 @@ class NanoModel(nn.Module):
                 maps.append(weights)
         if kv_cache is not None:
             kv_cache.length = past + T
+        x = self.ln_f(x)
+        return (x, maps) if need_weights else x
+
+    def _forward_slots(self, input_ids: torch.Tensor, kv_cache: KVCache, need_weights: bool):
+        """input_ids (B, T) appended to each row's own cached prefix at kv_cache.positions (B,)."""
+        B, T = input_ids.shape
+        start = kv_cache.positions
+        key_length = int(start.max()) + T
+        limit = min(self.config.max_position_embeddings, kv_cache.capacity)
+        if key_length > limit:
+            raise ValueError(f"a cache row would hold {key_length} tokens, over its limit of {limit}")
+        position_ids = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+        mask = slot_attention_mask(start, T, key_length)
+        x = self.embeddings(input_ids, position_ids)  # (B, T, C)
+        maps = []
+        for i, layer in enumerate(self.layers):
+            x, weights = layer(x, mask, (kv_cache.keys[i], kv_cache.values[i], start), need_weights)
+            if need_weights:
+                maps.append(weights)
+        kv_cache.positions += T  # in place: a view from KVCache.rows advances its parent too
         x = self.ln_f(x)
         return (x, maps) if need_weights else x
 

@@ -1,0 +1,69 @@
+"""The server: WebSocket streaming, OpenAI-style HTTP endpoints and a chat page, on continuous batching.
+
+    neuraflux serve --model outputs/run [--host 127.0.0.1] [--port 8000] [key=value ...]
+
+The only package that imports the web stack (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+try:
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+except ImportError as err:  # one door for the optional web stack, naming the extra to install
+    raise ImportError(
+        f"neuraflux.serve needs the web stack ({err.name} is missing): pip install -e \".[serve]\""
+    ) from err
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from neuraflux.serve.app import create_app, load_retriever
+from neuraflux.serve.config import ServeConfig, load_serve_config
+from neuraflux.serve.engine import Engine, GenerationRequest
+from neuraflux.serve.protocol import ERROR_CODES, ServeError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ERROR_CODES", "Engine", "GenerationRequest", "ServeConfig", "ServeError", "build_parser", "create_app",
+           "load_serve_config", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neuraflux serve", description="Serve a model over WebSocket, HTTP and a chat page.")
+    p.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
+    p.add_argument("--host", default=None, help="bind address (default from conf/serve: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env NEURAFLUX_API_KEY)")
+    p.add_argument("--config", type=Path, default=None, help="a serve YAML instead of conf/serve/default.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. max_concurrent=16 retrieval=world")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check the config, load the model and retriever, then run uvicorn until interrupted."""
+    import torch
+
+    from neuraflux.cli import load_for_inference
+    from neuraflux.serve.config import DEFAULT_CONFIG
+
+    args = build_parser().parse_args(argv)
+    if args.config is not None and not args.config.is_file():
+        raise SystemExit(f"error: --config {args.config}: no such file")
+    try:
+        config = load_serve_config(args.overrides, args.config or DEFAULT_CONFIG)
+        given = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key)) if v is not None}
+        config = dataclasses.replace(config, **given)  # re-runs the checks
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = load_for_inference(args.model)
+    retriever = load_retriever(config.retrieval)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
+    app = create_app(config, model, tokenizer, retriever, model_name=Path(args.model).resolve().name)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    return 0

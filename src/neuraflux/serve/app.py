@@ -1,0 +1,401 @@
+"""The FastAPI app: the WebSocket protocol at /ws, OpenAI-shaped HTTP endpoints, the chat page at /.
+
+Every route shares one Engine (continuous batching); the protocol and its error codes are in `protocol.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from neuraflux.model.nano import NanoLM
+from neuraflux.rag import NanoRAG
+from neuraflux.retrieval import Retriever
+from neuraflux.serve.config import ServeConfig
+from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
+from neuraflux.serve.protocol import (
+    CancelMessage,
+    Limits,
+    PreparedPrompt,
+    Sampling,
+    ServeError,
+    check_bool,
+    check_max_new_tokens,
+    check_sampling,
+    parse_client_message,
+    parse_messages,
+    prepare_prompt,
+)
+from neuraflux.tokenizer import NanoTokenizer
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+WS_POLICY_VIOLATION = 1008  # RFC 6455 close code for a refused client
+
+
+@dataclass
+class ServerState:
+    config: ServeConfig
+    limits: Limits
+    engine: Engine
+    tokenizer: NanoTokenizer
+    rag: NanoRAG | None
+    model_name: str
+
+
+def limits_for(config: ServeConfig, model: NanoLM) -> Limits:
+    """The config's limits capped to the model: a prompt must leave at least one position to generate into."""
+    max_prompt = min(config.max_prompt_tokens, model.config.max_position_embeddings - 1)
+    if max_prompt < config.max_prompt_tokens:
+        log.info("serve.max_prompt_tokens %d capped to %d by the model's positions", config.max_prompt_tokens, max_prompt)
+    return Limits(
+        max_prompt_tokens=max_prompt,
+        max_new_tokens=config.max_new_tokens,
+        default_max_new_tokens=config.default_max_new_tokens,
+        default_sampling=Sampling(config.temperature, config.top_k, config.top_p),
+    )
+
+
+class ServerRAG(NanoRAG):
+    """NanoRAG whose context budget also respects serve.max_prompt_tokens, so retrieved context is cut to fit
+    instead of the whole request failing with prompt_too_long."""
+
+    def __init__(self, *args, max_prompt_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def context_budget(self, max_new_tokens: int) -> int:
+        return min(super().context_budget(max_new_tokens), self.max_prompt_tokens)
+
+
+def load_retriever(spec: str | None) -> Retriever | None:
+    """None, `world` (every document of the default built-in world) or a directory written by Retriever.save."""
+    if spec is None:
+        return None
+    if spec == "world":
+        from neuraflux.rag import world_retriever
+        from neuraflux.world import WorldConfig, generate_world
+
+        return world_retriever(generate_world(WorldConfig()))
+    return Retriever.load(spec)
+
+
+def authorized(api_key: str | None, header: str | None, query: str | None) -> bool:
+    """No key configured: everyone. Otherwise `Authorization: Bearer KEY`, or `?api_key=KEY` (browsers cannot set
+    headers on a WebSocket)."""
+    if api_key is None:
+        return True
+    token = header[7:].strip() if header and header[:7].lower() == "bearer " else query
+    return token is not None and hmac.compare_digest(token.encode(), api_key.encode())
+
+
+UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer KEY' (or ?api_key=KEY on the WebSocket)"
+
+
+def create_app(
+    config: ServeConfig,
+    model: NanoLM,
+    tokenizer: NanoTokenizer,
+    retriever: Retriever | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The server around one model; its engine thread runs between the app's startup and shutdown."""
+    limits = limits_for(config, model)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_concurrent=config.max_concurrent,
+        max_queue=config.max_queue,
+        slot_length=limits.max_prompt_tokens + limits.max_new_tokens,
+        seed=config.seed,
+    )
+    rag = None
+    if retriever is not None:
+        rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
+    state = ServerState(config, limits, engine, tokenizer, rag, config.model_name or model_name or "neuraflux")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="NeuraFlux", lifespan=lifespan)
+    app.state.serve = state
+
+    @app.exception_handler(ServeError)
+    async def serve_error(_request: Request, err: ServeError) -> JSONResponse:
+        return JSONResponse(err.to_openai(), status_code=err.status)
+
+    def require_key(request: Request) -> None:
+        if not authorized(config.api_key, request.headers.get("authorization"), None):
+            raise ServeError("unauthorized", UNAUTHORIZED)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/health")
+    async def health() -> dict:
+        s = engine.stats()
+        return {"status": "ok", "model": state.model_name, "active": s.active, "queued": s.queued, "slots": s.slots,
+                "max_queue": config.max_queue, "retrieval": rag is not None}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        require_key(request)
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "neuraflux"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        require_key(request)
+        data = await read_json(request)
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]  # OpenAI allows a batch of prompts; one is what a stream can carry
+        if not isinstance(prompt, str) or not prompt:
+            raise ServeError("invalid_field", f"'prompt' must be a non-empty string (or a list of one), got {json.dumps(prompt)[:60]}")
+        call = openai_call(state, data)
+        prepared = await prepare(state, None, prompt, call)
+        return await respond(state, call, prepared, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        require_key(request)
+        data = await read_json(request)
+        messages = parse_messages(data.get("messages"), system_as_context=True)
+        call = openai_call(state, data)
+        prepared = await prepare(state, messages, None, call)
+        return await respond(state, call, prepared, chat=True)
+
+    @app.websocket("/ws")
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        if not authorized(config.api_key, websocket.headers.get("authorization"), websocket.query_params.get("api_key")):
+            await websocket.send_json(ServeError("unauthorized", UNAUTHORIZED).to_ws())
+            await websocket.close(code=WS_POLICY_VIOLATION)
+            return
+        await Connection(state, websocket).serve()
+
+    return app
+
+
+# ---- WebSocket --------------------------------------------------------------------------------------------------
+class Connection:
+    """One WebSocket: reads client messages, writes events of all its requests through one outbox."""
+
+    def __init__(self, state: ServerState, websocket: WebSocket):
+        self.state, self.ws = state, websocket
+        self.loop = asyncio.get_running_loop()
+        self.outbox: asyncio.Queue[dict] = asyncio.Queue()
+        self.tickets: dict[Any, Ticket] = {}  # requests in flight on this connection, by client id
+
+    async def serve(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text") if message.get("text") is not None else message.get("bytes", b"")
+                await self._handle(raw)
+        finally:
+            for ticket in self.tickets.values():
+                self.state.engine.cancel(ticket, "the client disconnected")
+            self.tickets.clear()
+            sender.cancel()
+
+    async def _send_loop(self) -> None:
+        while True:
+            payload = await self.outbox.get()
+            try:
+                await self.ws.send_json(payload)
+            except Exception:  # the socket closed under us; the receive loop sees the disconnect and cleans up
+                log.debug("send failed on a closing WebSocket", exc_info=True)
+                return
+
+    async def _handle(self, raw: str | bytes) -> None:
+        state = self.state
+        try:
+            msg = parse_client_message(raw, state.limits)
+            if isinstance(msg, CancelMessage):
+                ticket = self.tickets.get(msg.id)
+                if ticket is None:
+                    raise ServeError("not_found", f"no request with id {msg.id!r} is in flight on this connection", msg.id)
+                state.engine.cancel(ticket)  # the `cancelled` error arrives through the request's own events
+                return
+            if msg.id in self.tickets:
+                raise ServeError("duplicate_id", f"a request with id {msg.id!r} is already in flight", msg.id)
+            raw_text = None  # a WebSocket `prompt` is one user turn of the chat, see protocol.py
+            prepared = await prepare_async(state, msg.conversation(), raw_text, msg.use_retrieval, msg.max_new_tokens, msg.id)
+            if msg.use_retrieval:
+                docs = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
+                self.outbox.put_nowait({"type": "sources", "id": msg.id, "docs": docs})
+            request = GenerationRequest(
+                tuple(prepared.ids), msg.max_new_tokens, msg.sampling, prepared.stop_ids, state.config.request_timeout_s
+            )
+            ticket = state.engine.submit(request, lambda ev, rid=msg.id: self.loop.call_soon_threadsafe(self._on_event, rid, ev))
+            self.tickets[msg.id] = ticket
+        except ServeError as err:
+            if err.request_id is None:
+                err.request_id = _id_of(raw)
+            self.outbox.put_nowait(err.to_ws())
+        except Exception as err:  # a bug in preparing one request must not end the connection
+            log.exception("could not handle a client message")
+            self.outbox.put_nowait(ServeError("internal", f"{type(err).__name__}: {err}", _id_of(raw)).to_ws())
+
+    def _on_event(self, request_id: Any, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self.outbox.put_nowait({"type": "token", "id": request_id, "text": event.text})
+            return
+        self.tickets.pop(request_id, None)
+        if isinstance(event, DoneEvent):
+            self.outbox.put_nowait({"type": "done", "id": request_id, "finish_reason": event.finish_reason, "usage": event.usage.to_dict()})
+        else:
+            self.outbox.put_nowait({"type": "error", "id": request_id, "code": event.code, "message": event.message})
+
+
+def _id_of(raw: str | bytes) -> Any:
+    """The id of a message that failed a check, when it has a usable one, so the client can match the error."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+async def prepare_async(state: ServerState, messages, raw_text, use_retrieval: bool, max_new_tokens: int, request_id=None) -> PreparedPrompt:
+    args = (state.tokenizer, state.rag, state.limits, messages, raw_text, use_retrieval, max_new_tokens, request_id)
+    if use_retrieval and state.rag is not None:
+        return await asyncio.to_thread(prepare_prompt, *args)  # embedding and search: off the event loop
+    return prepare_prompt(*args)
+
+
+# ---- OpenAI-shaped HTTP ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpenAICall:
+    max_new_tokens: int
+    sampling: Sampling
+    stream: bool
+    use_retrieval: bool
+
+
+async def read_json(request: Request) -> dict:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ServeError("bad_json", f"request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ServeError("bad_json", f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def openai_call(state: ServerState, data: dict) -> OpenAICall:
+    """The fields this server honours; others OpenAI clients send by habit (user, presence_penalty...) are ignored."""
+    if data.get("n", 1) != 1:
+        raise ServeError("invalid_field", f"'n' must be 1: one completion per request, got {data.get('n')!r}")
+    if data.get("stop") not in (None, [], ""):
+        raise ServeError("invalid_field", "'stop' sequences are not supported: the model stops at its end-of-turn token")
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    return OpenAICall(
+        max_new_tokens=check_max_new_tokens(max_tokens, state.limits, "max_tokens"),
+        sampling=check_sampling(data, state.limits.default_sampling),
+        stream=check_bool(data, "stream"),
+        use_retrieval=check_bool(data, "use_retrieval"),
+    )
+
+
+async def prepare(state: ServerState, messages, raw_text, call: OpenAICall) -> PreparedPrompt:
+    return await prepare_async(state, messages, raw_text, call.use_retrieval, call.max_new_tokens)
+
+
+class EventStream:
+    """A submitted request's events as an async iterator; leaving it early (client gone) cancels the request."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest):
+        loop = asyncio.get_running_loop()
+        self.engine = engine
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.ticket = engine.submit(request, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if not isinstance(event, TokenEvent):
+                    return
+        finally:
+            self.engine.cancel(self.ticket, "the client went away")
+
+
+async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt, chat: bool):
+    request = GenerationRequest(
+        tuple(prepared.ids), call.max_new_tokens, call.sampling, prepared.stop_ids, state.config.request_timeout_s
+    )
+    stream = EventStream(state.engine, request)  # submitted now, so `overloaded` is an HTTP status, not a stream error
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    sources = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
+    head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": state.model_name}
+    if call.stream:
+        return StreamingResponse(sse(stream, head, chat, sources), media_type="text/event-stream")
+    pieces, done = [], None
+    async for event in stream.events():
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+        elif isinstance(event, ErrorEvent):
+            raise ServeError(event.code, event.message)
+        else:
+            done = event
+    text = "".join(pieces)
+    choice = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+    body = {**head, "choices": [choice], "usage": done.usage.to_dict()}
+    if sources:
+        body["sources"] = sources
+    return body
+
+
+async def sse(stream: EventStream, head: dict, chat: bool, sources: list[dict]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shape, closed by `data: [DONE]`."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(piece: str | None, finish: str | None, **extra) -> str:
+        if chat:
+            choice = {"index": 0, "delta": {} if piece is None else {"content": piece}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
+
+    if chat:
+        yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}], **({'sources': sources} if sources else {})})}\n\n"
+    async for event in stream.events():
+        if isinstance(event, TokenEvent):
+            yield chunk(event.text, None)
+        elif isinstance(event, DoneEvent):
+            yield chunk(None, event.finish_reason, usage=event.usage.to_dict())
+        else:
+            yield f"data: {json.dumps(ServeError(event.code, event.message).to_openai())}\n\n"
+            return
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,87 @@
+"""ServeConfig: the server's settings from conf/serve/default.yaml, then `key=value` overrides, then the env."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "serve" / "default.yaml"
+API_KEY_ENV = "NEURAFLUX_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    max_prompt_tokens: int = 384
+    max_new_tokens: int = 256
+    default_max_new_tokens: int = 64
+    max_concurrent: int = 8
+    max_queue: int = 32
+    request_timeout_s: float = 120.0
+    api_key: str | None = None
+    retrieval: str | None = None
+    retrieval_k: int = 2
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float | None = 0.95
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 0:
+            raise ValueError(f"serve.max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serve.port must be in 1..65535, got {self.port}")
+        if not (isinstance(self.request_timeout_s, int | float) and 0 < self.request_timeout_s < math.inf):
+            raise ValueError(f"serve.request_timeout_s must be a positive number of seconds, got {self.request_timeout_s!r}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"serve.default_max_new_tokens ({self.default_max_new_tokens}) must be <= serve.max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"serve.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None:
+            _positive_int("top_k", self.top_k)
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"serve.top_p must be in (0, 1] or null, got {self.top_p}")
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.api_key == "":
+            raise ValueError("serve.api_key is empty: give a token or leave it null")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
+
+
+def load_serve_config(overrides: list[str] | None = None, path: Path | None = DEFAULT_CONFIG) -> ServeConfig:
+    """Defaults, then the YAML at `path` (skipped when None or absent: an installed wheel has no conf/), then
+    `key=value` overrides; api_key falls back to $NEURAFLUX_API_KEY."""
+    merged = OmegaConf.structured(ServeConfig)
+    try:
+        if path is not None and Path(path).is_file():
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value; keys: {[f.name for f in fields(ServeConfig)]}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as err:
+        # OmegaConf's message names the key; drop its multi-line object dump
+        key = getattr(err, "full_key", None)
+        where = f"serve.{key}: " if key else "serve config: "
+        raise ValueError(where + str(err).splitlines()[0]) from None
+    values = OmegaConf.to_container(merged)
+    if values["api_key"] is None and os.environ.get(API_KEY_ENV):
+        values["api_key"] = os.environ[API_KEY_ENV]
+    return ServeConfig(**values)
