@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from neuraflux.serve.app import create_app, load_retriever
+from neuraflux.serve.app import builtin_world, create_app, load_constitution, load_retriever
 from neuraflux.serve.config import ServeConfig, load_serve_config
 from neuraflux.serve.engine import Engine, GenerationRequest
 from neuraflux.serve.protocol import ERROR_CODES, ServeError
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, check the config, load the model and retriever, then run uvicorn until interrupted."""
+    """Parse, check the config and the constitution, load the model and retriever, then run uvicorn until
+    interrupted."""
     import torch
 
     from neuraflux.cli import load_for_inference
@@ -56,14 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         config = load_serve_config(args.overrides, args.config or DEFAULT_CONFIG)
         given = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key)) if v is not None}
         config = dataclasses.replace(config, **given)  # re-runs the checks
+        constitution = load_constitution(config.constitution)  # create_app loads it again; here it fails early
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_for_inference(args.model)
-    retriever = load_retriever(config.retrieval)
+    needs_world = config.retrieval == "world" or (constitution is not None and constitution.needs_world)
+    world = builtin_world() if needs_world else None  # one world for both retrieval and the judges
+    retriever = load_retriever(config.retrieval, world)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
-    app = create_app(config, model, tokenizer, retriever, model_name=Path(args.model).resolve().name)
+    app = create_app(config, model, tokenizer, retriever, model_name=Path(args.model).resolve().name, world=world)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0

@@ -7,24 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from neuraflux.alignment.constitution import Constitution
 from neuraflux.model.nano import NanoLM
 from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever
-from neuraflux.serve.config import ServeConfig
+from neuraflux.serve.config import ServeConfig, constitution_path
 from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
 from neuraflux.serve.protocol import (
     CancelMessage,
@@ -35,11 +40,13 @@ from neuraflux.serve.protocol import (
     check_bool,
     check_max_new_tokens,
     check_sampling,
+    last_user_text,
     parse_client_message,
     parse_messages,
     prepare_prompt,
 )
 from neuraflux.tokenizer import NanoTokenizer
+from neuraflux.world import World, WorldConfig, generate_world
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class ServerState:
     tokenizer: NanoTokenizer
     rag: NanoRAG | None
     model_name: str
+    constitution: Constitution | None = None  # set: every response is checked, and revised, before it is sent
+    world: World | None = None  # the built-in world, for the constitution's judge checks
 
 
 def limits_for(config: ServeConfig, model: NanoLM) -> Limits:
@@ -82,16 +91,40 @@ class ServerRAG(NanoRAG):
         return min(super().context_budget(max_new_tokens), self.max_prompt_tokens)
 
 
-def load_retriever(spec: str | None) -> Retriever | None:
-    """None, `world` (every document of the default built-in world) or a directory written by Retriever.save."""
+def builtin_world() -> World:
+    """The default built-in world: retrieval=world searches its documents, judge checks score against it."""
+    return generate_world(WorldConfig())
+
+
+def load_retriever(spec: str | None, world: World | None = None) -> Retriever | None:
+    """None, `world` (every document of the built-in world: `world` if given, else generated here) or a directory
+    written by Retriever.save."""
     if spec is None:
         return None
     if spec == "world":
         from neuraflux.rag import world_retriever
-        from neuraflux.world import WorldConfig, generate_world
 
-        return world_retriever(generate_world(WorldConfig()))
+        return world_retriever(world if world is not None else builtin_world())
     return Retriever.load(spec)
+
+
+def load_constitution(spec: str | None) -> Constitution | None:
+    """None (the filter is off), `default` or a constitution YAML; a missing file, bad YAML or a malformed
+    principle raises ValueError naming the file and, from the constitution module, the principle and field."""
+    if spec is None:
+        return None
+    path = constitution_path(spec)
+    if not path.is_file():
+        raise ValueError(f"serve.constitution: no such file {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
+        # yaml's message gives the line and column over several lines: keep them, on one
+        raise ValueError(f"serve.constitution: {path} is not a readable YAML mapping: {' '.join(str(err).split())}") from None
+    try:
+        return Constitution.from_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"serve.constitution {path}: {str(err).removeprefix('constitution: ')}") from None
 
 
 def authorized(api_key: str | None, header: str | None, query: str | None) -> bool:
@@ -112,8 +145,16 @@ def create_app(
     tokenizer: NanoTokenizer,
     retriever: Retriever | None = None,
     model_name: str | None = None,
+    world: World | None = None,
 ) -> FastAPI:
-    """The server around one model; its engine thread runs between the app's startup and shutdown."""
+    """The server around one model; its engine thread runs between the app's startup and shutdown.
+
+    `world` is the built-in world when the caller already generated it (for retrieval=world); a constitution with
+    judge checks uses it, or generates it here when none is given. A bad serve.constitution raises ValueError.
+    """
+    constitution = load_constitution(config.constitution)  # first: a bad file fails before any other work
+    if constitution is not None and constitution.needs_world and world is None:
+        world = builtin_world()
     limits = limits_for(config, model)
     engine = Engine(
         model,
@@ -126,7 +167,8 @@ def create_app(
     rag = None
     if retriever is not None:
         rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
-    state = ServerState(config, limits, engine, tokenizer, rag, config.model_name or model_name or "neuraflux")
+    state = ServerState(config, limits, engine, tokenizer, rag, config.model_name or model_name or "neuraflux",
+                        constitution, world if constitution is not None and constitution.needs_world else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -175,7 +217,7 @@ def create_app(
             raise ServeError("invalid_field", f"'prompt' must be a non-empty string (or a list of one), got {json.dumps(prompt)[:60]}")
         call = openai_call(state, data)
         prepared = await prepare(state, None, prompt, call)
-        return await respond(state, call, prepared, chat=False)
+        return await respond(state, call, prepared, chat=False, user_text=prompt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -184,7 +226,7 @@ def create_app(
         messages = parse_messages(data.get("messages"), system_as_context=True)
         call = openai_call(state, data)
         prepared = await prepare(state, messages, None, call)
-        return await respond(state, call, prepared, chat=True)
+        return await respond(state, call, prepared, chat=True, user_text=last_user_text(messages))
 
     @app.websocket("/ws")
     async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -198,6 +240,31 @@ def create_app(
     return app
 
 
+# ---- the constitutional filter ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checked:
+    text: str  # the response as sent: revised when a principle was broken
+    broken: list[str]  # ids of the principles the generated response broke, each once, in order
+
+
+def check_response(state: ServerState, request_id: Any, user_text: str, response: str) -> Checked:
+    """The whole generated response through the constitution. Its checks are regexes, word lists and the world's
+    judges, well under a millisecond, so this runs on the event loop."""
+    result = state.constitution.filter(user_text, response, state.world)
+    broken = list(dict.fromkeys(v.principle for v in result.violations))
+    if result.revised:
+        log.info("request %s: the constitution filter revised the response (broke %s)", request_id, broken)
+    return Checked(result.response, broken)
+
+
+@dataclass
+class Held:
+    """A request whose text is held back until the whole response has been checked."""
+
+    user_text: str  # the last user turn: what the judges read as the prompt
+    pieces: list[str] = field(default_factory=list)
+
+
 # ---- WebSocket --------------------------------------------------------------------------------------------------
 class Connection:
     """One WebSocket: reads client messages, writes events of all its requests through one outbox."""
@@ -207,6 +274,7 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.outbox: asyncio.Queue[dict] = asyncio.Queue()
         self.tickets: dict[Any, Ticket] = {}  # requests in flight on this connection, by client id
+        self.held: dict[Any, Held] = {}  # with the filter on: the text generated so far, by client id
 
     async def serve(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -221,6 +289,7 @@ class Connection:
             for ticket in self.tickets.values():
                 self.state.engine.cancel(ticket, "the client disconnected")
             self.tickets.clear()
+            self.held.clear()
             sender.cancel()
 
     async def _send_loop(self) -> None:
@@ -254,6 +323,8 @@ class Connection:
             )
             ticket = state.engine.submit(request, lambda ev, rid=msg.id: self.loop.call_soon_threadsafe(self._on_event, rid, ev))
             self.tickets[msg.id] = ticket
+            if state.constitution is not None:  # no await since submit: no event of this request has run yet
+                self.held[msg.id] = Held(last_user_text(msg.conversation()))
         except ServeError as err:
             if err.request_id is None:
                 err.request_id = _id_of(raw)
@@ -263,12 +334,22 @@ class Connection:
             self.outbox.put_nowait(ServeError("internal", f"{type(err).__name__}: {err}", _id_of(raw)).to_ws())
 
     def _on_event(self, request_id: Any, event: Event) -> None:
+        held = self.held.get(request_id)
         if isinstance(event, TokenEvent):
-            self.outbox.put_nowait({"type": "token", "id": request_id, "text": event.text})
+            if held is not None:
+                held.pieces.append(event.text)
+            else:
+                self.outbox.put_nowait({"type": "token", "id": request_id, "text": event.text})
             return
         self.tickets.pop(request_id, None)
+        self.held.pop(request_id, None)
         if isinstance(event, DoneEvent):
-            self.outbox.put_nowait({"type": "done", "id": request_id, "finish_reason": event.finish_reason, "usage": event.usage.to_dict()})
+            done = {"type": "done", "id": request_id, "finish_reason": event.finish_reason, "usage": event.usage.to_dict()}
+            if held is not None:
+                checked = check_response(self.state, request_id, held.user_text, "".join(held.pieces))
+                self.outbox.put_nowait({"type": "token", "id": request_id, "text": checked.text})
+                done["filtered"] = checked.broken
+            self.outbox.put_nowait(done)
         else:
             self.outbox.put_nowait({"type": "error", "id": request_id, "code": event.code, "message": event.message})
 
@@ -349,7 +430,9 @@ class EventStream:
             self.engine.cancel(self.ticket, "the client went away")
 
 
-async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt, chat: bool):
+async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt, chat: bool, user_text: str):
+    """The completion as one JSON body, or as server-sent events; with the constitution on, the text is checked
+    whole first (and a stream carries it as one chunk). `user_text` is what the constitution's judges read."""
     request = GenerationRequest(
         tuple(prepared.ids), call.max_new_tokens, call.sampling, prepared.stop_ids, state.config.request_timeout_s
     )
@@ -358,8 +441,9 @@ async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt
     created = int(time.time())
     sources = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
     head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": state.model_name}
+    check = functools.partial(check_response, state, ident, user_text) if state.constitution is not None else None
     if call.stream:
-        return StreamingResponse(sse(stream, head, chat, sources), media_type="text/event-stream")
+        return StreamingResponse(sse(stream, head, chat, sources, check), media_type="text/event-stream")
     pieces, done = [], None
     async for event in stream.events():
         if isinstance(event, TokenEvent):
@@ -369,16 +453,24 @@ async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt
         else:
             done = event
     text = "".join(pieces)
+    checked = check(text) if check is not None else None
+    if checked is not None:
+        text = checked.text
     choice = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
     choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
     body = {**head, "choices": [choice], "usage": done.usage.to_dict()}
     if sources:
         body["sources"] = sources
+    if checked is not None:
+        body["filtered"] = checked.broken
     return body
 
 
-async def sse(stream: EventStream, head: dict, chat: bool, sources: list[dict]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shape, closed by `data: [DONE]`."""
+async def sse(
+    stream: EventStream, head: dict, chat: bool, sources: list[dict], check: Callable[[str], Checked] | None = None
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shape, closed by `data: [DONE]`. With `check` (the constitution on)
+    the text is held back, checked whole, and sent as one chunk before the finish chunk."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def chunk(piece: str | None, finish: str | None, **extra) -> str:
@@ -390,11 +482,20 @@ async def sse(stream: EventStream, head: dict, chat: bool, sources: list[dict]) 
 
     if chat:
         yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}], **({'sources': sources} if sources else {})})}\n\n"
+    pieces: list[str] = []
     async for event in stream.events():
         if isinstance(event, TokenEvent):
-            yield chunk(event.text, None)
+            if check is not None:
+                pieces.append(event.text)
+            else:
+                yield chunk(event.text, None)
         elif isinstance(event, DoneEvent):
-            yield chunk(None, event.finish_reason, usage=event.usage.to_dict())
+            extra = {}
+            if check is not None:
+                checked = check("".join(pieces))
+                yield chunk(checked.text, None)
+                extra["filtered"] = checked.broken
+            yield chunk(None, event.finish_reason, usage=event.usage.to_dict(), **extra)
         else:
             yield f"data: {json.dumps(ServeError(event.code, event.message).to_openai())}\n\n"
             return

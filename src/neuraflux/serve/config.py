@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "serve" / "default.yaml"
+DEFAULT_CONSTITUTION = DEFAULT_CONFIG.parents[1] / "constitution" / "default.yaml"  # serve.constitution=default
 API_KEY_ENV = "NEURAFLUX_API_KEY"
 
 
@@ -28,6 +29,7 @@ class ServeConfig:
     api_key: str | None = None
     retrieval: str | None = None
     retrieval_k: int = 2
+    constitution: str | None = None  # null: off; `default` or the path of a constitution YAML
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = 0.95
@@ -58,11 +60,18 @@ class ServeConfig:
             _positive_int("threads", self.threads)
         if self.api_key == "":
             raise ValueError("serve.api_key is empty: give a token or leave it null")
+        if self.constitution == "":
+            raise ValueError("serve.constitution is empty: give `default`, a constitution YAML path, or leave it null")
 
 
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
+
+
+def constitution_path(spec: str) -> Path:
+    """`default` is the repo's conf/constitution/default.yaml; anything else is a path (relative to the cwd)."""
+    return DEFAULT_CONSTITUTION if spec == "default" else Path(spec)
 
 
 def load_serve_config(overrides: list[str] | None = None, path: Path | None = DEFAULT_CONFIG) -> ServeConfig:

@@ -8,6 +8,18 @@ WebSocket `/ws`, JSON text messages. Client to server::
 
 Server to client: `token` {id, text}, `sources` {id, docs: [{id, text, score}]}, `done` {id, finish_reason,
 usage}, `error` {id, code, message}. `prompt` is one user turn in the chat format; `messages` a conversation.
+
+With a constitution (serve.constitution set), no text leaves the server before it is checked: a request's tokens
+are held back, the whole response goes through the filter when generation ends, and the (possibly revised) text
+arrives as ONE `token` message, then `done` with one more field, `filtered`: the ids of the principles the
+generated response broke (`[]` when it was sent as generated)::
+
+    {"type": "token", "id": "a1", "text": "I can't help with that."}
+    {"type": "done", "id": "a1", "finish_reason": "stop", "usage": {...}, "filtered": ["no_unsafe_compliance"]}
+
+The HTTP endpoints do the same: the body's text is the checked one, with `filtered` beside `choices`, and
+`stream: true` sends it as one chunk, then the finish chunk (which carries `filtered`). `usage` still counts the
+tokens generated.
 """
 
 from __future__ import annotations
@@ -163,6 +175,11 @@ def parse_messages(value: Any, request_id: Any = None, system_as_context: bool =
     return out
 
 
+def last_user_text(conversation: list[Message] | tuple[Message, ...]) -> str:
+    """The last user turn's content: what retrieval searches with and the constitution's judges read."""
+    return [m for m in conversation if m.role == "user"][-1].content
+
+
 def check_max_new_tokens(value: Any, limits: Limits, name: str, request_id: Any = None) -> int:
     if value is None:
         return limits.default_max_new_tokens
@@ -237,7 +254,7 @@ def prepare_prompt(
                 raise ServeError(
                     "retrieval_unavailable", "this server has no retrieval store (start it with retrieval=world or a store directory)", request_id
                 )
-            question = [m for m in conversation if m.role == "user"][-1].content
+            question = last_user_text(conversation)
             try:
                 hits = rag.retriever.search(question, rag.k)
                 text, sources = rag.build_prompt(question, hits, max_new_tokens)
