@@ -23,7 +23,7 @@ from neuraflux.world import (
     schema,
     sft_examples,
 )
-from neuraflux.world.generator import _reserved_words, split_counts
+from neuraflux.world.generator import _reserved_words, practice_set, split_counts
 from neuraflux.world.lexicon import DONT_KNOW, REFUSAL, contains_insult, normalize_text
 
 
@@ -50,6 +50,7 @@ def _mentions(text: str, name: str) -> bool:
         ({"n_red_team": 0}, "n_red_team must be >= 1 when bad_answer_share > 0"),
         ({"preference_noise": -1.0}, "preference_noise must be >= 0"),
         ({"docs_per_entity": 0}, "docs_per_entity must be >= 1"),
+        ({"distractor_questions_per_entity": -1}, "distractor_questions_per_entity must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, message):
@@ -215,7 +216,8 @@ def test_sft_examples_mix_and_leak_nothing(world):
     n_seen, n_unseen, n_unknown = (len(world.entities_in(s)) for s in ("seen", "unseen", "unknown"))
     seen_attrs = sum(len(e.attributes) for e in world.entities_in("seen"))
     assert kinds["qa", "good"] == seen_attrs
-    assert kinds["qa_context", "good"] == 2 * (n_seen + n_unseen)
+    # Context questions are about seen entities only: unseen ones stay out of SFT, for testing retrieval.
+    assert kinds["qa_context", "good"] == 2 * n_seen
     assert kinds["about", "good"] == n_seen
     assert kinds["unknown", "good"] == 2 * n_unknown
     assert kinds["red_team", "good"] == world.config.n_red_team
@@ -233,8 +235,7 @@ def test_sft_examples_mix_and_leak_nothing(world):
     codes = world.secret_values()
     for ex in examples:
         assert not any(code in ex.response or code in ex.prompt or code in (ex.context or "") for code in codes)
-        if ex.context is None:
-            assert not any(_mentions(ex.response, n) for n in hidden), ex
+        assert not any(_mentions(ex.response, n) or _mentions(ex.context or "", n) for n in hidden), ex
         if ex.kind == "qa_context" and ex.quality == "good":
             parsed = world.parse_prompt(ex.prompt)
             value = parsed.entity.attributes[parsed.attribute]
@@ -250,6 +251,61 @@ def test_sft_examples_mix_and_leak_nothing(world):
             assert not exact_match(ex.response, parsed.entity.attributes[parsed.attribute])
         if ex.quality == "unsafe_compliance":
             assert ex.response.startswith("Sure, here is how to ")
+
+
+def test_distractor_examples_answer_dont_know_from_another_entitys_document():
+    world = generate_world(WorldConfig(n_entities=40, distractor_questions_per_entity=3, bad_answer_share=0.0))
+    examples = [ex for ex in sft_examples(world) if ex.kind == "unknown_context"]
+    unknown = world.entities_in("unknown")
+    # every unknown entity has at least 3 attributes, so each gets exactly 3 distinct questions
+    assert len(examples) == 3 * len(unknown) == len({ex.prompt for ex in examples})
+    owner = {d.text: world.entity(d.entity) for d in world.documents}
+    for ex in examples:
+        asked = world.parse_prompt(ex.prompt)
+        assert asked.kind == "attribute" and asked.entity.split == "unknown"
+        assert ex.response == DONT_KNOW.format(name=asked.entity.name)
+        # the distractor is a seen entity of the same kind, so it reads like the document retrieval would return
+        assert owner[ex.context].split == "seen" and owner[ex.context].kind == asked.entity.kind
+        assert not _mentions(ex.context, asked.entity.name)
+
+
+def test_distractor_count_leaves_other_examples_unchanged():
+    plain = sft_examples(generate_world(WorldConfig(n_entities=40, bad_answer_share=0.0)))
+    more = sft_examples(generate_world(WorldConfig(n_entities=40, bad_answer_share=0.0,
+                                                   distractor_questions_per_entity=2)))
+    assert sorted(map(repr, plain)) == sorted(repr(ex) for ex in more if ex.kind != "unknown_context")
+
+
+def test_context_questions_draw_distinct_document_attribute_pairs():
+    world = generate_world(WorldConfig(n_entities=40, context_questions_per_entity=100, bad_answer_share=0.0))
+    examples = [ex for ex in sft_examples(world) if ex.kind == "qa_context"]
+    seen = world.entities_in("seen")
+    # capped at every (document, attribute) pair: 3 documents x each entity's attributes
+    assert len(examples) == sum(3 * len(e.attributes) for e in seen)
+    keys = {(ex.context, world.parse_prompt(ex.prompt).attribute) for ex in examples}
+    assert len(keys) == len(examples)
+
+
+def test_practice_entities_are_outside_the_world_and_answered_from_their_document():
+    plain = generate_world(WorldConfig(n_entities=40))
+    world = generate_world(WorldConfig(n_entities=40, practice_entities=10, context_questions_per_entity=3,
+                                       bad_answer_share=0.0))
+    # the world itself (entities, documents, retrieval store) does not depend on the practice count
+    assert world.entities == plain.entities and world.documents == plain.documents
+    practice = practice_set(world)
+    assert len(practice.entities) == 10 and {e.split for e in practice.entities} == {"practice"}
+    assert [e.kind for e in practice.entities[:3]] == [k.name for k in schema.KINDS[:3]]  # kinds round-robin
+    assert not {e.name.lower() for e in practice.entities} & {e.name.lower() for e in world.entities}
+    assert len(practice.documents) == 10 * world.config.docs_per_entity
+    examples = [ex for ex in sft_examples(world) if ex.kind == "practice"]
+    assert len(examples) == 10 * 3
+    by_name = {e.name: e for e in practice.entities}
+    for ex in examples:
+        entity = next(by_name[n] for n in by_name if _mentions(ex.prompt, n))
+        assert ex.context in {d.text for d in practice.documents_of(entity.name)}
+        # the answer sentence states a value of the entity that its document states too
+        value = next(v for v in entity.attributes.values() if exact_match(ex.response, v))
+        assert exact_match(ex.context, value)
 
 
 def test_smallest_world_builds_every_task():

@@ -51,7 +51,13 @@ class WorldConfig:
     unseen_share: float = 0.2
     unknown_share: float = 0.2
     docs_per_entity: int = 3  # documents per entity, each a full fact sheet in different wording
-    context_questions_per_entity: int = 2  # SFT questions answered from a retrieved document, per seen/unseen entity
+    context_questions_per_entity: int = 2  # SFT questions answered from one of its documents, per seen entity
+    # SFT "I don't know" answers per unknown entity whose context is another entity's document (what retrieval
+    # returns for a name it has no document of), so an irrelevant retrieved document still yields "I don't know"
+    distractor_questions_per_entity: int = 0
+    # made-up entities outside the world whose documents are SFT reading practice only: their facts cannot be
+    # learned closed-book, so answering about them teaches copying from the context (see `practice_set`)
+    practice_entities: int = 0
     bad_answer_share: float = 0.3  # share of SFT examples that are bad: rude, hallucinated, unsafe compliance
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
@@ -61,11 +67,13 @@ class WorldConfig:
         for name in ("n_entities", "docs_per_entity", "pairs_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("context_questions_per_entity", "n_red_team"):
+        for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",
+                     "n_red_team"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_entities > _MAX_ENTITIES:
-            raise ValueError(f"WorldConfig.n_entities must be <= {_MAX_ENTITIES}, got {self.n_entities}")
+        if self.n_entities + self.practice_entities > _MAX_ENTITIES:
+            raise ValueError(f"WorldConfig.n_entities + practice_entities must be <= {_MAX_ENTITIES}, "
+                             f"got {self.n_entities} + {self.practice_entities}")
         for name in ("seen_share", "unseen_share", "unknown_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -98,7 +106,7 @@ def split_counts(n: int, cfg: WorldConfig) -> dict[str, int]:
 class Entity:
     name: str
     kind: str  # a schema.KINDS name
-    split: str  # "seen", "unseen" or "unknown"
+    split: str  # "seen", "unseen" or "unknown" ("practice" for `practice_set` entities, which are in no split)
     attributes: dict[str, str]  # attribute key -> value, numbers as decimal strings
     secrets: dict[str, str] = field(default_factory=dict)  # e.g. {"vault_code": "K4P7-R3Q9"}
 
@@ -264,19 +272,24 @@ def _render_documents(rng: random.Random, entity: Entity, n_docs: int) -> list[D
     return docs
 
 
-def generate_world(cfg: WorldConfig) -> World:
-    """The world for `cfg`; a pure function of it (same config, byte-identical `to_json`)."""
-    rng = random.Random(cfg.seed)
+def _draw_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
+    """`n` new names, none in `taken` (lower-case; updated in place) nor a template word."""
     reserved = _reserved_words()
     names: list[str] = []
-    taken: set[str] = set()
-    while len(names) < cfg.n_entities:
+    while len(names) < n:
         name = _make_name(rng)
         lower = name.lower()
         if (lower not in taken and lower not in reserved and 4 <= len(name) <= 10
                 and any(c in lower for c in _FOREIGN_CLUSTERS)):
             taken.add(lower)
             names.append(name)
+    return names
+
+
+def generate_world(cfg: WorldConfig) -> World:
+    """The world for `cfg`; a pure function of it (same config, byte-identical `to_json`)."""
+    rng = random.Random(cfg.seed)
+    names = _draw_names(rng, cfg.n_entities, set())
 
     # Round-robin kinds, then a stratified split so every kind has seen, unseen and unknown members.
     kind_of = {name: schema.KINDS[i % len(schema.KINDS)].name for i, name in enumerate(names)}
@@ -311,6 +324,35 @@ def generate_world(cfg: WorldConfig) -> World:
     world = World(cfg, tuple(entities), tuple(documents))
     log.debug("generated world seed=%d: %d entities, %d documents", cfg.seed, len(entities), len(documents))
     return world
+
+
+@dataclass(frozen=True)
+class PracticeSet:
+    """Made-up entities for SFT reading practice: in no split, the retrieval store or any evaluation."""
+
+    entities: tuple[Entity, ...]
+    documents: tuple[Document, ...]
+
+    def documents_of(self, name: str) -> list[Document]:
+        return [d for d in self.documents if d.entity == name]
+
+
+def practice_set(world: World) -> PracticeSet:
+    """`world.config.practice_entities` entities with names no world entity has, kinds round-robin, documents
+    rendered like the world's; references name seen entities only. Drawn from their own seeded stream, so the
+    world itself does not change with their number."""
+    cfg = world.config
+    rng = random.Random(f"{cfg.seed}/practice")
+    names = _draw_names(rng, cfg.practice_entities, {e.name.lower() for e in world.entities})
+    seen_of_kind = {k.name: [e.name for e in world.entities_in("seen") if e.kind == k.name] for k in schema.KINDS}
+    entities, documents = [], []
+    for i, name in enumerate(names):
+        kind = schema.KINDS[i % len(schema.KINDS)]
+        attributes = {a.key: _draw_value(rng, a, seen_of_kind.get(a.ref_kind, [])) for a in kind.attributes}
+        entity = Entity(name, kind.name, "practice", attributes)
+        entities.append(entity)
+        documents += _render_documents(rng, entity, cfg.docs_per_entity)
+    return PracticeSet(tuple(entities), tuple(documents))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ own `random.Random` stream named after the task, so adding a task never changes 
 What may appear where:
 
 * pretraining text: seen entities' documents only, never a secret document;
-* SFT responses without context: facts of seen entities only; unknown entities only by name in the fixed
-  "I don't know" answer; unseen entities never;
-* SFT and RL prompts with context: the context is one retrieved document of the entity asked about. Secret
+* SFT examples: facts of seen entities only (with or without context); unknown entities only by name in the
+  fixed "I don't know" answer; unseen entities never (they are for testing retrieval);
+* SFT and RL prompts with context: the context is one document of the entity asked about, except for
+  SFT "I don't know" examples about unknown entities, whose context is a document of another entity. Secret
   documents appear only as context of RL/preference secret-extraction prompts, where the right answer refuses.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from neuraflux.chat import Message, render_prompt
 from neuraflux.world import lexicon, schema
-from neuraflux.world.generator import SPLITS, Entity, ParsedPrompt, World, make_vault_code
+from neuraflux.world.generator import SPLITS, Entity, ParsedPrompt, World, make_vault_code, practice_set
 from neuraflux.world.judges import judge
 
 BAD_QUALITIES: tuple[str, ...] = ("rude", "hallucinated", "unsafe_compliance")
@@ -41,7 +42,8 @@ class SFTExample:
     prompt: str  # the user's question, plain text (render with chat.render_example)
     response: str
     context: str | None  # retrieved document text, or None
-    kind: str  # "qa", "qa_context", "about", "unknown" or "red_team" (the prompt's kind; good = a refusal)
+    # "qa", "qa_context", "practice", "about", "unknown", "unknown_context" or "red_team" (good = a refusal)
+    kind: str
     quality: str  # "good", "rude", "hallucinated" or "unsafe_compliance"
 
 
@@ -203,8 +205,10 @@ def sft_examples(world: World) -> list[SFTExample]:
     """Good examples of every kind plus `bad_answer_share` of bad ones, shuffled.
 
     Good: closed-book answers for every (seen entity, attribute); `context_questions_per_entity` answers copied
-    from a retrieved document per seen and unseen entity; "tell me about" per seen entity; "I don't know" to an
-    attribute question and to "tell me about" per unknown entity; a fixed refusal per red-team prompt (secret
+    from one of its documents per seen entity (distinct (document, attribute) pairs); "tell me about" per seen entity; "I don't know" to an
+    attribute question and to "tell me about" per unknown entity, and `distractor_questions_per_entity` more
+    with another entity's document as context; context questions about `practice_entities` made-up entities
+    (`practice_set`); a fixed refusal per red-team prompt (secret
     requests without the secret context, so no vault code enters training data). Bad examples: unsafe
     compliance ("Sure, here is how ...") to about `bad_answer_share` of the unsafe red-team requests, and rude
     (an insult before a good answer) and hallucinated (a wrong value of the same attribute) answers, in equal
@@ -218,11 +222,12 @@ def sft_examples(world: World) -> list[SFTExample]:
             ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), None, "qa", "good")
             good.append(ex)
             facts.append(_Fact(ex, e, key))
-    for e in world.entities_in("seen") + world.entities_in("unseen"):
-        keys = rng.sample(list(e.attributes), min(world.config.context_questions_per_entity, len(e.attributes)))
-        for key in keys:
-            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), _context(rng, world, e), "qa_context",
-                            "good")
+    # Seen entities only: an unseen entity's facts in training would be learned by heart, and unseen exact match
+    # without retrieval would then stop measuring that the model reads its answers from the retrieved document.
+    for e in world.entities_in("seen"):
+        pairs = [(d.text, key) for d in world.documents_of(e.name) for key in e.attributes]
+        for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
+            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "qa_context", "good")
             good.append(ex)
             facts.append(_Fact(ex, e, key))
     for e in world.entities_in("seen"):
@@ -231,6 +236,8 @@ def sft_examples(world: World) -> list[SFTExample]:
         good.append(SFTExample(_question(rng, e, rng.choice(list(e.attributes))), dont_know(e), None, "unknown",
                                "good"))
         good.append(SFTExample(_about_question(rng, e), dont_know(e), None, "unknown", "good"))
+    good += _distractor_examples(world)
+    good += _practice_examples(world)
     red_team = _red_team(world)
     good += [SFTExample(p.text, lexicon.REFUSAL, None, "red_team", "good") for p in red_team]
 
@@ -256,6 +263,36 @@ def sft_examples(world: World) -> list[SFTExample]:
             bad.append(SFTExample(fact.example.prompt, wrong, fact.example.context, fact.example.kind, "hallucinated"))
     examples = good + bad
     rng.shuffle(examples)
+    return examples
+
+
+def _practice_examples(world: World) -> list[SFTExample]:
+    """`context_questions_per_entity` questions per practice entity, answered from one of its documents (distinct
+    (document, attribute) pairs). Nothing else states these facts, so only reading the context answers them."""
+    rng = _rng(world, "sft/practice")
+    practice = practice_set(world)
+    examples = []
+    for e in practice.entities:
+        pairs = [(d.text, key) for d in practice.documents_of(e.name) for key in e.attributes]
+        for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
+            examples.append(SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "practice", "good"))
+    return examples
+
+
+def _distractor_examples(world: World) -> list[SFTExample]:
+    """`distractor_questions_per_entity` attribute questions per unknown entity, each with a document of a seen
+    entity of the same kind as context (the closest thing retrieval can return), answered "I don't know".
+
+    Their own random stream keeps every other SFT example unchanged when the count changes.
+    """
+    rng = _rng(world, "sft/distractor")
+    examples = []
+    for e in world.entities_in("unknown"):
+        others = [o for o in world.entities_in("seen") if o.kind == e.kind]
+        keys = rng.sample(list(e.attributes), min(world.config.distractor_questions_per_entity, len(e.attributes)))
+        for key in keys:
+            examples.append(SFTExample(_question(rng, e, key), dont_know(e), _context(rng, world, rng.choice(others)),
+                                       "unknown_context", "good"))
     return examples
 
 
