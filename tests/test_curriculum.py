@@ -14,6 +14,7 @@ SMALL = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
     "curriculum.overrides.pretrain=[]",
     "curriculum.overrides.sft=[]",
     "curriculum.eval_limit=3",
+    "world.practice_entities=0",  # the default 500 practice entities only slow this chain test
 ]
 
 
