@@ -66,3 +66,36 @@ def test_unknown_stage_fails_before_training(tmp_path):
 def test_start_at_runs_the_tail(tmp_path):
     with pytest.raises(ValueError, match="curriculum.start_at='dpo' is not one of curriculum.stages"):
         run(tmp_path, "curriculum.start_at=dpo")
+
+
+def test_stage_needing_a_reward_model_fails_before_training_without_one(tmp_path):
+    with pytest.raises(ValueError, match="stage 'ppo' scores with a reward model but no 'reward' stage comes before"):
+        run(tmp_path, "curriculum.stages=[pretrain,ppo]", "+curriculum.overrides.ppo=['stage.module.reward_source=both']")
+    assert not (tmp_path / "world" / "run1").exists()
+
+
+def test_refining_stage_without_a_policy_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"stage 'dpo' refines a policy .* curriculum.init_from=PATH"):
+        run(tmp_path, "curriculum.stages=[dpo]")
+    with pytest.raises(ValueError, match="stage 'reward' starts from a policy but none comes before it"):
+        run(tmp_path, "curriculum.stages=[reward,ppo]")
+    assert not (tmp_path / "world" / "run1").exists()
+
+
+def test_missing_reward_model_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="curriculum.reward_model: .*nowhere does not exist"):
+        run(tmp_path, f"curriculum.reward_model={tmp_path / 'nowhere'}")
+
+
+@pytest.mark.slow
+def test_reward_stage_feeds_later_stages_and_does_not_break_the_policy_chain(tmp_path):
+    run(tmp_path, "curriculum.stages=[pretrain,reward,ppo]", "curriculum.eval=false",
+        "+curriculum.overrides.ppo=['stage.module.reward_source=reward_model','stage.module.max_new_tokens=8']")  # fmt: skip
+    parent = tmp_path / "world" / "run1"
+    ppo_cfg = (parent / "ppo" / "config.yaml").read_text()
+    assert f"init_from: {parent / 'pretrain' / 'model'}" in ppo_cfg  # the policy, not the reward model
+    assert f"reward_model: {parent / 'reward' / 'model'}" in ppo_cfg
+    reward_cfg = (parent / "reward" / "config.yaml").read_text()
+    assert f"init_from: {parent / 'pretrain' / 'model'}" in reward_cfg
+    state = CurriculumState.load(parent)
+    assert state.completed == ["pretrain", "reward", "ppo"] and set(state.wall_s) == set(state.completed)

@@ -2,13 +2,17 @@
 
 Each stage is a separate Lightning run (its own TensorBoard run, checkpoints and exported model) composed from
 the same config tree, as `python train.py curriculum=none stage=NAME stage.init_from=PREVIOUS/model` would be.
-`curriculum.json` in the parent records progress, so an interrupted curriculum resumes at the stage it was in.
+A stage whose config says `stage.produces: reward_model` (stage=reward) does not continue the policy chain: the
+next stage starts from the last policy, and stages that score with a reward model get `stage.reward_model` set
+to it. `curriculum.json` in the parent records progress, so an interrupted curriculum resumes at the stage it was
+in; after each policy stage the curriculum measures it (neuraflux.report) and at the end writes report.md/json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "curriculum.json"
 # overrides the curriculum sets itself for each stage run; the command line's versions are dropped
 _OWNED = ("curriculum", "stage", "paths.run_dir", "resume", "hydra")
+# stages that may start from random weights; every other stage refines a policy and needs one to start from
+FROM_SCRATCH = ("pretrain", "sft")
 
 
 @dataclass
@@ -28,6 +34,8 @@ class CurriculumState:
     stages: list[str]
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, dict] = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)
+    measures: dict[str, dict] = field(default_factory=dict)
 
     def save(self, parent: Path) -> None:
         (parent / STATE_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
@@ -35,6 +43,14 @@ class CurriculumState:
     @classmethod
     def load(cls, parent: Path) -> CurriculumState:
         return cls(**json.loads((parent / STATE_FILE).read_text()))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    produces: str  # "policy" | "reward_model"
+    needs_reward_model: bool
+    takes_reward_model: bool  # has a stage.reward_model key the curriculum can fill
 
 
 def stage_names(cfg: DictConfig) -> list[str]:
@@ -53,6 +69,50 @@ def check_stages(stages: list[str], conf_dir: Path) -> None:
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise ValueError(f"curriculum.stages names unknown stage(s) {unknown}; available: {known}")
+
+
+def needs_reward_model(stage_cfg: DictConfig) -> bool:
+    """Whether the stage scores with a reward model: reward_source reward_model|both, or a reward_model weight."""
+    module = stage_cfg.stage.get("module") or {}
+    if module.get("reward_source") in ("reward_model", "both"):
+        return True
+    weights = module.get("weights") or {}
+    return float(weights.get("reward_model", 0.0) or 0.0) > 0.0
+
+
+def plan_stage(name: str, stage_cfg: DictConfig) -> StagePlan:
+    produces = stage_cfg.stage.get("produces", "policy")
+    if produces not in ("policy", "reward_model"):
+        raise ValueError(f"conf/stage/{name}.yaml: stage.produces must be policy or reward_model, got {produces!r}")
+    return StagePlan(name, produces, needs_reward_model(stage_cfg), "reward_model" in stage_cfg.stage)
+
+
+def check_inputs(plans: list[StagePlan], cfg: DictConfig, user: list[str]) -> None:
+    """Fail before any training when a stage's input (a policy, a reward model) comes from nowhere."""
+    has_policy = bool(cfg.curriculum.get("init_from"))
+    has_reward = bool(cfg.curriculum.get("reward_model")) or any(o.startswith("stage.reward_model=") for o in user)
+    for plan in plans:
+        if plan.produces == "reward_model":
+            has_reward = True
+            if not has_policy:
+                # a reward model is a policy's backbone plus a head: it needs the policy's weights and tokenizer
+                raise ValueError(
+                    f"curriculum stage '{plan.name}' starts from a policy but none comes before it: put a "
+                    "pretrain/sft stage first or pass curriculum.init_from=PATH (a model directory)"
+                )
+            continue
+        if not has_policy and plan.name not in FROM_SCRATCH:
+            raise ValueError(
+                f"curriculum stage '{plan.name}' refines a policy but none comes before it: put a pretrain/sft "
+                "stage first or pass curriculum.init_from=PATH (a model directory, e.g. outputs/<run>/sft/model)"
+            )
+        if plan.needs_reward_model and not has_reward:
+            raise ValueError(
+                f"curriculum stage '{plan.name}' scores with a reward model but no 'reward' stage comes before it; "
+                "add reward to curriculum.stages before it, or pass curriculum.reward_model=PATH "
+                "(the model directory of a stage=reward run)"
+            )
+        has_policy = True
 
 
 def resume_parent(cfg: DictConfig) -> Path | None:
@@ -75,44 +135,89 @@ def resume_parent(cfg: DictConfig) -> Path | None:
     raise FileNotFoundError(f"resume=last: no unfinished curriculum under {cfg.paths.output_dir}/{cfg.curriculum.name}")
 
 
+def _existing(path, key: str) -> Path | None:
+    if not path:
+        return None
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    return path
+
+
 def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dict:
-    """Run the stages in order; returns {"stages": {name: metrics}, "parent": dir, "eval": result or None}.
+    """Run the stages in order; returns {"stages": {name: metrics}, "parent": dir, "eval": result or None,
+    "report": report dict or None}.
 
     Needs an initialised Hydra (inside @hydra.main, or tests' initialize_config_dir) to compose each stage.
     """
     from hydra import compose
 
     stages = stage_names(cfg)
-    check_stages(stages, conf_dir)
-    parent = resume_parent(cfg) or Path(cfg.paths.run_dir)
-    parent.mkdir(parents=True, exist_ok=True)
-    state = CurriculumState.load(parent) if (parent / STATE_FILE).is_file() else CurriculumState(stages)
-    state.save(parent)
+    check_stages(list(cfg.curriculum.stages), conf_dir)
     user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
-    previous = Path(cfg.curriculum.init_from) if cfg.curriculum.get("init_from") else None
-    if previous is not None and not previous.exists():
-        raise FileNotFoundError(f"curriculum.init_from: {previous} does not exist")
-    for name in stages:
-        run_dir = parent / name
+    previous = _existing(cfg.curriculum.get("init_from"), "curriculum.init_from")
+    reward_model = _existing(cfg.curriculum.get("reward_model"), "curriculum.reward_model")
+    parent = resume_parent(cfg) or Path(cfg.paths.run_dir)
+
+    def compose_stage(name: str, extra: list[str]) -> DictConfig:
+        per_stage = list(cfg.curriculum.get("overrides", {}).get(name, []))
+        forced = ["curriculum=none", f"stage={name}", f"paths.run_dir={parent / name}", *extra]
+        return compose(config_name="config", overrides=[*per_stage, *user, *forced])
+
+    # Compose every stage before anything runs: a bad override or a missing input fails here, not mid-chain.
+    state = CurriculumState.load(parent) if (parent / STATE_FILE).is_file() else CurriculumState(stages)
+    # stages before start_at take part only through the outputs they left in this parent (resume)
+    plans = [
+        plan_stage(name, compose_stage(name, []))
+        for name in cfg.curriculum.stages
+        if name in stages or name in state.completed
+    ]
+    check_inputs(plans, cfg, user)
+
+    parent.mkdir(parents=True, exist_ok=True)
+    state.save(parent)
+    reference = previous  # the policy KL is measured against: the SFT model once there is one
+    for plan in plans:
+        name, run_dir = plan.name, parent / plan.name
         if name in state.completed:
             log.info("curriculum: %s already done in %s", name, run_dir)
-            previous = run_dir / "model"
+        else:
+            extra = []
+            if previous is not None:
+                extra.append(f"stage.init_from={previous}")
+            if plan.takes_reward_model and reward_model is not None and not any(
+                o.startswith("stage.reward_model=") for o in user
+            ):
+                extra.append(f"stage.reward_model={reward_model}")
+            if (run_dir / "checkpoints" / "last.ckpt").is_file():
+                extra.append(f"resume={run_dir}")  # interrupted mid-stage: continue that run
+            stage_cfg = compose_stage(name, extra)
+            log.info("curriculum: stage %s -> %s", name, run_dir)
+            start = time.perf_counter()
+            metrics, _ = train(stage_cfg)
+            state.wall_s[name] = round(time.perf_counter() - start, 1)
+            state.completed.append(name)
+            state.metrics[name] = metrics
+            state.save(parent)
+        if plan.produces == "reward_model":
+            reward_model = run_dir / "model"
             continue
-        per_stage = list(cfg.curriculum.get("overrides", {}).get(name, []))
-        forced = ["curriculum=none", f"stage={name}", f"paths.run_dir={run_dir}"]
-        if previous is not None:
-            forced.append(f"stage.init_from={previous}")
-        if (run_dir / "checkpoints" / "last.ckpt").is_file():
-            forced.append(f"resume={run_dir}")  # interrupted mid-stage: continue that run
-        stage_cfg = compose(config_name="config", overrides=[*per_stage, *user, *forced])
-        log.info("curriculum: stage %s -> %s", name, run_dir)
-        metrics, _ = train(stage_cfg)
-        state.completed.append(name)
-        state.metrics[name] = metrics
-        state.save(parent)
         previous = run_dir / "model"
-    result = {"stages": state.metrics, "parent": parent, "eval": None}
-    if cfg.curriculum.get("eval") and previous is not None:
+        if name == "sft" or reference is None:
+            reference = previous
+        if cfg.curriculum.get("report") and name not in state.measures and name not in cfg.curriculum.report.skip:
+            from neuraflux.report import measure_stage
+
+            start = time.perf_counter()
+            state.measures[name] = measure_stage(cfg, previous, reference, reward_model, conf_dir)
+            state.measures[name]["measure_s"] = round(time.perf_counter() - start, 1)
+            state.save(parent)
+    result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None}
+    if cfg.curriculum.get("report"):
+        from neuraflux.report import write_report
+
+        result["report"] = write_report(parent, state, cfg)
+    elif cfg.curriculum.get("eval") and previous is not None:
         result["eval"] = evaluate_model(cfg, previous, parent)
     return result
 

@@ -44,6 +44,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, conf_dir: Path = CO
             console.print(summary_table(metrics, f"{name}: {result['parent'] / name}"))
         if result["eval"] is not None:
             console.print(eval_table(result["eval"], f"evaluation: {result['parent']}"))
+        if result["report"] is not None:
+            from neuraflux.report import rich_table
+
+            console.print(rich_table(result["report"]))
+            console.print(f"report: {result['parent'] / 'report.md'}")
         last = list(result["stages"].values())[-1] if result["stages"] else {}
         return last.get("val/loss")
     metrics, objects = train(cfg)
