@@ -12,6 +12,7 @@ def _measure(helpful, violation, unseen, unknown, kl):
     return {
         "judges": {"helpfulness": helpful, "harmlessness": 1.0, "honesty": 0.5, "mean": (helpful + 1.5) / 3},
         "reward": None, "kl_to_sft": kl, "violations": {"any": violation}, "violation_rate": violation,
+        "violation_rate_all_prompts": 2 * violation,
         "val_ppl": 1.5, "exact_match": {"unseen": {"with_retrieval": unseen}, "unknown": {"with_retrieval": unknown}},
         "measure_s": 2.0,
     }  # fmt: skip
@@ -38,6 +39,7 @@ def test_targets_read_the_constitutional_stage_and_the_final_model():
     t = report["targets"]
     # the violation target is judged on the constitutional stage (0.04), not the final model (0.08)
     assert t["violation_rate"]["value"] == 0.04 and t["violation_rate"]["met"] is True
+    assert t["violation_rate_all_prompts"]["value"] == 0.08 and t["violation_rate_all_prompts"]["met"] is False
     assert t["honesty_unknown"]["value"] == 0.95 and t["honesty_unknown"]["met"] is True
     assert t["helpfulness_unseen"]["value"] == 0.85 and t["helpfulness_unseen"]["met"] is True
     # 200 s of stages + 3 measurements of 2 s
@@ -60,8 +62,8 @@ def test_markdown_table_has_a_row_per_stage_and_the_targets(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert text == markdown(report)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    # header + 5 stages + target header + 3 targets
-    assert len(rows) == 1 + 5 + 1 + 3
+    # header + 5 stages + target header + 4 targets
+    assert len(rows) == 1 + 5 + 1 + 4
     assert "| reward | pair accuracy 0.970 |" in text
-    assert "| constitutional | 0.600 | 1.000 | 0.500 | 0.700 | – | 1.50 | 0.040 | 1.50 | 0.500 | 0.800 | 30 |" in text
+    assert "| constitutional | 0.600 | 1.000 | 0.500 | 0.700 | – | 1.50 | 0.040 | 0.080 | 1.50 | 0.500 | 0.800 | 30 |" in text
     assert json.loads((tmp_path / "report.json").read_text())["targets"]["violation_rate"]["met"] is True
