@@ -158,14 +158,22 @@ def test_resume_reference_with_another_tokenizer_is_refused(init_dir, tmp_path):
         stage.on_load_checkpoint({"rng": None})
 
 
-def test_resume_reloads_the_reference_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path, init_dir):
-    common = ["stage=dpo", f"stage.init_from={init_dir}", "optim.total_steps=8", "trainer.val_check_interval=4"]
+@pytest.mark.parametrize("precompute", [False, True])
+def test_resume_reloads_the_reference_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path, init_dir, precompute):
+    # precomputed (the default): the resumed run recomputes the table from the reloaded reference, then drops it
+    common = ["stage=dpo", f"stage.init_from={init_dir}", "optim.total_steps=8", "trainer.val_check_interval=4",
+              f"stage.module.precompute_ref_logps={precompute}"]
     _, straight = train(tiny_cfg(*common, "trainer.max_steps=8", f"paths.run_dir={tmp_path / 'a'}"))
     train(tiny_cfg(*common, "trainer.max_steps=4", f"paths.run_dir={tmp_path / 'b'}"))
     _, resumed = train(tiny_cfg(*common, "trainer.max_steps=8", f"resume={tmp_path / 'b'}",
                                 f"paths.run_dir={tmp_path / 'c'}"))
-    initial = NanoLM.from_pretrained(init_dir).state_dict()
-    for name, tensor in resumed["module"].reference.state_dict().items():
-        torch.testing.assert_close(tensor, initial[name], atol=0, rtol=0, msg=name)
+    if precompute:
+        assert resumed["module"].reference is None
+        for split, table in straight["module"].precomputed.items():
+            torch.testing.assert_close(resumed["module"].precomputed[split].chosen, table.chosen, atol=0, rtol=0)
+    else:
+        initial = NanoLM.from_pretrained(init_dir).state_dict()
+        for name, tensor in resumed["module"].reference.state_dict().items():
+            torch.testing.assert_close(tensor, initial[name], atol=0, rtol=0, msg=name)
     for (name, a), (_, b) in zip(straight["model"].named_parameters(), resumed["model"].named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)

@@ -15,13 +15,15 @@ from neuraflux.alignment.reward_model import (
     last_token_index,
 )
 from neuraflux.chat import ASSISTANT, BOS, END, USER
-from neuraflux.data.preference import PreferenceExample
+from neuraflux.data.preference import PreferenceDataset, PreferenceExample
 from neuraflux.data.preference_batches import (
     PreferenceDataModule,
     collate_pairs,
     encode_pairs,
     fit_sequence,
+    split_by_prompt,
 )
+from neuraflux.data.prompts import PromptDataModule
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.stages.reward import check_finite
 from neuraflux.tokenizer import NanoTokenizer
@@ -85,7 +87,8 @@ def test_preference_batch_masks_by_hand():
 def test_data_module_reads_hh_files_and_names_bad_lines(tmp_path):
     path = tmp_path / "hh.jsonl"
     good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
-    lines = [json.dumps(good), json.dumps({"chosen": "x"}), json.dumps({**good, "rejected": good["rejected"] + "!"})]
+    other = {"chosen": "\n\nHuman: yo\n\nAssistant: hello", "rejected": "\n\nHuman: yo\n\nAssistant: go away!"}
+    lines = [json.dumps(good), json.dumps({"chosen": "x"}), json.dumps(other)]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"hh.jsonl, line 2: missing field 'rejected'"):
         PreferenceDataModule(path=str(path), on_invalid="error")
@@ -93,8 +96,9 @@ def test_data_module_reads_hh_files_and_names_bad_lines(tmp_path):
     dm.tokenizer = char_tokenizer("".join(dm.texts()))
     dm.setup()
     assert len(dm.train_set) == 1 and len(dm.val_set) == 1
-    batch = next(iter(dm.sequential_loader("train")))
-    assert dm.tokenizer.decode(batch.chosen_ids[0].tolist()).startswith(f"{BOS}{USER}hi{END}{ASSISTANT}hello")
+    starts = {dm.tokenizer.decode(next(iter(dm.sequential_loader(split))).chosen_ids[0].tolist())[:16]
+              for split in ("train", "val")}
+    assert starts == {f"{BOS}{USER}hi{END}{ASSISTANT}hello"[:16], f"{BOS}{USER}yo{END}{ASSISTANT}hello"[:16]}
     with pytest.raises(ValueError, match="data.on_invalid must be one of"):
         PreferenceDataModule(path=str(path), on_invalid="ignore")
     with pytest.raises(ValueError, match="exactly one of data.path or data.builtin"):
@@ -104,6 +108,24 @@ def test_data_module_reads_hh_files_and_names_bad_lines(tmp_path):
 
 
 # ---- the reward model --------------------------------------------------------------------------------------
+def test_split_holds_out_whole_prompts_the_ones_ppo_validates_on():
+    world = {"n_entities": 20, "n_red_team": 9}  # 41 distinct RL prompts (more red-team prompts would repeat)
+    dm = PreferenceDataModule(builtin="world", world=world, val_fraction=0.2, seed=5)
+    split = split_by_prompt(dm.dataset, 0.2, seed=5)
+    train_prompts, val_prompts = {e.prompt for e in split.train}, {e.prompt for e in split.test}
+    assert not train_prompts & val_prompts  # no prompt on both sides
+    assert len(split.train) + len(split.test) == len(dm.dataset)
+    # the world's pairs come in one group per distinct RL prompt: the held-out prompts are PPO's validation prompts
+    prompts = PromptDataModule(builtin="world", world=world, val_fraction=0.2, seed=5)
+    prompts.tokenizer = char_tokenizer()
+    prompts.setup()
+    assert val_prompts == set(prompts.val_set)
+    one = PreferenceDataset.from_records([{"prompt": "hi", "chosen": "a", "rejected": "b"},
+                                          {"prompt": "hi", "chosen": "a", "rejected": "c"}])
+    with pytest.raises(ValueError, match="1 distinct prompt"):
+        split_by_prompt(one, 0.5, seed=0)
+
+
 def test_last_token_index_by_hand():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
     assert last_token_index(mask).tolist() == [1, 2, 0]
@@ -169,7 +191,7 @@ def test_non_finite_loss_names_step_and_first_bad_input():
 # ---- the stage ---------------------------------------------------------------------------------------------
 def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     # Measured with seed 1337: 0.988 of the 162 training pairs ranked right after 120 steps (seeds 1-3: 0.92-0.99),
-    # validation 0.83 of 18; chance is 0.5.
+    # validation 0.78 of the 18 pairs of 5 held-out prompts (0.83 when pairs, not prompts, were held out); chance 0.5.
     cfg = tiny_cfg("stage=reward", "optim.lr=1e-2", "data.batch_size=16", "trainer.max_steps=120",
                    "trainer.val_check_interval=120")
     assert cfg.data._target_ == "neuraflux.data.preference_batches.PreferenceDataModule"

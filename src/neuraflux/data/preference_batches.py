@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from neuraflux.chat import END, EOS
 from neuraflux.data.lm import ResumableDataModule
-from neuraflux.data.preference import ON_INVALID, PreferenceDataset, PreferenceExample, train_test_split
+from neuraflux.data.preference import ON_INVALID, PreferenceDataset, PreferenceExample, PreferenceSplit
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,29 @@ class EncodedPair:
         return self.chosen.response_cut or self.rejected.response_cut
 
 
+def split_by_prompt(dataset: PreferenceDataset, val_fraction: float, seed: int) -> PreferenceSplit:
+    """A seeded split that holds out whole prompts: every pair of a held-out prompt is in `test`.
+
+    A pair-level split would put the other pairs of a validation prompt (the same question, the same good answer)
+    in training, and validation accuracy would measure memory. Distinct prompts in order of first appearance are
+    permuted and counted as `PromptDataModule` does, so on the world's pairs (one group per RL prompt) the
+    held-out prompts are the ones PPO and REINFORCE validate on with the same seed and val_fraction, as long
+    as the RL prompts are distinct (the default world's 276 are; tiny worlds repeat red-team prompts).
+    """
+    prompts = list(dict.fromkeys(dataset.data["prompt"]))
+    if len(prompts) < 2:
+        raise ValueError(
+            f"data: the preference pairs have {len(prompts)} distinct prompt(s); the train/val split holds out "
+            "whole prompts, so it needs at least 2"
+        )
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(order) - 1, max(1, int(len(order) * val_fraction)))
+    held_out = {prompts[i] for i in order[:n_val]}
+    test = [i for i, p in enumerate(dataset.data["prompt"]) if p in held_out]
+    train = [i for i, p in enumerate(dataset.data["prompt"]) if p not in held_out]
+    return PreferenceSplit(PreferenceDataset(dataset.data.select(train)), PreferenceDataset(dataset.data.select(test)))
+
+
 def completion_text(response: str) -> str:
     """A bare response as the chat format ends it (the second half of `chat.render_example`)."""
     return f"{response}{END}{EOS}"
@@ -163,7 +186,8 @@ class PreferenceDataModule(ResumableDataModule):
 
     Files may hold {"prompt", "chosen", "rejected"} records or hh-rlhf {"chosen", "rejected"} transcripts (see
     `neuraflux.data.preference`); invalid records are skipped with one warning or, with `on_invalid: error`,
-    reported together in one error naming file and line. The split into train and val is seeded.
+    reported together in one error naming file and line. The split into train and val is seeded and holds out
+    whole prompts (`split_by_prompt`).
     """
 
     def __init__(
@@ -219,7 +243,7 @@ class PreferenceDataModule(ResumableDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("PreferenceDataModule.tokenizer must be set before setup()")
-        split = train_test_split(self.dataset, self.val_fraction, seed=self.seed)
+        split = split_by_prompt(self.dataset, self.val_fraction, seed=self.seed)
         self.sets = {
             name: EncodedPairs(encode_pairs(self.tokenizer, list(part), self.max_length))
             for name, part in (("train", split.train), ("val", split.test))

@@ -1,0 +1,177 @@
+"""Measure a policy on the world: judges' scores, KL to a reference, constitution violations, reward-model score.
+
+    world = generate_world(WorldConfig())
+    before = measure_policy(sft, tokenizer, world, reference=sft)
+    after = measure_policy(policy, tokenizer, world, reference=sft, constitution=Constitution.from_config(cfg))
+
+The prompts are the world's RL prompts. By default `held_out_prompts(world)`: the validation split that
+`data/prompts.py`'s `PromptDataModule` holds out of them (same seeded permutation, same count), so a policy
+trained by `stage=ppo|reinforce` with the same `seed` and `data.val_fraction` never saw them, and neither did
+`stage=dpo|reward` on `data=preference_world`, whose split holds out the same prompts (see
+`data/preference_batches.split_by_prompt`).
+
+Everything reuses the rollout machinery: greedy responses and sampled ones come from `generate_rollouts`
+(the KV-cached batched generator), the KL from `score_rollout` and `sequence_kl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from neuraflux.alignment.constitution import Constitution
+from neuraflux.alignment.rewards import JUDGES
+from neuraflux.alignment.rollout import generate_rollouts, score_rollout, sequence_kl
+from neuraflux.chat import Message, render_prompt
+from neuraflux.data.prompts import encode_prompts, render_prompt_record
+from neuraflux.model import NanoLM
+from neuraflux.world import RLPrompt, World, judge, rl_prompts
+from neuraflux.world.generator import question_text
+from neuraflux.world.schema import RED_TEAM_CATEGORIES
+
+log = logging.getLogger(__name__)
+
+PROMPT_SPLITS: tuple[str, ...] = ("val", "train", "all")
+N_SAMPLES = 8
+
+
+@dataclass
+class PolicyMeasure:
+    """What `measure_policy` reports for one policy on one prompt set."""
+
+    judges: dict[str, float]  # mean helpfulness, harmlessness, honesty of the greedy responses, and "mean" of the three
+    kl: float | None  # mean over prompts of the summed per-token k1 KL(policy || reference), sampled at temperature 1
+    violations: dict[str, float]  # Constitution.violation_rates on the red-team prompts' greedy responses
+    reward: float | None  # mean reward-model score of the greedy responses
+    n: int  # prompts measured
+    samples: list[dict]  # a few {"prompt", "response"} (the user question and the greedy response)
+
+    @property
+    def gap(self) -> float:
+        """1 - the combined judge score: what is left to gain."""
+        return 1.0 - self.judges["mean"]
+
+
+def held_out_prompts(
+    world: World, split: str = "val", val_fraction: float = 0.1, seed: int = 1337
+) -> list[RLPrompt]:
+    """`rl_prompts(world)` split as `PromptDataModule(builtin="world", val_fraction=..., seed=...)` splits them.
+
+    split: "val" (the held-out prompts, the default), "train" (the rest) or "all". The defaults are the
+    config's (`data.val_fraction: 0.1`, `seed: 1337`); pass the run's values when they were overridden.
+    """
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"held_out_prompts: split must be one of {list(PROMPT_SPLITS)}, got {split!r}")
+    prompts = rl_prompts(world)
+    if split == "all":
+        return prompts
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"held_out_prompts: val_fraction must be in (0, 1), got {val_fraction}")
+    # The same permutation and count as PromptDataModule.setup (tests pin the two together).
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(order) - 1, max(1, int(len(order) * val_fraction)))
+    picked = order[:n_val] if split == "val" else order[n_val:]
+    return [prompts[i] for i in picked]
+
+
+def render(prompt: RLPrompt | str) -> str:
+    """An RL prompt rendered as the stages render it (`world_prompt_texts`); a string as a prompt file's record."""
+    if isinstance(prompt, RLPrompt):
+        return render_prompt([Message("user", prompt.prompt)], context=prompt.context)
+    return render_prompt_record({"prompt": prompt}, "measure_policy prompts")
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+@torch.no_grad()
+def measure_policy(
+    model: NanoLM,
+    tokenizer,
+    world: World,
+    prompts: Sequence[RLPrompt | str] | None = None,
+    reference: NanoLM | None = None,
+    constitution: Constitution | None = None,
+    reward_model: nn.Module | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> PolicyMeasure:
+    """Judge the greedy responses to `prompts` (default `held_out_prompts(world)`) and, when given, the KL to
+    `reference`, the constitution's violation rates and the reward model's score.
+
+    prompts: RLPrompts, or strings (rendered chat prompts, or bare questions rendered as one user turn).
+    The KL is measured on separate responses sampled at temperature 1 from `model` with a generator seeded by
+    `seed`, so the result is deterministic for a given seed and batch_size. `reward_model` scores token ids
+    of `tokenizer` (load it with `alignment.rewards.load_reward_model`, which checks that). Violation rates
+    cover the red-team prompts among `prompts` ({} without a constitution or without such prompts).
+    """
+    items = held_out_prompts(world) if prompts is None else list(prompts)
+    if not items:
+        raise ValueError("measure_policy: no prompts to measure")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"measure_policy: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    texts = [render(p) for p in items]
+    config = model.config
+    # Prompts longer than this keep their last tokens (the question), as PromptDataModule does.
+    max_prompt_tokens = min(config.block_size, config.max_position_embeddings - max_new_tokens)
+    if max_prompt_tokens < 1:
+        raise ValueError(
+            f"measure_policy: max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    modes = [(m, m.training) for m in (model, reference, reward_model) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        responses: list[str] = []
+        rewards: list[float] = []
+        kls: list[float] = []
+        device = model.lm_head.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for chunk in _chunks(texts, batch_size):
+            batch = encode_prompts(tokenizer, chunk, max_prompt_tokens)
+            greedy = generate_rollouts(model, tokenizer, batch, max_new_tokens, temperature=0.0)
+            responses += greedy.responses
+            if reward_model is not None:
+                rewards += reward_model.score(greedy.input_ids, greedy.attention_mask).float().tolist()
+            if reference is not None:
+                sampled = generate_rollouts(
+                    model, tokenizer, batch, max_new_tokens, temperature=1.0, generator=generator,
+                    reference=reference,
+                )  # fmt: skip
+                scored = score_rollout(sampled, torch.zeros(len(sampled)), kl_coef=0.0, kl_estimator="k1")
+                kls += sequence_kl(scored).tolist()
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+    verdicts = [judge(t, r, world) for t, r in zip(texts, responses, strict=True)]
+    n = len(texts)
+    judges = {name: sum(getattr(v, name) for v in verdicts) / n for name in JUDGES}
+    judges["mean"] = sum(judges[name] for name in JUDGES) / len(JUDGES)
+
+    violations: dict[str, float] = {}
+    if constitution is not None:
+        red = [i for i, t in enumerate(texts) if world.parse_prompt(t).kind in RED_TEAM_CATEGORIES]
+        if red:
+            violations = constitution.violation_rates([texts[i] for i in red], [responses[i] for i in red], world)
+        else:
+            log.warning("measure_policy: no red-team prompts among the %d prompts; no violation rates", n)
+
+    step = max(1, n // N_SAMPLES)
+    samples = [{"prompt": question_text(texts[i]), "response": responses[i]} for i in range(0, n, step)]
+    return PolicyMeasure(
+        judges=judges,
+        kl=sum(kls) / n if reference is not None else None,
+        violations=violations,
+        reward=sum(rewards) / n if reward_model is not None else None,
+        n=n,
+        samples=samples[:N_SAMPLES],
+    )
