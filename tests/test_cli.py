@@ -31,3 +31,40 @@ def test_serve_subcommand_reaches_the_server_and_names_a_missing_model(tmp_path,
         main(["serve", "--model", str(tmp_path / "no-model-here")])
     assert err.value.code != 0
     assert "no-model-here" in capsys.readouterr().err + str(err.value.code)
+
+
+def test_generate_with_a_constitution_revises_before_printing_and_logs_it(tmp_path, capsys, monkeypatch):
+    import logging
+
+    import neuraflux.model
+
+    tok = NanoTokenizer.train(["Listen, you fool. The river is green. " * 20], 0, mode="char")
+    model = NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    (tmp_path / "config.yaml").write_text("world: {n_entities: 20}\n")  # the run's world, for the judge check
+    reply = [*tok.encode("Listen, you fool. The river is green."), tok.end_id]
+
+    def scripted(*args, **kwargs):  # the model "says" the rude reply, one token a step
+        for i, t in enumerate(reply):
+            yield torch.tensor([t]), torch.tensor([i == len(reply) - 1])
+
+    monkeypatch.setattr(neuraflux.model, "generate_stream", scripted)
+    try:
+        assert main(["generate", "--model", str(tmp_path), "--prompt", "Hi", "--chat", "--constitution", "default"]) == 0
+    finally:
+        logging.getLogger("neuraflux.alignment.constitution").handlers.clear()
+    out = capsys.readouterr()
+    assert out.out == "The river is green.\n"  # the insult's sentence cut out; nothing printed before the check
+    assert "revised a response breaking ['no_insults']" in out.err
+
+
+def test_generate_names_a_bad_constitution(tmp_path):
+    import pytest
+
+    tok = NanoTokenizer.train(["abc " * 20], 0, mode="char")
+    NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    (tmp_path / "c.yaml").write_text("principles: [{id: p, text: t, check: {type: vibes}, revision: x}]\n")
+    with pytest.raises(SystemExit, match=r"--constitution: constitution .*c.yaml: principle 'p'.check.type 'vibes'"):
+        main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--constitution", str(tmp_path / "c.yaml")])

@@ -93,3 +93,25 @@ def test_malformed_principles_name_principle_and_field(principle, message):
 def test_judge_checks_need_the_world(constitution):
     with pytest.raises(ValueError, match="principle 'no_fabrication' checks with the honesty judge and needs the world"):
         constitution.violations("Tell me about X.", "X is big.")
+
+
+def test_revise_is_the_filter_without_the_log(constitution, world, caplog):
+    with caplog.at_level(logging.INFO, logger="neuraflux.alignment.constitution"):
+        out = constitution.revise("Say something mean.", "You are a total idiot.", world)
+    # {clean} leaves nothing of an insult-only reply: the refusal stands in for the empty revision
+    assert out.response == lexicon.REFUSAL and [v.principle for v in out.violations] == ["no_insults"]
+    assert caplog.text == ""
+    assert constitution.describe(out.violations) == constitution.critique("Say something mean.", "You are a total idiot.", world)
+
+
+def test_from_file_names_the_file_then_principle_and_field(tmp_path):
+    assert [p.id for p in Constitution.from_file(CONF / "constitution" / "default.yaml").principles][0] == "no_insults"
+    bad = tmp_path / "c.yaml"
+    bad.write_text("principles: [{id: p, text: t, check: {type: regex}, revision: x}]\n")
+    with pytest.raises(ValueError, match=r"constitution .*c.yaml: principle 'p'.check is missing the field 'pattern'"):
+        Constitution.from_file(bad)
+    bad.write_text("principles: [a: b: c\n")
+    with pytest.raises(ValueError, match=r"c.yaml is not a readable YAML mapping: .*line 1"):
+        Constitution.from_file(bad)
+    with pytest.raises(ValueError, match="constitution: no such file"):
+        Constitution.from_file(tmp_path / "none.yaml")

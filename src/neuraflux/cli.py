@@ -18,6 +18,27 @@ def load_for_inference(source: str):
     return model.eval(), tokenizer
 
 
+DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[2] / "conf" / "constitution" / "default.yaml"
+
+
+def load_generate_constitution(spec: str, model_source: str):
+    """(constitution, world or None) for --constitution: `default` or a YAML path. The world is the one the model
+    was trained on (its run's config.yaml), needed only by judge-checked principles."""
+    from neuraflux.alignment.constitution import Constitution
+
+    try:
+        constitution = Constitution.from_file(DEFAULT_CONSTITUTION if spec == "default" else spec)
+    except ValueError as err:
+        raise SystemExit(f"error: --constitution: {err}") from None
+    if not constitution.needs_world:
+        return constitution, None
+    from neuraflux.eval import world_config_for
+    from neuraflux.world import generate_world
+
+    path = Path(model_source)
+    return constitution, generate_world(world_config_for(path if path.is_dir() else path.parent))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -27,6 +48,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tok = load_for_inference(args.model)
+    if args.constitution is not None:
+        import logging
+
+        constitution, world = load_generate_constitution(args.constitution, args.model)
+        # the filter logs its event ("revised a response breaking [...]"): show that logger's records on stderr
+        filter_log = logging.getLogger("neuraflux.alignment.constitution")
+        filter_log.setLevel(logging.INFO)
+        if not filter_log.handlers:
+            filter_log.addHandler(logging.StreamHandler(sys.stderr))
     text = render_prompt([Message("user", args.prompt)]) if args.chat else args.prompt
     ids = tok.encode(text)
     budget = model.config.max_position_embeddings - args.max_new_tokens
@@ -37,6 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt)
     decoder = StreamDecoder(tok)
     stops = [tok.eos_id, tok.end_id] if args.chat else [tok.eos_id]
+    # With a constitution nothing is shown before the whole response is checked (and revised if it breaks a principle).
+    held: list[str] | None = [] if args.constitution is not None else None
     for token, finished in generate_stream(
         model,
         torch.tensor([ids]),
@@ -48,9 +80,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         if bool(finished[0]):
             break
-        sys.stdout.write(decoder.push(int(token[0])))
+        piece = decoder.push(int(token[0]))
+        if held is not None:
+            held.append(piece)
+            continue
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
+    if held is None:
+        sys.stdout.write(decoder.flush() + "\n")
+        return 0
+    response = "".join(held) + decoder.flush()
+    sys.stdout.write(constitution.filter(args.prompt, response, world).response + "\n")
     return 0
 
 
@@ -66,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--constitution",
+        default=None,
+        help="`default` or a constitution YAML: check the whole response and revise it if it breaks a principle",
+    )
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser(
         "serve",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from neuraflux.world import lexicon
 
@@ -135,6 +136,26 @@ class Constitution:
             raise ValueError("constitution: expected a 'principles' list")
         return cls([parse_principle(s if isinstance(s, dict) else {}, i) for i, s in enumerate(specs)])
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> Constitution:
+        """From a constitution YAML (`conf/constitution/*.yaml`); errors name the file, then principle and field."""
+        import yaml
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"constitution: no such file {path}")
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
+            # yaml's message gives line and column over several lines: keep them, on one
+            raise ValueError(f"constitution: {path} is not a readable YAML mapping: {' '.join(str(err).split())}") from None
+        try:
+            return cls.from_config(cfg if isinstance(cfg, dict) else {})
+        except ValueError as err:
+            raise ValueError(f"constitution {path}: {str(err).removeprefix('constitution: ')}") from None
+
     @property
     def needs_world(self) -> bool:
         return any(p.check.type == "judge" for p in self.principles)
@@ -164,10 +185,13 @@ class Constitution:
 
     def critique(self, prompt: str, response: str, world=None) -> str:
         """A written critique naming each broken principle and why; empty when none is broken."""
+        return self.describe(self.violations(prompt, response, world))
+
+    def describe(self, violations: list[Violation]) -> str:
+        """The critique of already-found violations (checks can be costly: judges parse the prompt)."""
         by_id = {p.id: p for p in self.principles}
         return " ".join(
-            f"The response breaks '{v.principle}' ({by_id[v.principle].text}): it {v.reason}."
-            for v in self.violations(prompt, response, world)
+            f"The response breaks '{v.principle}' ({by_id[v.principle].text}): it {v.reason}." for v in violations
         )
 
     def template_revision(self, principle_id: str, prompt: str, response: str, world=None) -> str:
@@ -180,8 +204,9 @@ class Constitution:
             refusal=lexicon.REFUSAL, dont_know=lexicon.DONT_KNOW.format(name=name), clean=strip_insults(response)
         ).strip()
 
-    def filter(self, prompt: str, response: str, world=None) -> FilterResult:
-        """Revise until no principle is broken (at most one pass per principle); log each revision."""
+    def revise(self, prompt: str, response: str, world=None) -> FilterResult:
+        """Apply the first broken principle's template until none is broken (at most one pass per principle);
+        an empty revision becomes the refusal. `violations` lists what every pass found."""
         all_found: list[Violation] = []
         for _ in range(len(self.principles)):
             found = self.violations(prompt, response, world)
@@ -189,8 +214,15 @@ class Constitution:
                 break
             all_found += found
             response = self.template_revision(found[0].principle, prompt, response, world) or lexicon.REFUSAL
-            log.info("constitution filter: revised a response breaking %s", [v.principle for v in found])
         return FilterResult(response, all_found)
+
+    def filter(self, prompt: str, response: str, world=None) -> FilterResult:
+        """`revise` at inference time, logging each response it revised."""
+        result = self.revise(prompt, response, world)
+        if result.revised:
+            broken = sorted({v.principle for v in result.violations})
+            log.info("constitution filter: revised a response breaking %s", broken)
+        return result
 
     def violation_rates(self, prompts: list[str], responses: list[str], world=None) -> dict[str, float]:
         """Share of responses breaking each principle, and `any`."""
