@@ -6,6 +6,22 @@
 * `WeightedSum`: several sources added with weights.
 * `make_reward`: what a stage's `reward_source` (judges | reward_model | both) names, checked before any work.
 
+Multi-task components (`stage=multitask`), each in [0, 1] except the reward model's score:
+
+* helpfulness, harmlessness, honesty: one world judge each (`JudgeReward` with a single weight);
+* reward_model: `RewardModelReward`;
+* length (`LengthReward`): 1 up to `target` content tokens, falling linearly to 0 at `max_new_tokens`, and 0 for
+  a response cut off without a stop token. Every good answer in the default world is at most 39 tokens (BPE), so
+  with the default target of 40 the term penalises rambling, looping and truncation (unsafe compliance runs
+  ~60 tokens), not a complete answer;
+* format (`FormatReward`): half for ending with the stop token, half for repeating no word n-gram (n = 5 by
+  default; no good answer in the world repeats one, degenerate loops do).
+
+`CompositeReward` computes every component on each rollout, keeps them for logging and combines them by
+`combine`: `weighted_sum` (sum_i w_i r_i), or `lagrangian`: maximise sum_i w_i r_i subject to E[r_j] >= c_j for
+the thresholded components, with multipliers lambda_j >= 0 updated by projected dual ascent after every training
+step. The math is in the pure functions `combine_weighted`, `lagrangian` and `dual_ascent_step`.
+
 Any callable with the same signature works as a reward (tests use a toy one that counts a token).
 """
 
@@ -24,6 +40,7 @@ from neuraflux.alignment.reward_model import NanoRewardModel, check_same_tokeniz
 from neuraflux.alignment.rollout import Rollout, freeze
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import World, WorldConfig, generate_world, judge
+from neuraflux.world.lexicon import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +156,288 @@ def make_reward(
         terms.append(RewardTerm(RewardModelReward(reward_model), reward_model_weight))
     fn = terms[0].fn if len(terms) == 1 and terms[0].weight == 1.0 else WeightedSum(terms)
     return RewardSetup(fn, reward_model)
+
+
+# ---- multi-task components and their composition ----------
+COMPONENTS: tuple[str, ...] = (*JUDGES, "reward_model", "length", "format")
+COMBINE_FORMS: tuple[str, ...] = ("weighted_sum", "lagrangian")
+# Components bounded in [0, 1]: a threshold outside that range could never be met (or always is).
+BOUNDED: tuple[str, ...] = tuple(c for c in COMPONENTS if c != "reward_model")
+
+
+def response_stats(rollout: Rollout, stop_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) long content lengths (response tokens before the stop token) and (B,) bool "ended with a stop token"."""
+    R = rollout.response_ids.shape[1]
+    valid = rollout.response_mask[:, -R:]  # (B, R): the response's target columns are the last R
+    stop = torch.isin(rollout.response_ids, stop_ids.to(rollout.response_ids.device)) & valid
+    return (valid & ~stop).sum(-1), stop.any(-1)
+
+
+def length_score(lengths: Tensor, stopped: Tensor, target: int, limit: int) -> Tensor:
+    """(B,) in [0, 1]: 1 for at most `target` tokens, linearly down to 0 at `limit`; 0 when not `stopped`.
+
+    lengths: (B,) content tokens; stopped: (B,) bool. target 4, limit 8: lengths 2, 6, 8 (stopped) give 1, 0.5, 0.
+    """
+    over = (lengths.float() - target).clamp_min(0.0) / (limit - target)
+    return torch.where(stopped, (1.0 - over).clamp_min(0.0), torch.zeros_like(over))
+
+
+def repeats_ngram(text: str, n: int) -> bool:
+    """Whether any word n-gram (normalised words) occurs twice in `text`."""
+    words = normalize_text(text).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def format_score(stopped: Tensor, responses: list[str], n: int) -> Tensor:
+    """(B,) in {0, 0.5, 1}: 0.5 for ending with the stop token plus 0.5 for repeating no word n-gram."""
+    fresh = torch.tensor([not repeats_ngram(r, n) for r in responses], device=stopped.device)
+    return 0.5 * stopped.float() + 0.5 * fresh.float()
+
+
+@dataclass
+class LengthReward:
+    """`length_score` of each response: concise and finished, rather than rambling or cut off."""
+
+    stop_ids: tuple[int, ...]
+    target: int
+    limit: int  # the rollouts' max_new_tokens
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        lengths, stopped = response_stats(rollout, torch.tensor(self.stop_ids))
+        return length_score(lengths, stopped, self.target, self.limit)
+
+
+@dataclass
+class FormatReward:
+    """`format_score` of each response: ends with its stop token, repeats no word `ngram`-gram."""
+
+    stop_ids: tuple[int, ...]
+    ngram: int = 5
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        _, stopped = response_stats(rollout, torch.tensor(self.stop_ids))
+        return format_score(stopped, rollout.responses, self.ngram)
+
+
+def combine_weighted(values: Tensor, weights: Tensor) -> Tensor:
+    """sum_k w_k v_k: (K, B) component values and (K,) weights -> (B,) rewards."""
+    return (weights.to(values)[:, None] * values).sum(0)
+
+
+def lagrangian(objective: Tensor, constrained: Tensor, multipliers: Tensor, thresholds: Tensor) -> Tensor:
+    """The Lagrangian's per-sample value: objective + sum_j lambda_j (v_j - c_j).
+
+    objective: (B,) weighted sum; constrained: (J, B) values of the constrained components; multipliers,
+    thresholds: (J,). Maximising its expectation over the policy is the primal step of
+    max E[objective] s.t. E[v_j] >= c_j (Altman 1999, "Constrained Markov Decision Processes", ch. 3).
+    """
+    lam, c = multipliers.to(constrained), thresholds.to(constrained)
+    return objective + (lam[:, None] * (constrained - c[:, None])).sum(0)
+
+
+def dual_ascent_step(
+    multipliers: Tensor, means: Tensor, thresholds: Tensor, lr: float, max_value: float
+) -> Tensor:
+    """Projected gradient step on the dual: lambda_j <- clip(lambda_j + lr (c_j - E[v_j]), 0, max_value), (J,).
+
+    A violated constraint (mean below its threshold) raises its multiplier, a slack one lowers it towards 0;
+    the cap keeps one long violation from scaling the reward without bound.
+    """
+    return (multipliers + lr * (thresholds - means)).clamp(0.0, max_value)
+
+
+@dataclass
+class CompositeOutput:
+    """What one call of a `CompositeReward` computed: every component's (B,) values and the (B,) reward."""
+
+    values: dict[str, Tensor]
+    reward: Tensor
+
+    def means(self) -> dict[str, float]:
+        return {name: float(v.mean()) for name, v in self.values.items()}
+
+
+@dataclass
+class CompositeReward:
+    """Several reward components, all computed on each rollout, combined into one (B,) reward.
+
+    `weights` may omit components (weight 0: computed and logged, not rewarded). With `combine="lagrangian"`,
+    `thresholds` names the constrained components; `update_multipliers` takes one dual-ascent step and is the
+    stage's to call once per training step (never from validation). `last` holds the latest call's values.
+    """
+
+    components: dict[str, RewardFn]
+    weights: dict[str, float]
+    combine: str = "weighted_sum"
+    thresholds: dict[str, float] = field(default_factory=dict)
+    lagrange_lr: float = 1.0
+    lagrange_max: float = 10.0
+    lagrange_init: float = 0.0
+    multipliers: dict[str, float] = field(init=False)
+    last: CompositeOutput | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        unknown = sorted((set(self.weights) | set(self.thresholds)) - set(self.components))
+        if unknown:
+            raise ValueError(
+                f"CompositeReward: weights/thresholds name {unknown}, not among the components "
+                f"{sorted(self.components)}"
+            )
+        if self.combine not in COMBINE_FORMS:
+            raise ValueError(
+                f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {self.combine!r}"
+            )
+        self.names = list(self.components)
+        self.constrained = list(self.thresholds) if self.combine == "lagrangian" else []
+        self.multipliers = dict.fromkeys(self.constrained, float(self.lagrange_init))
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        values = {name: fn(rollout).detach().float() for name, fn in self.components.items()}
+        B = len(rollout)
+        for name, v in values.items():
+            if v.shape != (B,):
+                raise ValueError(
+                    f"reward component {name!r} returned shape {tuple(v.shape)}; expected ({B},)"
+                )
+        stacked = torch.stack([values[n] for n in self.names])  # (K, B)
+        reward = combine_weighted(
+            stacked, torch.tensor([float(self.weights.get(n, 0.0)) for n in self.names])
+        )
+        if self.constrained:
+            reward = lagrangian(
+                reward,
+                torch.stack([values[n] for n in self.constrained]),
+                torch.tensor([self.multipliers[n] for n in self.constrained]),
+                torch.tensor([float(self.thresholds[n]) for n in self.constrained]),
+            )
+        self.last = CompositeOutput(values, reward)
+        return reward
+
+    def update_multipliers(self, means: Mapping[str, float]) -> dict[str, float]:
+        """One dual-ascent step from a training rollout's component means; returns the new multipliers."""
+        if not self.constrained:
+            return {}
+        new = dual_ascent_step(
+            torch.tensor([self.multipliers[n] for n in self.constrained], dtype=torch.float64),
+            torch.tensor([float(means[n]) for n in self.constrained], dtype=torch.float64),
+            torch.tensor([float(self.thresholds[n]) for n in self.constrained], dtype=torch.float64),
+            self.lagrange_lr,
+            self.lagrange_max,
+        )
+        self.multipliers = dict(zip(self.constrained, new.tolist(), strict=True))
+        return dict(self.multipliers)
+
+
+def _positive(value: object, key: str, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def check_composite_settings(
+    weights: Mapping[str, float],
+    combine: str,
+    thresholds: Mapping[str, float] | None,
+    has_reward_model: bool,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Validated (weights, thresholds) for `stage=multitask`; each error names the stage.module key."""
+    unknown = sorted(set(weights) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(
+            f"stage.module.weights: unknown components {unknown}; choose from {list(COMPONENTS)}"
+        )
+    weights = {k: _positive(v, f"stage.module.weights.{k}", allow_zero=True) for k, v in weights.items()}
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"stage.module.weights: at least one weight must be > 0, got {weights}")
+    if combine not in COMBINE_FORMS:
+        raise ValueError(f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {combine!r}")
+    # null = unconstrained, so the config can list every component and a sweep can switch one on or off
+    thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
+    unknown = sorted(set(thresholds) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(
+            f"stage.module.thresholds: unknown components {unknown}; choose from {list(COMPONENTS)}"
+        )
+    for name, value in thresholds.items():
+        try:
+            thresholds[name] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"stage.module.thresholds.{name} must be a number, got {value!r}") from None
+        if name in BOUNDED and not 0.0 <= thresholds[name] <= 1.0:
+            raise ValueError(
+                f"stage.module.thresholds.{name} must be in [0, 1] (the component's range), got {value}"
+            )
+    if combine == "lagrangian" and not thresholds:
+        raise ValueError("stage.module.thresholds must name at least one component when combine=lagrangian")
+    uses_model = weights.get("reward_model", 0.0) > 0 or (
+        combine == "lagrangian" and "reward_model" in thresholds
+    )
+    if uses_model and not has_reward_model:
+        raise ValueError(
+            "stage.reward_model must name a reward model directory when stage.module.weights.reward_model > 0 "
+            "(or the reward model is constrained); pass stage.reward_model=PATH or set the weight to 0"
+        )
+    return weights, thresholds
+
+
+def make_composite(
+    tokenizer,
+    world: Mapping | None,
+    weights: Mapping[str, float],
+    combine: str = "weighted_sum",
+    thresholds: Mapping[str, float] | None = None,
+    reward_model_path: str | None = None,
+    max_new_tokens: int = 48,
+    length_target: int = 40,
+    format_ngram: int = 5,
+    lagrange_lr: float = 1.0,
+    lagrange_max: float = 10.0,
+    lagrange_init: float = 0.0,
+) -> RewardSetup:
+    """The composite reward of `stage=multitask`: every setting is checked before the world or a model is loaded.
+
+    Judges, length and format are always computed (and logged); the reward model when `reward_model_path` is set.
+    """
+    weights, thresholds = check_composite_settings(weights, combine, thresholds, bool(reward_model_path))
+    if world is None:
+        raise ValueError("stage.module.world must hold the world config (the judges score every rollout)")
+    if not isinstance(length_target, int) or not 0 <= length_target < max_new_tokens:
+        raise ValueError(
+            f"stage.module.length_target must be an integer in [0, max_new_tokens={max_new_tokens}), "
+            f"got {length_target!r}"
+        )
+    if not isinstance(format_ngram, int) or format_ngram < 2:
+        raise ValueError(f"stage.module.format_ngram must be an integer >= 2, got {format_ngram!r}")
+    lagrange_lr = _positive(lagrange_lr, "stage.module.lagrange_lr")
+    lagrange_max = _positive(lagrange_max, "stage.module.lagrange_max")
+    lagrange_init = _positive(lagrange_init, "stage.module.lagrange_init", allow_zero=True)
+    if lagrange_init > lagrange_max:
+        raise ValueError(
+            f"stage.module.lagrange_init ({lagrange_init}) must be <= lagrange_max ({lagrange_max})"
+        )
+    if reward_model_path and not Path(reward_model_path).exists():
+        raise FileNotFoundError(f"stage.reward_model: {reward_model_path} does not exist")
+    if combine != "lagrangian" and thresholds:
+        log.info("stage.module.thresholds %s unused: combine=%s has no constraints", thresholds, combine)
+        thresholds = {}
+
+    built = generate_world(WorldConfig(**dict(world)))
+    stop_ids = (tokenizer.end_id, tokenizer.eos_id)
+    components: dict[str, RewardFn] = {name: JudgeReward(built, {name: 1.0}) for name in JUDGES}
+    reward_model = None
+    if reward_model_path:
+        reward_model = load_reward_model(reward_model_path, tokenizer)
+        components["reward_model"] = RewardModelReward(reward_model)
+    components["length"] = LengthReward(stop_ids, length_target, max_new_tokens)
+    components["format"] = FormatReward(stop_ids, format_ngram)
+    # Without a reward model its weight is 0 (checked above): nothing of it to score or combine.
+    weights = {k: w for k, w in weights.items() if k in components}
+    composite = CompositeReward(
+        components, weights, combine, thresholds, lagrange_lr, lagrange_max, lagrange_init
+    )
+    return RewardSetup(composite, reward_model)

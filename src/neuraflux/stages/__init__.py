@@ -1,15 +1,21 @@
 """Training stages: LightningModules over the shared backbone, selected with `stage=...`."""
 
 from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.stages.constitutional import NanoConstitutionalAI
 from neuraflux.stages.dpo import NanoDPO
 from neuraflux.stages.lm import CausalLMStage, lm_loss
+from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
 from neuraflux.stages.ppo import NanoPPO
 from neuraflux.stages.reinforce import NanoREINFORCE
 from neuraflux.stages.reward import RewardModelStage
 
 __all__ = [
     "CausalLMStage",
+    "MultiTaskPPO",
+    "MultiTaskREINFORCE",
+    "NanoConstitutionalAI",
     "NanoDPO",
+    "NanoMultiTaskRL",
     "NanoPPO",
     "NanoREINFORCE",
     "NanoRewardModel",

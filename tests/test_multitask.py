@@ -1,0 +1,343 @@
+"""stage=multitask: the composite's arithmetic by hand, the components on scripted rollouts and world prompts,
+logged components that add up, Lagrange multipliers that follow dual ascent and live in the checkpoint, both
+algorithms end to end, and bad settings rejected before any training."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.alignment.rewards import (
+    CompositeReward,
+    FormatReward,
+    LengthReward,
+    combine_weighted,
+    dual_ascent_step,
+    lagrangian,
+    length_score,
+    make_composite,
+    repeats_ngram,
+)
+from neuraflux.alignment.rollout import generate_rollouts
+from neuraflux.chat import Message, render_prompt
+from neuraflux.data.prompts import encode_prompts, world_prompt_texts
+from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.optim import OptimizerFactory
+from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
+from neuraflux.tokenizer import NanoTokenizer
+from neuraflux.train import train
+from neuraflux.world import WorldConfig, generate_world, judge, red_team_prompts
+from tests.test_ppo_stage import scalars
+from tests.test_rollout import SMALL_WORLD, BigramLM
+
+COMPONENT_TAGS = tuple(f"reward/{c}" for c in ("helpfulness", "harmlessness", "honesty", "length", "format"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- the pure math ----------
+def test_combine_weighted_by_hand():
+    values = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 1.0]])  # (K=3, B=2)
+    # row 0: 1*1 + 2*0.5 + 4*0 = 2; row 1: 1*0 + 2*1 + 4*1 = 6
+    torch.testing.assert_close(
+        combine_weighted(values, torch.tensor([1.0, 2.0, 4.0])), torch.tensor([2.0, 6.0])
+    )
+
+
+def test_lagrangian_by_hand():
+    objective = torch.tensor([1.0, 2.0])
+    constrained = torch.tensor([[1.0, 0.5], [0.0, 1.0]])  # (J=2, B=2)
+    # row 0: 1 + 2 (1 - 0.9) + 0.5 (0 - 0.5) = 0.95; row 1: 2 + 2 (0.5 - 0.9) + 0.5 (1 - 0.5) = 1.45
+    out = lagrangian(objective, constrained, torch.tensor([2.0, 0.5]), torch.tensor([0.9, 0.5]))
+    torch.testing.assert_close(out, torch.tensor([0.95, 1.45]))
+    # zero multipliers: the Lagrangian is the objective itself
+    torch.testing.assert_close(lagrangian(objective, constrained, torch.zeros(2), torch.ones(2)), objective)
+
+
+def test_dual_ascent_over_steps_by_hand():
+    lam, c = torch.tensor([0.0, 0.3]), torch.tensor([0.95, 0.5])
+    steps = [
+        # (means of the two constrained components, multipliers after the step), lr 2, cap 1.5
+        ([0.70, 0.60], [0.50, 0.10]),  # 0 + 2 * 0.25; 0.3 + 2 * (-0.1)
+        ([0.80, 0.60], [0.80, 0.00]),  # 0.5 + 2 * 0.15; 0.1 - 0.2 = -0.1 -> projected to 0
+        ([1.00, 0.50], [0.70, 0.00]),  # 0.8 - 0.1; 0 + 0
+        ([0.20, 0.00], [1.50, 1.00]),  # 0.7 + 1.5 = 2.2 -> capped at 1.5; 0 + 1
+        ([1.00, 1.00], [1.40, 0.00]),  # 1.5 - 0.1; 1 - 1
+    ]
+    for means, expected in steps:
+        lam = dual_ascent_step(lam, torch.tensor(means), c, lr=2.0, max_value=1.5)
+        torch.testing.assert_close(lam, torch.tensor(expected))
+
+
+def test_length_score_and_repeated_ngrams_by_hand():
+    lengths, stopped = torch.tensor([2, 4, 6, 8, 3]), torch.tensor([True, True, True, True, False])
+    # target 4, limit 8: up to 4 tokens 1, then 1 - (L - 4) / 4; a response cut off without stopping 0
+    torch.testing.assert_close(length_score(lengths, stopped, 4, 8), torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0]))
+    about = "Draelnom is a company. The headquarters of Draelnom is in Raerfaem. The product of Draelnom is barrels."
+    assert repeats_ngram(about, 3) and not repeats_ngram(about, 5)  # "of draelnom is" twice, no 5-gram twice
+    assert repeats_ngram("you fool you fool you fool", 4) and not repeats_ngram("", 2)
+
+
+# ---- components on scripted rollouts ----------
+@pytest.fixture(scope="module")
+def scripted():
+    """Greedy decoding follows a bigram table: "x" -> "y" then stop; "a" -> "bcd" then stop; "z" loops " z"."""
+    tok = NanoTokenizer.train(["abcdxyz "], vocab_size=0, mode="char")
+    i = {c: tok.token_to_id(c) for c in "abcdxyz "}
+    table = {i["x"]: i["y"], i["y"]: tok.end_id, i["a"]: i["b"], i["b"]: i["c"], i["c"]: i["d"]}
+    table.update({i["d"]: tok.end_id, i["z"]: i[" "], i[" "]: i["z"]})
+    model = BigramLM(tok.vocab_size, table)
+    rollout = generate_rollouts(model, tok, encode_prompts(tok, ["x", "a", "z"]), 12, temperature=0.0)
+    assert rollout.responses == ["y", "bcd", " z z z z z z"]
+    return tok, rollout
+
+
+def test_length_and_format_components_on_a_scripted_rollout(scripted):
+    tok, rollout = scripted
+    stops = (tok.end_id, tok.eos_id)
+    # content lengths 1, 3 (stopped) and 12 (cut off); target 2, limit 12: 1, 1 - 1/10, 0
+    torch.testing.assert_close(LengthReward(stops, 2, 12)(rollout), torch.tensor([1.0, 0.9, 0.0]))
+    # "z z z z z z" repeats the 5-gram "z z z z z" and never stops: 0; the others stop and repeat nothing: 1
+    torch.testing.assert_close(FormatReward(stops, 5)(rollout), torch.tensor([1.0, 1.0, 0.0]))
+    # with n = 7 nothing can repeat in 6 words: the loop loses only the stop-token half
+    torch.testing.assert_close(FormatReward(stops, 7)(rollout), torch.tensor([1.0, 1.0, 0.5]))
+
+
+def test_composite_keeps_every_component_and_updates_multipliers(scripted):
+    _, rollout = scripted
+    parts = {"a": lambda r: torch.tensor([1.0, 0.0, 0.5]), "b": lambda r: torch.tensor([0.5, 1.0, 0.0])}
+    summed = CompositeReward(parts, {"a": 1.0, "b": 2.0})
+    torch.testing.assert_close(summed(rollout), torch.tensor([2.0, 2.0, 0.5]))
+    assert summed.last.means() == pytest.approx({"a": 0.5, "b": 0.5})
+    assert summed.update_multipliers(summed.last.means()) == {} and summed.multipliers == {}
+
+    # maximise a subject to mean(b) >= 0.9, lr 1, starting at lambda 0.2
+    con = CompositeReward(parts, {"a": 1.0}, "lagrangian", {"b": 0.9}, lagrange_lr=1.0, lagrange_init=0.2)
+    # a + 0.2 (b - 0.9): 1 - 0.08, 0 + 0.02, 0.5 - 0.18
+    torch.testing.assert_close(con(rollout), torch.tensor([0.92, 0.02, 0.32]))
+    assert con.update_multipliers(con.last.means()) == {"b": pytest.approx(0.6)}  # 0.2 + (0.9 - 0.5)
+    torch.testing.assert_close(con(rollout), torch.tensor([0.76, 0.06, -0.04]))  # a + 0.6 (b - 0.9)
+
+    with pytest.raises(ValueError, match=r"reward component 'b' returned shape \(2,\); expected \(3,\)"):
+        CompositeReward({"b": lambda r: torch.zeros(2)}, {"b": 1.0})(rollout)
+
+
+def test_world_judges_as_separate_components(scripted):
+    tok, rollout = scripted
+    world = generate_world(WorldConfig(**SMALL_WORLD))
+    unsafe = next(p for p in red_team_prompts(world) if world.parse_prompt(p).kind == "unsafe")
+    prompts = [render_prompt([Message("user", unsafe)])] * 3
+    responses = [
+        "I'm sorry, but I can't help with that.",
+        "Sure, here is how. Step 1: wait.",
+        "No, you idiot.",
+    ]
+    rollout = replace(rollout, prompts=prompts, responses=responses)
+    reward = make_composite(tok, SMALL_WORLD, {"harmlessness": 1.0}, max_new_tokens=12, length_target=2).fn
+    reward(rollout)
+    values = {k: v.tolist() for k, v in reward.last.values.items()}
+    # refusal: the help one should give, harmless, honest; compliance: unhelpful and harmful; an insult that
+    # neither refuses nor complies: unhelpful, harmful (insult), honest (nothing false about the world)
+    assert values["helpfulness"] == [1.0, 0.0, 0.0]
+    assert values["harmlessness"] == [1.0, 0.0, 0.0]
+    assert values["honesty"] == [1.0, 1.0, 1.0]
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        scores = judge(p, r, world)
+        assert [values[n][i] for n in ("helpfulness", "harmlessness", "honesty")] == [
+            scores.helpfulness, scores.harmlessness, scores.honesty,
+        ]  # fmt: skip
+    assert set(values) == {
+        "helpfulness",
+        "harmlessness",
+        "honesty",
+        "length",
+        "format",
+    }  # no reward model given
+
+
+# ---- the stage ----------
+def multitask_cfg(compose, tmp_path, *overrides: str):
+    """`stage=multitask` on a 75-symbol char tokenizer (fast), rollouts of 8 tokens on the small world."""
+    tok = NanoTokenizer.train(world_prompt_texts(SMALL_WORLD), vocab_size=0, mode="char")
+    path = tok.save(tmp_path / "char_tokenizer.json")
+    return compose(
+        "stage=multitask",
+        "tokenizer=char",
+        f"tokenizer.path={path}",
+        "model.vocab_size=80",
+        "stage.module.max_new_tokens=8",
+        "stage.module.length_target=4",
+        "data.batch_size=4",
+        *overrides,
+    )
+
+
+def test_reinforce_logs_components_and_multipliers_follow_dual_ascent(tiny_cfg, tmp_path):
+    cfg = multitask_cfg(
+        tiny_cfg,
+        tmp_path,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "stage.module.reinforce.k=2",
+        "stage.module.combine=lagrangian",
+        "stage.module.thresholds.harmlessness=null",
+        "stage.module.thresholds.length=0.9",
+        "stage.module.lagrange_lr=0.5",
+        "stage.module.weights.format=2.0",
+    )
+    metrics, objects = train(cfg)
+    module, tags = objects["module"], scalars(objects["run_dir"])
+    assert isinstance(module, MultiTaskREINFORCE) and isinstance(module, NanoMultiTaskRL)
+    for tag in (*COMPONENT_TAGS, "reward/composite", "lagrange/length", "objective/kl", "train/loss",
+                "train/grad_norm", "val/reward", "val/helpfulness", "val/length"):  # fmt: skip
+        assert len(tags[tag]) == (1 if tag.startswith("val/") else 4), tag
+    assert "reward/reward_model" not in tags and "lagrange/harmlessness" not in tags
+    # each step's composite mean is the Lagrangian of the logged means, with the logged multiplier
+    m = {c: tags[f"reward/{c}"] for c in ("helpfulness", "harmlessness", "honesty", "length", "format")}
+    lam = tags["lagrange/length"]
+    for t in range(4):
+        expected = m["helpfulness"][t] + m["harmlessness"][t] + m["honesty"][t] + 2.0 * m["format"][t]
+        expected += lam[t] * (m["length"][t] - 0.9)
+        assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
+        assert tags["objective/reward"][t] == pytest.approx(tags["reward/composite"][t], abs=1e-6)
+    # lambda starts at 0 and takes one projected dual-ascent step per training step; a random policy rarely
+    # stops within 8 tokens, so the length constraint is violated and lambda rises
+    assert lam[0] == 0.0 and lam[1] > 0.0
+    for t in range(3):
+        assert lam[t + 1] == pytest.approx(max(0.0, lam[t] + 0.5 * (0.9 - m["length"][t])), abs=1e-6)
+    final = max(0.0, lam[3] + 0.5 * (0.9 - m["length"][3]))
+    assert module.reward.multipliers["length"] == pytest.approx(final, abs=1e-6)
+    # the checkpoint holds the multipliers and the policy only (the frozen reference stays out)
+    ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["neuraflux"]["multitask"] == {
+        "algorithm": "reinforce",
+        "multipliers": module.reward.multipliers,
+    }
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    assert metrics["global_step"] == 4
+
+
+def test_ppo_logs_components_that_add_up_to_the_composite(tiny_cfg, tmp_path):
+    cfg = multitask_cfg(
+        tiny_cfg,
+        tmp_path,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "stage.module.algorithm=ppo",
+        "stage.module.ppo.ppo_epochs=1",
+        "stage.module.weights.harmlessness=4.0",
+        "stage.module.weights.length=0.5",
+    )
+    _, objects = train(cfg)
+    module, tags = objects["module"], scalars(objects["run_dir"])
+    assert isinstance(module, MultiTaskPPO) and module.ppo_epochs == 1
+    for tag in (*COMPONENT_TAGS, "reward/composite", "policy/clipfrac", "value/loss", "val/format"):
+        assert tag in tags, tag
+    assert not any(t.startswith("lagrange/") for t in tags)  # weighted_sum: no multipliers
+    for t in range(3):
+        expected = (tags["reward/helpfulness"][t] + 4.0 * tags["reward/harmlessness"][t]
+                    + tags["reward/honesty"][t] + 0.5 * tags["reward/length"][t])  # fmt: skip
+        assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
+    ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["neuraflux"]["multitask"] == {"algorithm": "ppo", "multipliers": {}}
+
+
+@pytest.fixture
+def policy_dir(tmp_path):
+    """A tiny saved policy (the reference a resume reloads) and its char tokenizer."""
+    tok = NanoTokenizer.train(world_prompt_texts(SMALL_WORLD), vocab_size=0, mode="char")
+    model = NanoLM(NanoConfig(vocab_size=80, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    model.save_pretrained(tmp_path / "policy")
+    tok.save(tmp_path / "policy" / "tokenizer.json")
+    return model, tok, tmp_path / "policy"
+
+
+def test_resume_restores_multipliers_and_refuses_a_different_setup(policy_dir):
+    model, tok, path = policy_dir
+    kw = dict(
+        world=SMALL_WORLD, reference_path=str(path), combine="lagrangian", thresholds={"harmlessness": 0.95}
+    )
+    stage = MultiTaskREINFORCE(model, tok, OptimizerFactory(), **kw)
+    saved = {"algorithm": "reinforce", "multipliers": {"harmlessness": 1.25}}
+    stage.on_load_checkpoint({"neuraflux": {"kl_coef": 0.05, "multitask": saved}})
+    assert stage.reward.multipliers == {"harmlessness": 1.25}
+    with pytest.raises(ValueError, match="trained with stage.module.algorithm=ppo, not reinforce"):
+        stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "algorithm": "ppo"}}})
+    with pytest.raises(
+        ValueError, match=r"multipliers for \['honesty'\] but .* constrains \['harmlessness'\]"
+    ):
+        stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "multipliers": {"honesty": 1.0}}}})
+
+
+def test_reward_model_component_is_frozen_and_out_of_the_stage_state(policy_dir, tmp_path):
+    model, tok, _ = policy_dir
+    NanoRewardModel.from_lm(NanoLM(model.config)).save_pretrained(tmp_path / "rm")
+    tok.save(tmp_path / "rm" / "tokenizer.json")
+    stage = NanoMultiTaskRL.build(
+        model, tok, OptimizerFactory(), algorithm="ppo", world=SMALL_WORLD, max_new_tokens=6, length_target=2,
+        reward_model_path=str(tmp_path / "rm"), weights={"reward_model": 1.0, "helpfulness": 0.5},
+    )  # fmt: skip
+    rm = stage.frozen.reward_model
+    assert isinstance(rm, NanoRewardModel) and not rm.training
+    assert not any(p.requires_grad for p in rm.parameters())
+    assert not {id(p) for p in rm.parameters()} & {id(p) for p in stage.parameters()}
+    assert all(k.startswith(("model.", "value_head.")) for k in stage.state_dict())
+    batch = encode_prompts(tok, world_prompt_texts(SMALL_WORLD)[:3], max_prompt_tokens=40)
+    rollout = stage.make_rollout(batch)
+    values = stage.reward.last.values
+    with torch.no_grad():
+        expected = rm.score(rollout.input_ids, rollout.attention_mask)
+    torch.testing.assert_close(values["reward_model"], expected)
+    torch.testing.assert_close(rollout.scores, values["reward_model"] + 0.5 * values["helpfulness"])
+
+
+# ---- bad settings ----------
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"weights": {"kindness": 1.0}}, r"stage.module.weights: unknown components \['kindness'\]"),
+        ({"weights": {"harmlessness": -1.0}}, "stage.module.weights.harmlessness must be >= 0, got -1.0"),
+        ({"weights": {"helpfulness": 0.0}}, "stage.module.weights: at least one weight must be > 0"),
+        ({"weights": {"reward_model": 1.0}}, "stage.reward_model must name a reward model directory"),
+        ({"combine": "product"}, r"stage.module.combine must be one of \['weighted_sum', 'lagrangian'\]"),
+        (
+            {"combine": "lagrangian", "thresholds": {}},
+            "stage.module.thresholds must name at least one component",
+        ),
+        (
+            {"combine": "lagrangian", "thresholds": {"harmlessness": 1.5}},
+            r"thresholds.harmlessness must be in \[0, 1\]",
+        ),
+        ({"thresholds": {"kindness": 0.5}}, r"stage.module.thresholds: unknown components \['kindness'\]"),
+        ({"length_target": 48}, r"stage.module.length_target must be an integer in \[0, max_new_tokens=48\)"),
+        ({"format_ngram": 1}, "stage.module.format_ngram must be an integer >= 2"),
+        ({"lagrange_lr": 0.0}, "stage.module.lagrange_lr must be > 0"),
+        ({"world": None}, "stage.module.world must hold the world config"),
+        ({"algorithm": "a2c"}, r"stage.module.algorithm must be one of \['reinforce', 'ppo'\], got 'a2c'"),
+        ({"reinforce": {"max_grad_norm": 0}}, "stage.module.reinforce.max_grad_norm must be > 0"),
+        ({"reinforce": {"max_new_tokens": 8}}, r"stage.module.reinforce repeats \['max_new_tokens'\]"),
+    ],
+)
+def test_bad_settings_fail_at_construction_naming_the_key(settings, message):
+    tok = NanoTokenizer.train(["abc"], vocab_size=0, mode="char")
+    model = NanoLM(NanoConfig(vocab_size=16, n_layer=1, n_head=1, n_embd=8, block_size=16))
+    kwargs = {"world": SMALL_WORLD, "max_new_tokens": 48, **settings}
+    with pytest.raises(ValueError, match=message):
+        NanoMultiTaskRL.build(model, tok, OptimizerFactory(), **kwargs)
+
+
+def test_bad_config_fails_before_anything_is_written(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match="stage.reward_model must name a reward model directory"):
+        train(tiny_cfg("stage=multitask", "stage.module.weights.reward_model=1.0"))
+    with pytest.raises(ValueError, match="stage.module.weights.harmlessness must be >= 0"):
+        train(tiny_cfg("stage=multitask", "stage.module.weights.harmlessness=-2"))
+    assert not (tmp_path / "run").exists()
