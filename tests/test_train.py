@@ -105,6 +105,14 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
+def test_last_checkpoint_is_the_newest_step_even_when_the_best_is_older(tiny_cfg):
+    # "best" = the highest val/loss: the first validation, so the monitored checkpoint never improves after it
+    _, objects = train(tiny_cfg("callbacks.checkpoint.mode=max", "trainer.val_check_interval=2"))
+    ckpts = objects["run_dir"] / "checkpoints"
+    assert {p.name for p in ckpts.iterdir()} == {"best-2.ckpt", "last.ckpt"}
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 def test_resume_last_finds_newest_run(tiny_cfg, tmp_path):
     from neuraflux.train import resolve_resume
 
