@@ -8,8 +8,8 @@ the policy the RL objective acts on, sampled (temperature 1, `--samples` per pro
 judges score every response. `composite` is each setting's own objective on the greedy responses (its weights,
 and for the Lagrangian its final multipliers), with the start model's value under the same weights beside it.
 
-    python bench/multitask_sweep.py --threads 1                       (help_only, balanced, harm_x4, lagrangian)
-    python bench/multitask_sweep.py --sft outputs/world/<run>/sft/model --steps 40 --settings help_only harm_x4
+    python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --threads 1     (help_only, balanced, harm_x4, lagrangian)
+    python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --steps 40 --settings help_only harm_x4
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from neuraflux.alignment.rollout import generate_rollouts  # noqa: E402
 from neuraflux.data.prompts import encode_prompts  # noqa: E402
 from neuraflux.train import build, load_pretrained, train  # noqa: E402
 
-DEFAULT_SFT = "/work/runs/sft_mixed/sft/model"
 JUDGE_NAMES = ("helpfulness", "harmlessness", "honesty")
 
 
@@ -143,13 +142,14 @@ def fmt_pair(value: float, start: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sft", default=DEFAULT_SFT, help="the SFT model directory every setting starts from")
+    p.add_argument("--sft", required=True, help="the SFT model directory every setting starts from, e.g. "
+                   "outputs/full/<time>/sft/model (mixed-quality)")
     p.add_argument("--settings", nargs="+", default=["help_only", "balanced", "harm_x4", "lagrangian"],
                    choices=sorted(SETTINGS))  # fmt: skip
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per step (k samples each)")
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4, help="stage=multitask's default")
     p.add_argument("--seed", type=int, default=1337, help="training seed (sampling, data order)")
     p.add_argument("--val-fraction", type=float, default=0.3, help="held-out share of the world's RL prompts")
     p.add_argument("--samples", type=int, default=4, help="sampled responses per held-out prompt")

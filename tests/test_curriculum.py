@@ -9,6 +9,7 @@ from neuraflux.curriculum import CurriculumState, run_curriculum
 from tests.conftest import CONF, TINY, compose_cfg
 
 SMALL = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+    "curriculum=world",  # pretrain + SFT + eval; the default (full) is tested below with its report
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "curriculum.overrides.pretrain=[]",
@@ -99,3 +100,38 @@ def test_reward_stage_feeds_later_stages_and_does_not_break_the_policy_chain(tmp
     assert f"init_from: {parent / 'pretrain' / 'model'}" in reward_cfg
     state = CurriculumState.load(parent)
     assert state.completed == ["pretrain", "reward", "ppo"] and set(state.wall_s) == set(state.completed)
+
+
+@pytest.mark.slow
+def test_full_curriculum_part_writes_the_report(tmp_path):
+    """The default curriculum (full) cut to [sft, constitutional] on a tiny config: both stages measured, the
+    report written with a row per stage and the targets read from the constitutional and final stages."""
+    parent = tmp_path / "full" / "run1"
+    overrides = [
+        *[o for o in SMALL if o != "curriculum=world" and not o.startswith("curriculum.")],
+        "curriculum.stages=[sft,constitutional]",
+        "curriculum.overrides.sft=[]",
+        "curriculum.overrides.constitutional=['stage.module.max_new_tokens=6','stage.module.samples_per_prompt=2']",
+        "curriculum.report.eval_limit=2",
+        "curriculum.report.max_new_tokens=4",
+        "curriculum.report.red_team_samples=1",
+        f"paths.output_dir={tmp_path}",
+        f"paths.run_dir={parent}",
+    ]
+    cfg = compose_cfg(tmp_path, *overrides, tiny=False)
+    assert cfg.curriculum.name == "full"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        result = run_curriculum(cfg, overrides, CONF)
+    report = json.loads((parent / "report.json").read_text())
+    assert result["report"] == report
+    assert [row["stage"] for row in report["stages"]] == ["sft", "constitutional"]
+    sft, const = (row["measure"] for row in report["stages"])
+    assert sft["kl_to_sft"] == 0.0 and const["kl_to_sft"] >= 0.0  # the SFT model is the KL reference
+    for m in (sft, const):
+        assert 0.0 <= m["violation_rate"] <= 1.0 and m["val_ppl"] > 1.0
+        assert set(m["judges"]) == {"helpfulness", "harmlessness", "honesty", "mean"}
+    assert report["targets"]["violation_rate"]["value"] == const["violation_rate"]
+    assert report["targets"]["helpfulness_unseen"]["value"] == const["exact_match"]["unseen"]["with_retrieval"]
+    md = (parent / "report.md").read_text()
+    assert "| sft |" in md and "| constitutional |" in md and "## Targets" in md
+    assert f"init_from: {parent / 'sft' / 'model'}" in (parent / "constitutional" / "config.yaml").read_text()

@@ -40,6 +40,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, conf_dir: Path = CO
             overrides = list(HydraConfig.get().overrides.task)
         result = run_curriculum(cfg, overrides, conf_dir)
         console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # a log file: the 13-column report would wrap at 80 columns
         for name, metrics in result["stages"].items():
             console.print(summary_table(metrics, f"{name}: {result['parent'] / name}"))
         if result["eval"] is not None:
