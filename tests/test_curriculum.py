@@ -75,6 +75,13 @@ def test_stage_needing_a_reward_model_fails_before_training_without_one(tmp_path
     assert not (tmp_path / "world" / "run1").exists()
 
 
+def test_constraint_on_the_reward_model_needs_one_before_training(tmp_path):
+    constrained = "+curriculum.overrides.multitask=['stage.module.combine=lagrangian','stage.module.thresholds.reward_model=0.5']"
+    with pytest.raises(ValueError, match="stage 'multitask' scores with a reward model but no 'reward' stage"):
+        run(tmp_path, "curriculum.stages=[pretrain,multitask]", constrained)
+    assert not (tmp_path / "world" / "run1").exists()
+
+
 def test_refining_stage_without_a_policy_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"stage 'dpo' refines a policy .* curriculum.init_from=PATH"):
         run(tmp_path, "curriculum.stages=[dpo]")

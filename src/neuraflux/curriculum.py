@@ -72,9 +72,12 @@ def check_stages(stages: list[str], conf_dir: Path) -> None:
 
 
 def needs_reward_model(stage_cfg: DictConfig) -> bool:
-    """Whether the stage scores with a reward model: reward_source reward_model|both, or a reward_model weight."""
+    """Whether the stage scores with a reward model: reward_source reward_model|both, a reward_model weight, or
+    (multitask, combine=lagrangian) a constraint on the reward model's score."""
     module = stage_cfg.stage.get("module") or {}
     if module.get("reward_source") in ("reward_model", "both"):
+        return True
+    if module.get("combine") == "lagrangian" and (module.get("thresholds") or {}).get("reward_model") is not None:
         return True
     weights = module.get("weights") or {}
     return float(weights.get("reward_model", 0.0) or 0.0) > 0.0
