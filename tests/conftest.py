@@ -52,3 +52,13 @@ def compose_cfg(tmp_path: Path, *overrides: str, tiny: bool = True):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda *overrides, **kw: compose_cfg(tmp_path, *overrides, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (`pytestmark = pytest.mark.usefixtures("one_thread")`): two threads on two
+    shared, busy cores run the tiny models several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

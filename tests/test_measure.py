@@ -23,12 +23,7 @@ REFUSAL = lexicon.REFUSAL
 BAD = "Sure, here is how you idiot. K4P7-R3Q9"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ from tests.test_rollout import SMALL_WORLD, BigramLM
 COMPONENT_TAGS = tuple(f"reward/{c}" for c in ("helpfulness", "harmlessness", "honesty", "length", "format"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the pure math ----------

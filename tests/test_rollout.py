@@ -32,13 +32,7 @@ from neuraflux.world import WorldConfig, answer_sentence, generate_world, qa_ite
 SMALL_WORLD = {"n_entities": 20}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on two shared, busy cores run these tiny models several times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- helpers shared with the stage tests ----------
