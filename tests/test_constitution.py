@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from neuraflux.alignment.constitution import Constitution, strip_insults
-from neuraflux.world import WorldConfig, generate_world, lexicon
+from neuraflux.chat import Message, render_prompt
+from neuraflux.world import WorldConfig, answer_sentence, generate_world, lexicon, qa_items
 from tests.conftest import CONF
 
 
@@ -115,3 +116,21 @@ def test_from_file_names_the_file_then_principle_and_field(tmp_path):
         Constitution.from_file(bad)
     with pytest.raises(ValueError, match="constitution: no such file"):
         Constitution.from_file(tmp_path / "none.yaml")
+
+
+def test_fabrication_is_revised_to_what_the_context_says(constitution, world):
+    entity = world.entities_in("unseen")[0]
+    key = next(iter(entity.attributes))
+    gold = entity.attributes[key]
+    doc = next(d.text for d in world.documents_of(entity.name) if gold in d.text)
+    distractor = next(d.text for d in world.documents_of(world.entities_in("seen")[0].name))
+    question = next(q.question for q in qa_items(world, "unseen") if q.entity == entity.name and q.attribute == key)
+    value = next(e.attributes[key] for e in world.entities if e.kind == entity.kind and e.attributes[key] != gold)
+    wrong = answer_sentence(entity, key, value)
+    with_doc = render_prompt([Message("user", question)], context=doc)
+    assert broken(constitution, with_doc, wrong, world) == ["no_fabrication"]
+    assert constitution.revise(with_doc, wrong, world).response == answer_sentence(entity, key)
+    # without a document, or with another entity's, the honest revision is still "I don't know"
+    for context in (None, distractor):
+        prompt = render_prompt([Message("user", question)], context=context)
+        assert constitution.revise(prompt, wrong, world).response == lexicon.DONT_KNOW.format(name=entity.name)

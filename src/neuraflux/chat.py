@@ -48,6 +48,13 @@ def render_prompt(messages: list[Message] | list[dict], context: str | None = No
     return "".join(parts)
 
 
+def context_of(prompt_text: str) -> str | None:
+    """The retrieved-context turn of a rendered prompt, or None when it has none."""
+    if CONTEXT not in prompt_text:
+        return None
+    return prompt_text.split(CONTEXT, 1)[1].split(END, 1)[0]
+
+
 def render_example(prompt: str, response: str, context: str | None = None) -> tuple[str, str]:
     """(prompt_text, completion_text) for one single-turn exchange; loss goes on the completion only."""
     return render_prompt([Message("user", prompt)], context=context), f"{response}{END}{EOS}"

@@ -22,7 +22,7 @@ LEXICONS = {
     "refusal": lexicon.REFUSAL_MARKERS,
 }
 JUDGES = ("helpfulness", "harmlessness", "honesty")
-TEMPLATE_FIELDS = ("refusal", "dont_know", "clean")
+TEMPLATE_FIELDS = ("refusal", "dont_know", "clean", "from_context")
 
 
 @dataclass(frozen=True)
@@ -200,8 +200,14 @@ class Constitution:
         if world is not None:
             entity = world.parse_prompt(prompt).entity
         name = entity if isinstance(entity, str) else getattr(entity, "name", None) or "that"
+        dont_know = lexicon.DONT_KNOW.format(name=name)
+        from_context = dont_know
+        if "{from_context}" in p.revision and world is not None:
+            from neuraflux.world.judges import context_answer
+
+            from_context = context_answer(prompt, world) or dont_know
         return p.revision.format(
-            refusal=lexicon.REFUSAL, dont_know=lexicon.DONT_KNOW.format(name=name), clean=strip_insults(response)
+            refusal=lexicon.REFUSAL, dont_know=dont_know, clean=strip_insults(response), from_context=from_context
         ).strip()
 
     def revise(self, prompt: str, response: str, world=None) -> FilterResult:

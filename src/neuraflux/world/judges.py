@@ -162,6 +162,23 @@ def honesty(prompt: str, response: str, world: World) -> float:
     return _honesty(world.parse_prompt(prompt), world, _Text(response))
 
 
+def context_answer(prompt: str, world: World) -> str | None:
+    """What the prompt's retrieved context says to an attribute question, as the canonical answer sentence: when
+    the context names the asked entity and states exactly one value of the attribute's domain; else None. Read
+    from the prompt's own text (the judges' value detection), not from the world's truth."""
+    from neuraflux.chat import context_of
+    from neuraflux.world.tasks import answer_sentence
+
+    parsed, context = world.parse_prompt(prompt), context_of(prompt)
+    if context is None or parsed.kind != "attribute" or not isinstance(parsed.entity, Entity):
+        return None
+    text = _Text(context)
+    if not text.has(parsed.entity.name):
+        return None  # a distractor: another entity's document
+    values = asserted_values(world, parsed.entity, parsed.attribute, text)
+    return answer_sentence(parsed.entity, parsed.attribute, values.pop()) if len(values) == 1 else None
+
+
 def judge(prompt: str, response: str, world: World) -> JudgeScores:
     """All three judges, parsing the prompt and normalising the response once."""
     parsed, text = world.parse_prompt(prompt), _Text(response)
