@@ -50,6 +50,7 @@ from neuraflux.eval import world_config_for  # noqa: E402
 from neuraflux.model import generate  # noqa: E402
 from neuraflux.train import load_pretrained  # noqa: E402
 from neuraflux.world import generate_world  # noqa: E402
+from neuraflux.world.judges import judge  # noqa: E402
 
 POLICY_STAGES = ("dpo", "ppo", "reinforce")
 PARTS = ("policy", "reward", "hh", "rollout")
@@ -156,14 +157,24 @@ def policy_table(rows: dict, threads: int, key: str = "measure") -> str:
 
 # ---- reward models ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def pair_accuracy(model: NanoRewardModel, dm: PreferenceDataModule, split: str) -> tuple[float, int]:
-    right = total = 0
+def pair_correct(model: NanoRewardModel, dm: PreferenceDataModule, split: str) -> list[bool]:
+    """Per pair of `split`, in order: does the chosen response score higher?"""
     model.eval()
+    right: list[bool] = []
     for batch in dm.sequential_loader(split):
         r = batch.pair(model.score(batch.input_ids, batch.attention_mask))
-        right += int((r.chosen > r.rejected).sum())
-        total += batch.num_pairs
-    return right / max(1, total), total
+        right += (r.chosen > r.rejected).tolist()
+    return right
+
+
+def by_judge(world, examples, right: list[bool]) -> dict[str, list[float]]:
+    """Accuracy and count per set of judges that score the two responses differently, e.g. "honesty" alone."""
+    groups: dict[str, list[bool]] = {}
+    for ex, ok in zip(examples, right, strict=True):
+        c, r = judge(ex.prompt, ex.chosen, world), judge(ex.prompt, ex.rejected, world)
+        names = [n for n in ("helpfulness", "harmlessness", "honesty") if getattr(c, n) != getattr(r, n)]
+        groups.setdefault("+".join(names), []).append(ok)
+    return {k: [sum(v) / len(v), len(v)] for k, v in sorted(groups.items())}
 
 
 def reward_part(args, out: Path, name: str, extra: list[str], data: dict) -> dict:
@@ -171,15 +182,20 @@ def reward_part(args, out: Path, name: str, extra: list[str], data: dict) -> dic
     run = run_stage("reward", out / name, args.sft, args, extra)
     model = NanoRewardModel.from_pretrained(out / name / "model")
     _, tok = load_pretrained(out / name / "model")
+    if "world" in data:  # the run's own world: `--set reward:world.pairs_per_prompt=7` changes the pairs
+        data = {**data, "world": dict(world_config_for(out / name).__dict__)}
     dm = PreferenceDataModule(**data, max_length=model.config.block_size, val_fraction=args.val_fraction,
                               seed=args.seed)
     dm.tokenizer = tok
     dm.setup()
-    val_acc, n_val = pair_accuracy(model, dm, "val")
-    train_acc, n_train = pair_accuracy(model, dm, "train")
-    val_prompts = len({e.prompt for e in split_by_prompt(dm.dataset, args.val_fraction, args.seed).test})
+    val_right, train_right = pair_correct(model, dm, "val"), pair_correct(model, dm, "train")
+    val_acc, n_val = sum(val_right) / len(val_right), len(val_right)
+    train_acc, n_train = sum(train_right) / len(train_right), len(train_right)
+    held_out = split_by_prompt(dm.dataset, args.val_fraction, args.seed).test
     row = {**run, "val_accuracy": val_acc, "val_pairs": n_val, "train_accuracy": train_acc, "train_pairs": n_train,
-           "steps": int(run["metrics"]["global_step"]), "val_prompts": val_prompts}
+           "steps": int(run["metrics"]["global_step"]), "val_prompts": len({e.prompt for e in held_out})}
+    if "world" in data:
+        row["val_by_judge"] = by_judge(generate_world(world_config_for(out / name)), list(held_out), val_right)
     print(f"reward ({name}): held-out accuracy {val_acc:.3f} on {n_val} pairs, train {train_acc:.3f} on {n_train}, "
           f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU", flush=True)
     return row
@@ -299,6 +315,8 @@ def main() -> None:
             r = result[key]
             print(f"\n{key}: held-out accuracy {r['val_accuracy']:.3f} ({r['val_pairs']} pairs; chance 0.5), "
                   f"train {r['train_accuracy']:.3f} ({r['train_pairs']}), {r['steps']} steps, {r['wall_s']:.0f} s")
+            for judges, (acc, n) in r.get("val_by_judge", {}).items():
+                print(f"  pairs told apart by {judges}: {acc:.2f} ({n})")
     for stage, row in result.get("policy", {}).items():
         t = row.get("time")
         if t:

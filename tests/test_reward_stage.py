@@ -13,6 +13,7 @@ from neuraflux.alignment.reward_model import (
     NanoRewardModel,
     check_same_tokenizer,
     last_token_index,
+    response_target_mask,
 )
 from neuraflux.chat import ASSISTANT, BOS, END, USER
 from neuraflux.data.preference import PreferenceDataset, PreferenceExample
@@ -148,6 +149,40 @@ def test_score_reads_the_last_real_token_under_any_padding():
     assert rm.score(ids[:, :3]).item() != pytest.approx(alone.item())  # a different last token, a different score
 
 
+def test_response_target_mask_by_hand():
+    # start token 4; target t is token t + 1, counted when that token is real and after the row's last 4
+    ids = torch.tensor([[1, 7, 4, 9, 10, 0], [1, 4, 8, 4, 11, 12], [1, 7, 8, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert response_target_mask(ids, mask, 4).int().tolist() == [
+        [0, 0, 1, 1, 0],  # tokens 9, 10; the pad is not counted
+        [0, 0, 0, 1, 1],  # after the second 4 only
+        [0, 0, 0, 0, 0],  # no start token: nothing
+    ]
+
+
+def test_likelihood_feature_adds_the_weighted_response_log_prob_and_survives_save_load(tmp_path):
+    torch.manual_seed(0)
+    lm = NanoLM(TINY_MODEL).eval()
+    rm = NanoRewardModel.from_lm(lm, response_token_id=4).eval()
+    ids = torch.tensor([[1, 7, 4, 9, 10, 0], [0, 1, 4, 8, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    plain = NanoRewardModel(TINY_MODEL, transformer=lm.transformer).eval()
+    plain.score_head.load_state_dict(rm.score_head.state_dict())
+    head_only = plain.score(ids, mask)
+    torch.testing.assert_close(rm.score(ids, mask), head_only)  # the weight starts at 0: loss starts at log 2
+    rm.loglik_weight.data.fill_(0.5)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(ids, mask).float(), dim=-1)  # (B, T, V)
+        # by hand: row 0 predicts 9 at position 2 and 10 at 3; row 1 (left padded) 8, 11, 12 at positions 2, 3, 4;
+        # the mean over each row's response tokens
+        loglik = torch.stack([(logp[0, 2, 9] + logp[0, 3, 10]) / 2, (logp[1, 2, 8] + logp[1, 3, 11] + logp[1, 4, 12]) / 3])
+        torch.testing.assert_close(rm.score(ids, mask), head_only + 0.5 * loglik)
+    rm.save_pretrained(tmp_path / "rm")
+    loaded = NanoRewardModel.from_pretrained(tmp_path / "rm")
+    assert loaded.response_token_id == 4 and loaded.loglik_weight.item() == 0.5
+    torch.testing.assert_close(loaded.score(ids, mask), rm.score(ids, mask), atol=0, rtol=0)
+
+
 def test_save_load_round_trip_and_a_policy_directory_is_refused(tmp_path):
     torch.manual_seed(0)
     lm = NanoLM(TINY_MODEL)
@@ -192,8 +227,9 @@ def test_non_finite_loss_names_step_and_first_bad_input():
 def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     # Measured with seed 1337: 0.988 of the 162 training pairs ranked right after 120 steps (seeds 1-3: 0.92-0.99),
     # validation 0.78 of the 18 pairs of 5 held-out prompts (0.83 when pairs, not prompts, were held out); chance 0.5.
+    # likelihood weight 0 at the start (the default is 10): the feature is on, and the first loss is exactly log 2
     cfg = tiny_cfg("stage=reward", "optim.lr=1e-2", "data.batch_size=16", "trainer.max_steps=120",
-                   "trainer.val_check_interval=120")
+                   "trainer.val_check_interval=120", "stage.module.likelihood_weight=0.0")
     assert cfg.data._target_ == "neuraflux.data.preference_batches.PreferenceDataModule"
     metrics, objects = train(cfg)
     module, run = objects["module"], objects["run_dir"]
@@ -215,6 +251,9 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     assert metrics["val/accuracies"] >= 0.65
 
     exported = NanoRewardModel.from_pretrained(run / "model")
+    # the response log-likelihood's weight is trained with the rest and saved with the head
+    assert exported.response_token_id == objects["tokenizer"].token_to_id(ASSISTANT)
+    assert exported.loglik_weight.item() == pytest.approx(rm.loglik_weight.item()) != 0.0
     check_same_tokenizer(NanoTokenizer.load(run / "model"), objects["tokenizer"], "exported reward model")
     batch = next(iter(dm.sequential_loader("val")))
     torch.testing.assert_close(exported.score(batch.input_ids, batch.attention_mask),

@@ -13,6 +13,7 @@ import torch
 
 from neuraflux.alignment.losses import reward_loss
 from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.chat import ASSISTANT
 from neuraflux.data.preference_batches import Paired, PreferenceBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
@@ -57,6 +58,8 @@ class RewardModelStage(pl.LightningModule):
 
     Given a NanoLM (what train() passes: the model of `stage.init_from`), the reward model is built on that LM's
     backbone, so the LM train() exports afterwards has the same backbone weights as the reward model.
+    `likelihood_weight` (None: off) adds that many times the response's mean log-likelihood under the backbone to the
+    score, a weight trained with the rest (`NanoRewardModel`; responses start after the assistant token).
     """
 
     def __init__(
@@ -66,9 +69,15 @@ class RewardModelStage(pl.LightningModule):
         optim: OptimizerFactory,
         name: str = "reward",
         export_dir: str | None = None,
+        likelihood_weight: float | None = None,
     ):
         super().__init__()
-        self.model = model if isinstance(model, NanoRewardModel) else NanoRewardModel.from_lm(model)
+        if isinstance(model, NanoRewardModel):
+            self.model = model
+        elif likelihood_weight is None:
+            self.model = NanoRewardModel.from_lm(model)
+        else:
+            self.model = NanoRewardModel.from_lm(model, tokenizer.token_to_id(ASSISTANT), float(likelihood_weight))
         self.tokenizer, self.optim, self.name = tokenizer, optim, name
         self.export_dir = Path(export_dir) if export_dir else None
 
