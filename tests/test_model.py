@@ -257,3 +257,21 @@ def test_slot_cache_starts_zeroed_so_masked_keys_cannot_hold_nan(model):
     cache = KVCache.slots(model.config, 2, 8, torch.device("cpu"), torch.float32)
     assert cache.positions.tolist() == [0, 0]
     assert all(float(t.abs().sum()) == 0.0 for t in cache.keys + cache.values)
+
+
+def test_init_is_gpt2s_as_in_the_reference_recipe():
+    # nanoGPT/GPT-2: every Linear and Embedding N(0, 0.02); the two residual projections per layer
+    # N(0, 0.02 / sqrt(2 * n_layer)) = 0.02 / sqrt(8) = 0.00707 for 4 layers; biases 0; LayerNorm gains 1.
+    torch.manual_seed(0)
+    m = NanoLM(NanoConfig(vocab_size=512, block_size=64, max_position_embeddings=256, n_layer=4, n_head=4, n_embd=256))
+    for name, p in m.named_parameters():
+        if name.endswith("proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / 8**0.5, rel=0.03), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.03), name
+        elif "ln" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert torch.equal(p, torch.zeros_like(p)), name
+        if p.dim() == 2:
+            assert abs(p.mean().item()) < 0.001, name
