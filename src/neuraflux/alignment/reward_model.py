@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neuraflux.alignment.losses import token_logprobs
+from neuraflux.alignment.stats import masked_mean
 from neuraflux.model.config import NanoConfig
 from neuraflux.model.nano import CONFIG_FILE, WEIGHTS_FILE, NanoLM, NanoModel
 
@@ -112,14 +114,14 @@ class NanoRewardModel(nn.Module):
             return scores
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
         # Only the N response positions go through the tied LM head: the prompt is most of each sequence.
-        rows, cols = response_target_mask(input_ids, mask, self.response_token_id).nonzero(as_tuple=True)
+        response = response_target_mask(input_ids, mask, self.response_token_id)  # (B, T - 1)
+        rows, cols = response.nonzero(as_tuple=True)
         logits = F.linear(hidden[rows, cols], self.transformer.embeddings.token.weight)  # (N, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[rows, cols + 1, None]).squeeze(-1)
-        loglik = torch.zeros_like(scores).index_add(0, rows, logp)  # (B,): each row's summed response log-probs
-        count = torch.zeros_like(scores).index_add(0, rows, torch.ones_like(logp))
+        logp = token_logprobs(logits[None], input_ids[rows, cols + 1][None])[0]  # (N,)
+        per_token = torch.zeros(response.shape, dtype=logp.dtype, device=logp.device).index_put((rows, cols), logp)
         # the mean, not the sum: a summed log-likelihood falls with every token, so a policy scored by it would
         # learn to answer short (PPO's reward_source=both) whatever the answer says
-        return scores + self.loglik_weight * loglik / count.clamp(min=1.0)
+        return scores + self.loglik_weight * masked_mean(per_token, response, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.score(input_ids, attention_mask)
