@@ -170,3 +170,35 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     (metrics_file,) = tmp_path.glob("pretrain/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["ranks_in_sync"] is True and metrics["global_step"] == 4
+
+
+def test_masked_lm_loss_equals_the_full_logits_loss_in_value_and_gradient():
+    from neuraflux.model import NanoConfig
+    from neuraflux.stages.lm import lm_loss, masked_lm_loss
+
+    torch.manual_seed(0)
+    model = NanoLM(NanoConfig(vocab_size=50, block_size=16, max_position_embeddings=16, n_layer=2, n_head=2,
+                              n_embd=16, dropout=0.0))
+    ids, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    loss_mask = torch.zeros(3, 12, dtype=torch.bool)
+    loss_mask[0, 7:] = True
+    loss_mask[2, 3:5] = True  # row 1 has no supervised token: it adds nothing to either form
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, :4] = 0
+    full = lm_loss(model(ids, attention_mask), targets, loss_mask)
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    picked = masked_lm_loss(model, ids, targets, loss_mask, attention_mask)
+    picked.backward()
+    assert picked.item() == pytest.approx(full.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    # every position supervised (pretraining) takes the full-logits path
+    everything = torch.ones_like(loss_mask)
+    assert masked_lm_loss(model, ids, targets, everything).item() == pytest.approx(
+        lm_loss(model(ids), targets, everything).item(), rel=1e-6)
+    # no supervised token at all: zero loss with a graph, not NaN
+    none = masked_lm_loss(model, ids, targets, torch.zeros_like(loss_mask))
+    none.backward()
+    assert none.item() == 0.0

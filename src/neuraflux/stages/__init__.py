@@ -3,7 +3,7 @@
 from neuraflux.alignment.reward_model import NanoRewardModel
 from neuraflux.stages.constitutional import NanoConstitutionalAI
 from neuraflux.stages.dpo import NanoDPO
-from neuraflux.stages.lm import CausalLMStage, lm_loss
+from neuraflux.stages.lm import CausalLMStage, lm_loss, masked_lm_loss
 from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
 from neuraflux.stages.ppo import NanoPPO
 from neuraflux.stages.reinforce import NanoREINFORCE
@@ -21,4 +21,5 @@ __all__ = [
     "NanoRewardModel",
     "RewardModelStage",
     "lm_loss",
+    "masked_lm_loss",
 ]

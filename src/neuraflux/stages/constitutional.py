@@ -73,7 +73,7 @@ from neuraflux.stages.common import (
     save_rng_state,
 )
 from neuraflux.stages.dpo import FrozenReference
-from neuraflux.stages.lm import lm_loss
+from neuraflux.stages.lm import masked_lm_loss
 from neuraflux.stages.reward import check_finite, preference_metrics
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class NanoConstitutionalAI(pl.LightningModule):
         if sft is not None:
             sft = move_batch(sft, self.device)
             # right padded, so no padding mask is needed; pad targets are outside the loss mask
-            sft_loss = lm_loss(self.model(sft.input_ids), sft.targets, sft.loss_mask)
+            sft_loss = masked_lm_loss(self.model, sft.input_ids, sft.targets, sft.loss_mask)
             losses.append(sft_loss)
             metrics["train/sft_loss"] = sft_loss.detach()
         pairs = [p for t in batch.texts for p in self.data.pairs_by_prompt.get(t, [])]

@@ -31,6 +31,28 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+def masked_lm_loss(
+    model: NanoLM,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`lm_loss` of the model's logits, computing them only where loss_mask is True.
+
+    Equal to `lm_loss(model(input_ids, attention_mask), targets, loss_mask)`; for SFT, whose loss covers the
+    response tokens only (~15 % of a chat example), the (tokens x vocab) head projection and softmax are most
+    of what the full-logits form spends and throws away.
+    """
+    if bool(loss_mask.all()):
+        return lm_loss(model(input_ids, attention_mask), targets, loss_mask)
+    hidden = model.transformer(input_ids, attention_mask)
+    picked = hidden[loss_mask]  # (N, C), N = supervised positions
+    if picked.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph: a batch without a supervised token contributes nothing
+    return F.cross_entropy(model.lm_head(picked).float(), targets[loss_mask])
+
+
 class CausalLMStage(pl.LightningModule):
     """Next-token training of the shared backbone; the batch's loss mask decides which tokens count."""
 
@@ -42,7 +64,7 @@ class CausalLMStage(pl.LightningModule):
         return self.model(input_ids, attention_mask)
 
     def _loss(self, batch: LMBatch) -> torch.Tensor:
-        return lm_loss(self.model(batch.input_ids, batch.attention_mask), batch.targets, batch.loss_mask)
+        return masked_lm_loss(self.model, batch.input_ids, batch.targets, batch.loss_mask, batch.attention_mask)
 
     def training_step(self, batch: LMBatch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
