@@ -6,8 +6,9 @@ model. Variants are interleaved, their order rotating each repetition, so all se
 tokens/s = padded tokens per step (2B * T) / step time after one warm-up step. Ratio = median DPO / median SFT.
 
   dpo       NanoDPO.dpo_step, reference log-probs precomputed once (target: >= 0.9x sft)
-  sft       lm_loss on the response tokens, the same forward as dpo (right padded, so no padding mask)
-  sft_mask  lm_loss with the padding mask passed to the model, as the SFT stage runs a padded batch
+  sft       masked_lm_loss on the response tokens (the SFT stage's loss: head at response positions only), the
+            same forward as dpo (right padded, so no padding mask)
+  sft_mask  the same with the padding mask passed to the model, as the SFT stage runs a padded batch
   dpo_ref   NanoDPO.dpo_step with a reference forward per batch, for scale
 
     python bench/alignment_dpo_cost.py --threads 1 --reps 3 --steps 20
@@ -36,7 +37,7 @@ from neuraflux.data.preference_batches import PreferenceBatch, PreferenceDataMod
 from neuraflux.model import NanoConfig, NanoLM  # noqa: E402
 from neuraflux.optim import OptimizerFactory  # noqa: E402
 from neuraflux.stages.dpo import NanoDPO  # noqa: E402
-from neuraflux.stages.lm import lm_loss  # noqa: E402
+from neuraflux.stages.lm import masked_lm_loss  # noqa: E402
 from neuraflux.tokenizer import NanoTokenizer  # noqa: E402
 
 SHAPES = {
@@ -81,9 +82,9 @@ def build(shape: str, device: torch.device) -> tuple[list[PreferenceBatch], dict
     sft_model, sft_mask_model = copy.deepcopy(initial), copy.deepcopy(initial)
     losses: dict[str, tuple[Callable[[PreferenceBatch], torch.Tensor], NanoLM]] = {
         "dpo": (lambda b: dpo.dpo_step(b, "train").loss, dpo.model),
-        "sft": (lambda b: lm_loss(sft_model(b.input_ids), b.targets, b.response_mask), sft_model),
-        "sft_mask": (lambda b: lm_loss(sft_mask_model(b.input_ids, b.attention_mask), b.targets, b.response_mask),
-                     sft_mask_model),
+        "sft": (lambda b: masked_lm_loss(sft_model, b.input_ids, b.targets, b.response_mask), sft_model),
+        "sft_mask": (lambda b: masked_lm_loss(sft_mask_model, b.input_ids, b.targets, b.response_mask,
+                                              b.attention_mask), sft_mask_model),
         "dpo_ref": (lambda b: dpo_ref.dpo_step(b, "train").loss, dpo_ref.model),
     }
     variants = {}

@@ -25,6 +25,7 @@ from neuraflux.alignment import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    response_logprobs,
     reward_loss,
     sequence_logprobs,
     token_logprobs,
@@ -132,6 +133,33 @@ def test_sequence_logprobs_sum_and_average_against_manual_gather():
     expected_sum = torch.stack([per_token[0, :3].sum(), per_token[1, 1:].sum()])
     close(sequence_logprobs(logits, labels, mask), expected_sum, atol=1e-5)
     close(sequence_logprobs(logits, labels, mask, average=True), expected_sum / 3, atol=1e-5)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_response_logprobs_equals_sequence_logprobs_of_the_full_logits(average):
+    from neuraflux.model import NanoConfig, NanoLM
+
+    torch.manual_seed(3)
+    model = NanoLM(NanoConfig(vocab_size=40, block_size=12, max_position_embeddings=12, n_layer=2, n_head=2,
+                              n_embd=16, dropout=0.0))
+    ids, labels = torch.randint(0, 40, (3, 10)), torch.randint(0, 40, (3, 10))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 6:] = True
+    mask[2, 2:9] = True  # row 1: no response token, log-prob 0 in both forms
+    attention_mask = torch.ones(3, 10, dtype=torch.bool)
+    attention_mask[2, :2] = False
+    full = sequence_logprobs(model(ids, attention_mask), labels, mask, average=average)
+    full.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    picked = response_logprobs(model, ids, labels, mask, average=average, attention_mask=attention_mask)
+    picked.sum().backward()
+    torch.testing.assert_close(picked, full, rtol=1e-5, atol=1e-6)
+    assert picked[1].item() == 0.0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(TypeError, match="bool"):
+        response_logprobs(model, ids, labels, mask.long())
 
 
 def test_token_logprobs_rejects_misaligned_labels():

@@ -16,6 +16,7 @@ from neuraflux.alignment.losses import (
     leave_one_out_baseline,
     ppo_policy_loss,
     ppo_value_loss,
+    response_logprobs,
     reward_loss,
     sequence_logprobs,
     token_logprobs,
@@ -53,6 +54,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "reward_loss",
+    "response_logprobs",
     "sequence_logprobs",
     "token_logprobs",
 ]

@@ -95,6 +95,22 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, average: boo
     return masked_mean(per_token, mask, dim=-1) if average else masked_sum(per_token, mask, dim=-1)
 
 
+def response_logprobs(
+    model, input_ids: Tensor, labels: Tensor, mask: Tensor, average: bool = False,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """`sequence_logprobs(model(input_ids, attention_mask), labels, mask, average)` for a `NanoLM`, with the LM
+    head applied at the masked positions only: a response is a fraction of its sequence, and the
+    (tokens x vocab) projection and log-softmax elsewhere would be thrown away. `(B, T)` each -> `(B,)`."""
+    check_mask(labels, mask)
+    hidden = model.transformer(input_ids, attention_mask)
+    rows, cols = mask.nonzero(as_tuple=True)
+    per_token = token_logprobs(model.lm_head(hidden[rows, cols])[None], labels[rows, cols][None])[0]  # (N,)
+    # the zero start keeps the graph through hidden (a batch without any masked token still backpropagates)
+    sums = (hidden.sum() * 0.0).to(per_token.dtype).expand(labels.shape[0]).index_add(0, rows, per_token)
+    return sums / mask.sum(-1).clamp(min=1) if average else sums
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

@@ -42,7 +42,7 @@ from neuraflux.alignment.constitutional_data import (
     violation_rates,
     write_jsonl,
 )
-from neuraflux.alignment.losses import DPOOutput, dpo_loss, sequence_logprobs
+from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
 from neuraflux.alignment.rollout import (
     SamplingSettings,
     check_rollout_fits,
@@ -362,14 +362,14 @@ class NanoConstitutionalAI(pl.LightningModule):
         batch = move_batch(batch, self.device)
         # right padded: under the causal mask no real token sees the pads, so no padding mask (as stage=dpo)
         policy = batch.pair(
-            sequence_logprobs(self.model(batch.input_ids), batch.targets, batch.response_mask)
+            response_logprobs(self.model, batch.input_ids, batch.targets, batch.response_mask)
         )
         ref = self.reference
         if ref.lm_head.weight.device != self.device:
             ref.to(self.device)  # not registered, so Lightning does not move it
         with torch.no_grad():
             reference = batch.pair(
-                sequence_logprobs(ref(batch.input_ids), batch.targets, batch.response_mask)
+                response_logprobs(ref, batch.input_ids, batch.targets, batch.response_mask)
             )
         beta = self.settings.beta
         out = dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=beta)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from neuraflux.alignment.losses import DPOOutput, dpo_loss, sequence_logprobs
+from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
 from neuraflux.alignment.reward_model import check_same_tokenizer
 from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
 from neuraflux.model import NanoLM
@@ -110,11 +110,11 @@ class NanoDPO(pl.LightningModule):
     # ---- log-probs --------------------------------------------------------------------------------------
     def _logps(self, model: NanoLM, batch: PreferenceBatch) -> Paired:
         """Sequence log-probs of the chosen and rejected responses under `model`, `(B,)` each."""
-        # Both halves in one (2B, T, V) forward. The batch is right padded, and under the causal mask a real token
+        # Both halves in one (2B, T) forward. The batch is right padded, and under the causal mask a real token
         # never sees the pads to its right, so no padding mask is needed: the backbone takes its fused causal
-        # path, and logits at pad positions, which differ, are masked out by response_mask.
-        logits = model(batch.input_ids)
-        logps = sequence_logprobs(logits, batch.targets, batch.response_mask, average=self.average_logps)
+        # path, and the head runs at response positions only.
+        logps = response_logprobs(model, batch.input_ids, batch.targets, batch.response_mask,
+                                  average=self.average_logps)
         return batch.pair(logps)
 
     def _reference_model(self) -> NanoLM:
