@@ -158,6 +158,9 @@ def test_response_logprobs_equals_sequence_logprobs_of_the_full_logits(average):
     assert picked[1].item() == 0.0
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    none = response_logprobs(model, ids, labels, torch.zeros_like(mask))
+    none.sum().backward()  # a batch without response tokens: zeros, and backward still runs
+    assert none.tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(TypeError, match="bool"):
         response_logprobs(model, ids, labels, mask.long())
 

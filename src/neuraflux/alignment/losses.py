@@ -105,9 +105,14 @@ def response_logprobs(
     check_mask(labels, mask)
     hidden = model.transformer(input_ids, attention_mask)
     rows, cols = mask.nonzero(as_tuple=True)
-    per_token = token_logprobs(model.lm_head(hidden[rows, cols])[None], labels[rows, cols][None])[0]  # (N,)
-    # the zero start keeps the graph through hidden (a batch without any masked token still backpropagates)
-    sums = (hidden.sum() * 0.0).to(per_token.dtype).expand(labels.shape[0]).index_add(0, rows, per_token)
+    logits = model.lm_head(hidden[rows, cols])  # (N, V)
+    # the fused kernel, in float32 as token_logprobs; ignored labels (< 0) give 0 there too
+    picked = labels[rows, cols]
+    picked = torch.where(picked < 0, IGNORE_INDEX, picked)
+    per_token = -F.cross_entropy(logits.float(), picked, ignore_index=IGNORE_INDEX, reduction="none")
+    if rows.numel() == 0:  # no response token at all: zeros that still backpropagate (to nothing)
+        return (hidden.sum() * 0.0).to(per_token.dtype).expand(labels.shape[0])
+    sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
     return sums / mask.sum(-1).clamp(min=1) if average else sums
 
 
