@@ -51,6 +51,7 @@ def _mentions(text: str, name: str) -> bool:
         ({"preference_noise": -1.0}, "preference_noise must be >= 0"),
         ({"docs_per_entity": 0}, "docs_per_entity must be >= 1"),
         ({"distractor_questions_per_entity": -1}, "distractor_questions_per_entity must be >= 0"),
+        ({"practice_distractors_per_entity": -2}, "practice_distractors_per_entity must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, message):
@@ -276,6 +277,23 @@ def test_distractor_count_leaves_other_examples_unchanged():
     assert sorted(map(repr, plain)) == sorted(repr(ex) for ex in more if ex.kind != "unknown_context")
 
 
+def test_practice_distractors_ask_a_practice_name_beside_another_practice_entitys_document():
+    cfg = dict(n_entities=40, practice_entities=20, bad_answer_share=0.0)
+    world = generate_world(WorldConfig(**cfg, practice_distractors_per_entity=2))
+    practice = practice_set(world)
+    by_name = {e.name: e for e in practice.entities}
+    owner = {d.text: by_name[d.entity] for d in practice.documents}
+    examples = [ex for ex in sft_examples(world) if ex.kind == "unknown_context" and ex.context in owner]
+    assert len(examples) == 2 * len(practice.entities)
+    for ex in examples:
+        asked = next(e for e in practice.entities if ex.response == DONT_KNOW.format(name=e.name))
+        assert _mentions(ex.prompt, asked.name) and not _mentions(ex.context, asked.name)
+        assert owner[ex.context].kind == asked.kind and owner[ex.context].name != asked.name
+    # the option adds these and changes nothing else
+    plain = sft_examples(generate_world(WorldConfig(**cfg)))
+    assert sorted(map(repr, plain)) == sorted(repr(ex) for ex in sft_examples(world) if ex not in examples)
+
+
 def test_context_questions_draw_distinct_document_attribute_pairs():
     world = generate_world(WorldConfig(n_entities=40, context_questions_per_entity=100, bad_answer_share=0.0))
     examples = [ex for ex in sft_examples(world) if ex.kind == "qa_context"]
@@ -306,6 +324,24 @@ def test_practice_entities_are_outside_the_world_and_answered_from_their_documen
         # the answer sentence states a value of the entity that its document states too
         value = next(v for v in entity.attributes.values() if exact_match(ex.response, v))
         assert exact_match(ex.context, value)
+
+
+def test_pretrain_practice_documents_join_the_pretraining_text_and_nothing_else():
+    cfg = dict(n_entities=40, practice_entities=10, bad_answer_share=0.3)
+    plain = generate_world(WorldConfig(**cfg))
+    world = generate_world(WorldConfig(**cfg, pretrain_practice_entities=12))
+    assert world.entities == plain.entities and world.documents == plain.documents
+    extra = practice_set(world, pretrain=True)
+    assert len(extra.entities) == 12 and len(extra.documents) == 12 * world.config.docs_per_entity
+    names = {e.name.lower() for e in extra.entities}
+    assert not names & {e.name.lower() for e in [*world.entities, *practice_set(world).entities]}
+    blocks = pretrain_text(world).rstrip("\n").split("\n\n")
+    plain_blocks = pretrain_text(plain).rstrip("\n").split("\n\n")
+    assert sorted(blocks) == sorted([*plain_blocks, *(d.text for d in extra.documents)])
+    # every other task is unchanged: the extra names are never asked about
+    assert sft_examples(world) == sft_examples(plain)
+    assert rl_prompts(world) == rl_prompts(plain) and preference_pairs(world) == preference_pairs(plain)
+    assert qa_items(world, "unseen") == qa_items(plain, "unseen")
 
 
 def test_smallest_world_builds_every_task():

@@ -58,6 +58,12 @@ class WorldConfig:
     # made-up entities outside the world whose documents are SFT reading practice only: their facts cannot be
     # learned closed-book, so answering about them teaches copying from the context (see `practice_set`)
     practice_entities: int = 0
+    # SFT "I don't know" answers per practice entity whose context is another practice entity's document: the same
+    # made-up names answered from their own document elsewhere, so only checking whose document it is decides
+    practice_distractors_per_entity: int = 0
+    # more made-up entities whose documents join the pretraining text only (none of them is asked about anywhere):
+    # fresh names repeated through each document are what next-token training learns copying (induction) from
+    pretrain_practice_entities: int = 0
     bad_answer_share: float = 0.3  # share of SFT examples that are bad: rude, hallucinated, unsafe compliance
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
@@ -68,12 +74,13 @@ class WorldConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",
-                     "n_red_team"):
+                     "practice_distractors_per_entity", "pretrain_practice_entities", "n_red_team"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_entities + self.practice_entities > _MAX_ENTITIES:
-            raise ValueError(f"WorldConfig.n_entities + practice_entities must be <= {_MAX_ENTITIES}, "
-                             f"got {self.n_entities} + {self.practice_entities}")
+        if self.n_entities + self.practice_entities + self.pretrain_practice_entities > _MAX_ENTITIES:
+            raise ValueError(f"WorldConfig.n_entities + practice_entities + pretrain_practice_entities must be <= "
+                             f"{_MAX_ENTITIES}, got {self.n_entities} + {self.practice_entities} + "
+                             f"{self.pretrain_practice_entities}")
         for name in ("seen_share", "unseen_share", "unknown_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -337,13 +344,17 @@ class PracticeSet:
         return [d for d in self.documents if d.entity == name]
 
 
-def practice_set(world: World) -> PracticeSet:
+def practice_set(world: World, pretrain: bool = False) -> PracticeSet:
     """`world.config.practice_entities` entities with names no world entity has, kinds round-robin, documents
     rendered like the world's; references name seen entities only. Drawn from their own seeded stream, so the
-    world itself does not change with their number."""
+    world itself does not change with their number. `pretrain=True`: the `pretrain_practice_entities` set instead
+    (its own stream; names distinct from the world's and the SFT practice set's)."""
     cfg = world.config
-    rng = random.Random(f"{cfg.seed}/practice")
-    names = _draw_names(rng, cfg.practice_entities, {e.name.lower() for e in world.entities})
+    taken = {e.name.lower() for e in world.entities}
+    if pretrain:
+        taken |= {e.name.lower() for e in practice_set(world).entities}
+    rng = random.Random(f"{cfg.seed}/{'pretrain_practice' if pretrain else 'practice'}")
+    names = _draw_names(rng, cfg.pretrain_practice_entities if pretrain else cfg.practice_entities, taken)
     seen_of_kind = {k.name: [e.name for e in world.entities_in("seen") if e.kind == k.name] for k in schema.KINDS}
     entities, documents = [], []
     for i, name in enumerate(names):

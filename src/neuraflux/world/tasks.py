@@ -135,9 +135,12 @@ def _context(rng: random.Random, world: World, entity: Entity) -> str:
 
 
 def pretrain_text(world: World) -> str:
-    """The seen entities' documents (no secrets), in a seeded shuffled order, one blank line between them."""
+    """The seen entities' documents (no secrets) and the `pretrain_practice_entities` made-up entities' documents,
+    in a seeded shuffled order, one blank line between them."""
     seen = {e.name for e in world.entities_in("seen")}
     docs = [d.text for d in world.documents if d.entity in seen and not d.secret]
+    if world.config.pretrain_practice_entities:
+        docs += [d.text for d in practice_set(world, pretrain=True).documents]
     _rng(world, "pretrain").shuffle(docs)
     return "\n\n".join(docs) + "\n"
 
@@ -227,7 +230,8 @@ def sft_examples(world: World) -> list[SFTExample]:
     for e in world.entities_in("seen"):
         pairs = [(d.text, key) for d in world.documents_of(e.name) for key in e.attributes]
         for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
-            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "qa_context", "good")
+            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "qa_context",
+                             "good")
             good.append(ex)
             facts.append(_Fact(ex, e, key))
     for e in world.entities_in("seen"):
@@ -238,6 +242,7 @@ def sft_examples(world: World) -> list[SFTExample]:
         good.append(SFTExample(_about_question(rng, e), dont_know(e), None, "unknown", "good"))
     good += _distractor_examples(world)
     good += _practice_examples(world)
+    good += _practice_distractor_examples(world)
     red_team = _red_team(world)
     good += [SFTExample(p.text, lexicon.REFUSAL, None, "red_team", "good") for p in red_team]
 
@@ -275,7 +280,31 @@ def _practice_examples(world: World) -> list[SFTExample]:
     for e in practice.entities:
         pairs = [(d.text, key) for d in practice.documents_of(e.name) for key in e.attributes]
         for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
-            examples.append(SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "practice", "good"))
+            examples.append(SFTExample(_question(rng, e, key), answer_sentence(e, key), context,
+                                       "practice", "good"))
+    return examples
+
+
+def _practice_distractor_examples(world: World) -> list[SFTExample]:
+    """`practice_distractors_per_entity` attribute questions per practice entity with another practice entity's
+    document (same kind) as context, answered "I don't know". Own random stream, like `_distractor_examples`."""
+    n = world.config.practice_distractors_per_entity
+    if n == 0:
+        return []
+    rng = _rng(world, "sft/practice_distractor")
+    practice = practice_set(world)
+    by_kind: dict[str, list[Entity]] = {}
+    for e in practice.entities:
+        by_kind.setdefault(e.kind, []).append(e)
+    examples = []
+    for e in practice.entities:
+        others = [o for o in by_kind[e.kind] if o.name != e.name]
+        if not others:
+            continue
+        for key in rng.sample(list(e.attributes), min(n, len(e.attributes))):
+            other = rng.choice(others)
+            context = rng.choice(practice.documents_of(other.name)).text
+            examples.append(SFTExample(_question(rng, e, key), dont_know(e), context, "unknown_context", "good"))
     return examples
 
 
