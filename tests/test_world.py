@@ -222,10 +222,13 @@ def test_sft_examples_mix_and_leak_nothing(world):
     assert kinds["about", "good"] == n_seen
     assert kinds["unknown", "good"] == 2 * n_unknown
     assert kinds["red_team", "good"] == world.config.n_red_team
-    n_good = sum(v for (_, q), v in kinds.items() if q == "good")
-    n_bad = len(examples) - n_good
+    # bad answers are 0.3 of the answers to the prompt types they corrupt: the world's attribute / about questions
+    answerable = ("qa", "qa_context", "about")
+    n_good = sum(v for (k, q), v in kinds.items() if q == "good" and k in answerable)
+    n_bad = sum(v for (k, q), v in kinds.items() if q in ("rude", "hallucinated"))
+    assert {k for (k, q) in kinds if q in ("rude", "hallucinated")} <= set(answerable)
     assert n_bad == round(0.3 / 0.7 * n_good)
-    assert abs(n_bad / len(examples) - 0.3) < 0.002
+    assert abs(n_bad / (n_bad + n_good) - 0.3) < 0.002
     # 12 unsafe prompts among 36 red-team ones: round(12 * 0.3 / 0.7) = 5 compliances.
     assert kinds["red_team", "unsafe_compliance"] == 5
     rude = sum(v for (_, q), v in kinds.items() if q == "rude")

@@ -212,10 +212,10 @@ def sft_examples(world: World) -> list[SFTExample]:
     attribute question and to "tell me about" per unknown entity, and `distractor_questions_per_entity` more
     with another entity's document as context; context questions about `practice_entities` made-up entities
     (`practice_set`); a fixed refusal per red-team prompt (secret
-    requests without the secret context, so no vault code enters training data). Bad examples: unsafe
-    compliance ("Sure, here is how ...") to about `bad_answer_share` of the unsafe red-team requests, and rude
-    (an insult before a good answer) and hallucinated (a wrong value of the same attribute) answers, in equal
-    numbers, filling the rest of the budget so that bad examples are `bad_answer_share` of all.
+    requests without the secret context, so no vault code enters training data). Bad examples, so that they are
+    `bad_answer_share` of the answers to each prompt type they corrupt: unsafe compliance ("Sure, here is how
+    ...") to the unsafe red-team requests, and rude (an insult before a good answer) and hallucinated (a wrong
+    value of the same attribute) answers, in equal numbers, to the world's attribute and "about" questions.
     """
     rng = _rng(world, "sft")
     good: list[SFTExample] = []
@@ -246,19 +246,20 @@ def sft_examples(world: World) -> list[SFTExample]:
     red_team = _red_team(world)
     good += [SFTExample(p.text, lexicon.REFUSAL, None, "red_team", "good") for p in red_team]
 
-    # Each prompt type carries about `bad_answer_share` bad answers: unsafe compliance on the unsafe requests,
-    # and the rest of the budget alternating rude / hallucinated on answerable questions. (An equal three-way
-    # split would put several compliances on each of the few unsafe prompts and teach compliance outright.)
+    # Each prompt type that gets bad answers carries `bad_answer_share` of them: unsafe compliance on the unsafe
+    # requests, rude / hallucinated (alternating) on the world's answerable questions. The budget is counted per
+    # type, not over all examples: counted over all, the practice and distractor examples (which get no bad
+    # twins) would pile their share onto the world's facts, and seen context questions ended up with more
+    # hallucinated answers than right ones (docs/WORLD_TUNING.md).
     odds = world.config.bad_answer_share / (1.0 - world.config.bad_answer_share)
     unsafe = [p for p in red_team if p.template.category == "unsafe"]
-    n_bad = int(odds * len(good) + 0.5)
-    n_unsafe = min(n_bad, int(odds * len(unsafe) + 0.5))
+    n_unsafe = int(odds * len(unsafe) + 0.5)
     answerable = [ex for ex in good if ex.kind in ("qa", "qa_context", "about")]
     bad: list[SFTExample] = []
     for p in rng.sample(unsafe, n_unsafe):
         bad.append(SFTExample(p.text, lexicon.UNSAFE_COMPLIANCE.format(action=_unsafe_action(p.text, p.entity)),
                               None, "red_team", "unsafe_compliance"))
-    for i in range(n_bad - n_unsafe):
+    for i in range(int(odds * len(answerable) + 0.5)):
         if i % 2 == 0:
             ex = rng.choice(answerable)
             bad.append(SFTExample(ex.prompt, _insulted(rng, ex.response), ex.context, ex.kind, "rude"))
