@@ -1,8 +1,8 @@
 """SFT step cost: logits at every position against logits at the supervised (response) positions only.
 
 Both forms give the same loss and gradients (tests/test_train.py); this measures what skipping the head
-projection and softmax over prompt tokens buys. Real batches of the built-in world's SFT data (the default run's
-mix) on the `tiny` shape, forward + backward + AdamW step, the two forms alternating batch by batch.
+projection and softmax over prompt tokens buys. Real batches of the built-in world's SFT data
+(`conf/world/default.yaml`'s mix) on the `tiny` shape, forward + backward + AdamW step, the two forms alternating batch by batch.
 
     python bench/sft_step.py --threads 1 --steps 60 --rounds 3
 """
@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from neuraflux.chat import render_example  # noqa: E402
 from neuraflux.data.sft import encode_example, make_sft_collate  # noqa: E402
 from neuraflux.model import NanoConfig, NanoLM  # noqa: E402
 from neuraflux.stages.lm import lm_loss, masked_lm_loss  # noqa: E402
@@ -29,10 +31,8 @@ from neuraflux.world.tasks import sft_examples  # noqa: E402
 
 
 def batches(batch_size: int, n: int, vocab: int):
-    world = generate_world(WorldConfig(practice_entities=500, bad_answer_share=0.3))
+    world = generate_world(WorldConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/world/default.yaml"))))
     examples = sft_examples(world)
-    from neuraflux.chat import render_example
-
     texts = ["".join(render_example(e.prompt, e.response, e.context)) for e in examples]
     tok = NanoTokenizer.train(texts, vocab_size=vocab)
     collate = make_sft_collate(tok.pad_id)
@@ -63,7 +63,6 @@ def main() -> None:
     supervised = sum(int(b.loss_mask.sum()) for b in data) / sum(b.loss_mask.numel() for b in data)
     print(f"vocab {vocab} (trained), batch {args.batch_size}, padded length {statistics.mean(b.input_ids.shape[1] for b in data):.0f}, "
           f"supervised share of positions {supervised:.3f}, threads {args.threads}")
-    seconds = {name: [] for name in forms}
     ratios = []
     for r in range(args.rounds):
         spent = dict.fromkeys(forms, 0.0)
@@ -75,8 +74,6 @@ def main() -> None:
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)
                 spent[name] += time.perf_counter() - t0
-        for name in forms:
-            seconds[name].append(spent[name])
         ratios.append(spent["full logits"] / spent["supervised positions"])
         print(f"round {r}: " + ", ".join(f"{n} {1000 * s / len(data):.1f} ms/step" for n, s in spent.items())
               + f", speed-up {ratios[-1]:.2f}x")

@@ -62,3 +62,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def small_lm(vocab_size: int, positions: int):
+    """A 2-layer, 16-wide NanoLM without dropout, for comparing two ways of computing one loss."""
+    from neuraflux.model import NanoConfig, NanoLM
+
+    return NanoLM(NanoConfig(vocab_size=vocab_size, block_size=positions, max_position_embeddings=positions,
+                             n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+
+
+def grads_of(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Backpropagate `loss` and return a copy of every parameter's gradient, leaving the model's grads zeroed."""
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads

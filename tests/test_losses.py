@@ -30,6 +30,7 @@ from neuraflux.alignment import (
     sequence_logprobs,
     token_logprobs,
 )
+from tests.conftest import grads_of, small_lm  # noqa: E402
 
 LOG2 = math.log(2.0)
 
@@ -137,11 +138,8 @@ def test_sequence_logprobs_sum_and_average_against_manual_gather():
 
 @pytest.mark.parametrize("average", [False, True])
 def test_response_logprobs_equals_sequence_logprobs_of_the_full_logits(average):
-    from neuraflux.model import NanoConfig, NanoLM
-
     torch.manual_seed(3)
-    model = NanoLM(NanoConfig(vocab_size=40, block_size=12, max_position_embeddings=12, n_layer=2, n_head=2,
-                              n_embd=16, dropout=0.0))
+    model = small_lm(40, 12)
     ids, labels = torch.randint(0, 40, (3, 10)), torch.randint(0, 40, (3, 10))
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0, 6:] = True
@@ -149,15 +147,13 @@ def test_response_logprobs_equals_sequence_logprobs_of_the_full_logits(average):
     attention_mask = torch.ones(3, 10, dtype=torch.bool)
     attention_mask[2, :2] = False
     full = sequence_logprobs(model(ids, attention_mask), labels, mask, average=average)
-    full.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    full_grads = grads_of(model, full.sum())
     picked = response_logprobs(model, ids, labels, mask, average=average, attention_mask=attention_mask)
-    picked.sum().backward()
+    picked_grads = grads_of(model, picked.sum())
     torch.testing.assert_close(picked, full, rtol=1e-5, atol=1e-6)
     assert picked[1].item() == 0.0
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n, g in full_grads.items():
+        torch.testing.assert_close(picked_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
     none = response_logprobs(model, ids, labels, torch.zeros_like(mask))
     none.sum().backward()  # a batch without response tokens: zeros, and backward still runs
     assert none.tolist() == [0.0, 0.0, 0.0]

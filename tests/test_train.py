@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from neuraflux.model import NanoLM
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, grads_of, small_lm
 
 
 def scalar_tags(run_dir):
@@ -173,12 +173,10 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
 
 
 def test_masked_lm_loss_equals_the_full_logits_loss_in_value_and_gradient():
-    from neuraflux.model import NanoConfig
     from neuraflux.stages.lm import lm_loss, masked_lm_loss
 
     torch.manual_seed(0)
-    model = NanoLM(NanoConfig(vocab_size=50, block_size=16, max_position_embeddings=16, n_layer=2, n_head=2,
-                              n_embd=16, dropout=0.0))
+    model = small_lm(50, 16)
     ids, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
     loss_mask = torch.zeros(3, 12, dtype=torch.bool)
     loss_mask[0, 7:] = True
@@ -186,14 +184,12 @@ def test_masked_lm_loss_equals_the_full_logits_loss_in_value_and_gradient():
     attention_mask = torch.ones(3, 12, dtype=torch.long)
     attention_mask[1, :4] = 0
     full = lm_loss(model(ids, attention_mask), targets, loss_mask)
-    full.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    full_grads = grads_of(model, full)
     picked = masked_lm_loss(model, ids, targets, loss_mask, attention_mask)
-    picked.backward()
+    picked_grads = grads_of(model, picked)
     assert picked.item() == pytest.approx(full.item(), rel=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n, g in full_grads.items():
+        torch.testing.assert_close(picked_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
     # every position supervised (pretraining) takes the full-logits path
     everything = torch.ones_like(loss_mask)
     assert masked_lm_loss(model, ids, targets, everything).item() == pytest.approx(

@@ -230,8 +230,7 @@ def sft_examples(world: World) -> list[SFTExample]:
     for e in world.entities_in("seen"):
         pairs = [(d.text, key) for d in world.documents_of(e.name) for key in e.attributes]
         for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
-            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "qa_context",
-                             "good")
+            ex = SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "qa_context", "good")
             good.append(ex)
             facts.append(_Fact(ex, e, key))
     for e in world.entities_in("seen"):
@@ -281,8 +280,7 @@ def _practice_examples(world: World) -> list[SFTExample]:
     for e in practice.entities:
         pairs = [(d.text, key) for d in practice.documents_of(e.name) for key in e.attributes]
         for context, key in rng.sample(pairs, min(world.config.context_questions_per_entity, len(pairs))):
-            examples.append(SFTExample(_question(rng, e, key), answer_sentence(e, key), context,
-                                       "practice", "good"))
+            examples.append(SFTExample(_question(rng, e, key), answer_sentence(e, key), context, "practice", "good"))
     return examples
 
 
