@@ -46,3 +46,14 @@ def test_evaluate_shape_and_ranges(world, tmp_path):
     assert main(["--model", str(tmp_path), "--limit", "2"]) == 0
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["n"]["seen"] == 2
+
+
+def test_world_config_for_reads_the_run_and_names_a_stale_key(tmp_path):
+    from neuraflux.eval import world_config_for
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("world:\n  seed: 5\n  n_entities: 40\n")
+    assert world_config_for(tmp_path / "model") == WorldConfig(seed=5, n_entities=40)
+    (tmp_path / "config.yaml").write_text("world:\n  seed: 5\n  answer_style: value\n")
+    with pytest.raises(ValueError, match=r"config.yaml: world: unknown world key\(s\) \['answer_style'\]"):
+        world_config_for(tmp_path / "model")

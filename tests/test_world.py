@@ -59,6 +59,13 @@ def test_config_rejects_bad_values_naming_the_field(overrides, message):
         WorldConfig(**overrides)
 
 
+def test_from_dict_names_an_unknown_key_and_where_it_came_from():
+    assert WorldConfig.from_dict({"seed": 3, "n_entities": 40}) == WorldConfig(seed=3, n_entities=40)
+    assert WorldConfig.from_dict(None) == WorldConfig()
+    with pytest.raises(ValueError, match=r"run/config.yaml: world: unknown world key\(s\) \['answer_style'\]"):
+        WorldConfig.from_dict({"seed": 3, "answer_style": "value"}, "run/config.yaml: world")
+
+
 def test_split_counts_round_cumulatively():
     cfg = WorldConfig()
     # 38 of a kind: seen = round(22.8) = 23, seen+unseen = round(30.4) = 30 -> unseen 7, unknown 8.

@@ -231,7 +231,7 @@ def evaluate_model(cfg: DictConfig, model_dir: Path, parent: Path) -> dict:
     from neuraflux.world import WorldConfig, generate_world
 
     model, tokenizer = load_pretrained(model_dir)
-    world = generate_world(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
+    world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
     result = evaluate(model, tokenizer, world, EvalSettings(limit=cfg.curriculum.get("eval_limit", 100)))
     (parent / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

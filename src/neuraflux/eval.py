@@ -139,7 +139,7 @@ def world_config_for(run_dir: Path) -> WorldConfig:
         if candidate.is_file():
             cfg = OmegaConf.load(candidate)
             if "world" in cfg:
-                return WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True))
+                return WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True), f"{candidate}: world")
     log.warning("no config.yaml with a world section beside %s: using the default world", run_dir)
     return WorldConfig()
 

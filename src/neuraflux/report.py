@@ -31,7 +31,7 @@ TARGETS = {
 def _world(cfg: DictConfig):
     from neuraflux.world import WorldConfig, generate_world
 
-    return generate_world(WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True)))
+    return generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
 
 
 def load_constitution(cfg: DictConfig, conf_dir: Path):

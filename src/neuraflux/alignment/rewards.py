@@ -150,7 +150,7 @@ def make_reward(
     weights = check_judge_weights(judge_weights if judge_weights is not None else dict.fromkeys(JUDGES, 1.0))
     terms, reward_model = [], None
     if uses_judges:
-        terms.append(RewardTerm(JudgeReward(generate_world(WorldConfig(**dict(world))), weights)))
+        terms.append(RewardTerm(JudgeReward(generate_world(WorldConfig.from_dict(world)), weights)))
     if uses_model:
         reward_model = load_reward_model(reward_model_path, tokenizer)
         terms.append(RewardTerm(RewardModelReward(reward_model), reward_model_weight))
@@ -426,7 +426,7 @@ def make_composite(
         log.info("stage.module.thresholds %s unused: combine=%s has no constraints", thresholds, combine)
         thresholds = {}
 
-    built = generate_world(WorldConfig(**dict(world)))
+    built = generate_world(WorldConfig.from_dict(world))
     stop_ids = (tokenizer.end_id, tokenizer.eos_id)
     components: dict[str, RewardFn] = {name: JudgeReward(built, {name: 1.0}) for name in JUDGES}
     reward_model = None

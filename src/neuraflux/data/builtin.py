@@ -8,7 +8,7 @@ BUILTINS = ("world",)
 def _world(world_cfg: dict):
     from neuraflux.world import WorldConfig, generate_world
 
-    return generate_world(WorldConfig(**world_cfg))
+    return generate_world(WorldConfig.from_dict(world_cfg))
 
 
 def check_builtin(name: str) -> None:

@@ -73,7 +73,7 @@ class ConstitutionalDataModule(ResumableDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.tokenizer = None
         self.red_team, self.other = constitutional_prompts(
-            generate_world(WorldConfig(**dict(world or {}))), helpful_share, seed
+            generate_world(WorldConfig.from_dict(world)), helpful_share, seed
         )
         if len(self.red_team) < 2:
             raise ValueError(

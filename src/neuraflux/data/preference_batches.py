@@ -225,7 +225,7 @@ class PreferenceDataModule(ResumableDataModule):
             from neuraflux.world import WorldConfig, generate_world
 
             check_builtin(self.builtin)
-            dataset = PreferenceDataset.from_world(generate_world(WorldConfig(**self.world_cfg)))
+            dataset = PreferenceDataset.from_world(generate_world(WorldConfig.from_dict(self.world_cfg)))
             source = f"data.builtin={self.builtin}"
         else:
             dataset = PreferenceDataset.from_jsonl(self.path, on_invalid=self.on_invalid)

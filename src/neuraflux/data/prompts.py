@@ -90,7 +90,7 @@ def world_prompt_texts(world_cfg: dict) -> list[str]:
     """The world's RL prompts (questions, unknown entities, red-team requests), rendered with contexts."""
     from neuraflux.world import WorldConfig, generate_world, rl_prompts
 
-    world = generate_world(WorldConfig(**world_cfg))
+    world = generate_world(WorldConfig.from_dict(world_cfg))
     return [render_prompt([Message("user", p.prompt)], context=p.context) for p in rl_prompts(world)]
 
 

@@ -234,7 +234,7 @@ class NanoConstitutionalAI(pl.LightningModule):
 
         self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
         self.reference_path, self.out_dir = reference_path, out_dir
-        self.world = generate_world(WorldConfig(**dict(world)))
+        self.world = generate_world(WorldConfig.from_dict(world))
         # Only DPO reads the reference; it lives outside nn.Module registration (no state_dict, no optimizer).
         reference = load_reference(reference_path, model, tokenizer) if feedback == "dpo" else None
         self.frozen = FrozenReference(reference)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from neuraflux.chat import END, USER
 from neuraflux.world import lexicon, schema
@@ -68,6 +70,17 @@ class WorldConfig:
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
     pairs_per_prompt: int = 3
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, source: str = "world") -> WorldConfig:
+        """A WorldConfig from a config section; a key that is not a field (a typo, or one a newer version removed)
+        is named with `source` (the config key or file it came from) instead of a bare TypeError."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown world key(s) {unknown}; WorldConfig's fields are "
+                             f"{[f.name for f in fields(cls)]}")
+        return cls(**values)
 
     def __post_init__(self) -> None:
         for name in ("n_entities", "docs_per_entity", "pairs_per_prompt"):
