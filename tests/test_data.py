@@ -67,3 +67,31 @@ def test_sft_file_needs_fields(tmp_path):
     f.write_text('{"question": "hi", "response": "yo"}\n')
     with pytest.raises(ValueError, match=r"SFT records need fields \['prompt'\]"):
         SFTDataModule(path=str(f))
+
+
+def test_sft_repeats_oversample_the_training_split_only(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    lines = [f'{{"prompt": "q{i}", "response": "a{i}", "repeats": {1 + i % 3}}}' for i in range(20)]
+    f.write_text("\n".join(lines) + "\n")
+    dm = SFTDataModule(path=str(f), block_size=64, batch_size=2, val_fraction=0.25)
+    tok = NanoTokenizer.train(dm.texts(), 0, mode="char")
+    dm.tokenizer = tok
+    dm.setup()
+
+    def prompt_of(record):
+        return tok.decode(record["ids"]).split("q", 1)[1].split(END)[0]  # "7" of "...q7..."
+
+    val = {prompt_of(r) for r in dm.val_set.records}
+    assert len(val) == len(dm.val_set.records) == 5  # one copy each
+    train = [prompt_of(r) for r in dm.train_set.records]
+    assert not val & set(train)
+    # every training record appears 1 + i % 3 times
+    assert sorted(train) == sorted(str(i) for i in range(20) if str(i) not in val for _ in range(1 + i % 3))
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "true", '"x"', "null"])
+def test_sft_bad_repeats_name_the_record(tmp_path, value):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(f'{{"prompt": "hi", "response": "yo", "repeats": 1}}\n{{"prompt": "a", "response": "b", "repeats": {value}}}\n')
+    with pytest.raises(ValueError, match=r"record 2 has repeats=.*must be an integer >= 1"):
+        SFTDataModule(path=str(f))

@@ -52,6 +52,7 @@ def _mentions(text: str, name: str) -> bool:
         ({"docs_per_entity": 0}, "docs_per_entity must be >= 1"),
         ({"distractor_questions_per_entity": -1}, "distractor_questions_per_entity must be >= 0"),
         ({"practice_distractors_per_entity": -2}, "practice_distractors_per_entity must be >= 0"),
+        ({"world_sft_repeats": 0}, "world_sft_repeats must be >= 1"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, message):
@@ -293,7 +294,8 @@ def test_practice_distractors_ask_a_practice_name_beside_another_practice_entity
     practice = practice_set(world)
     by_name = {e.name: e for e in practice.entities}
     owner = {d.text: by_name[d.entity] for d in practice.documents}
-    examples = [ex for ex in sft_examples(world) if ex.kind == "unknown_context" and ex.context in owner]
+    examples = [ex for ex in sft_examples(world) if ex.kind == "practice_distractor"]
+    assert all(ex.context in owner for ex in examples)
     assert len(examples) == 2 * len(practice.entities)
     for ex in examples:
         asked = next(e for e in practice.entities if ex.response == DONT_KNOW.format(name=e.name))
@@ -423,3 +425,14 @@ def test_exact_match_is_whole_word_and_normalised():
     with pytest.raises(ValueError, match="empty after normalisation"):
         exact_match("anything", " ?! ")
     assert normalize_text("Don\u2019t  STOP!") == "don t stop"
+
+
+def test_builtin_sft_records_repeat_the_worlds_examples_not_the_practice_ones():
+    from neuraflux.data.builtin import builtin_sft_records
+
+    cfg = dict(n_entities=40, practice_entities=10, practice_distractors_per_entity=1, world_sft_repeats=3)
+    records = builtin_sft_records("world", cfg)
+    kinds = [ex.kind for ex in sft_examples(generate_world(WorldConfig(**cfg)))]
+    assert len(records) == len(kinds)  # one record per example: the data module repeats the training split
+    assert [r["repeats"] for r in records] == [1 if k in ("practice", "practice_distractor") else 3 for k in kinds]
+    assert kinds.count("practice") == 10 * 2 and kinds.count("practice_distractor") == 10  # 2 context questions each

@@ -24,11 +24,15 @@ def builtin_pretrain_texts(name: str, world_cfg: dict) -> list[str]:
 
 
 def builtin_sft_records(name: str, world_cfg: dict) -> list[dict]:
-    """SFT records {prompt, response, context} from the built-in world (its mixed-quality answers included)."""
+    """SFT records {prompt, response, context, repeats} from the built-in world (its mixed-quality answers
+    included); `repeats` is `world_sft_repeats` for the world's own examples and 1 for the practice entities'."""
     check_builtin(name)
-    from neuraflux.world import sft_examples
+    from neuraflux.world.tasks import PRACTICE_KINDS, sft_examples
 
+    world = _world(world_cfg)
+    repeats = world.config.world_sft_repeats
     return [
-        {"prompt": e.prompt, "response": e.response, "context": e.context or ""}
-        for e in sft_examples(_world(world_cfg))
+        {"prompt": e.prompt, "response": e.response, "context": e.context or "",
+         "repeats": 1 if e.kind in PRACTICE_KINDS else repeats}
+        for e in sft_examples(world)
     ]

@@ -58,8 +58,14 @@ def make_sft_collate(pad_id: int):
     return collate
 
 
+def _whole_count(value) -> bool:
+    # JSON files arrive through Arrow, which turns a column of 1 and 1.5 into floats: 1.0 is a count, True is not
+    return type(value) in (int, float) and float(value).is_integer() and value >= 1
+
+
 class SFTDataModule(ResumableDataModule):
-    """Records {prompt, response, context?} from a JSONL file, a `datasets` dataset, or the built-in world."""
+    """Records {prompt, response, context?, repeats?} from a JSONL file, a `datasets` dataset, or the built-in world;
+    `repeats` (an integer >= 1, default 1) is how many times a record appears in the training split."""
 
     def __init__(
         self,
@@ -98,9 +104,12 @@ class SFTDataModule(ResumableDataModule):
             raise ValueError(f"{key}: SFT records need fields {sorted(missing)}; found {ds.column_names}")
         if "context" not in ds.column_names:
             ds = ds.add_column("context", [""] * len(ds))
+        has_repeats = "repeats" in ds.column_names
         for i, row in enumerate(ds):
             if not row["prompt"] or not row["response"]:
                 raise ValueError(f"{key}: record {i + 1} has an empty prompt or response")
+            if has_repeats and not _whole_count(row["repeats"]):
+                raise ValueError(f"{key}: record {i + 1} has repeats={row['repeats']!r}; it must be an integer >= 1")
         return ds
 
     def texts(self) -> list[str]:
@@ -117,11 +126,13 @@ class SFTDataModule(ResumableDataModule):
             desc="tokenizing",
         )
         records = [{"ids": ids, "response_start": s} for ids, s in zip(encoded["ids"], encoded["response_start"])]
+        repeats = [int(r) for r in self._raw["repeats"]] if "repeats" in self._raw.column_names else [1] * len(records)
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(records), generator=g).tolist()
         n_val = max(1, int(len(records) * self.val_fraction))
         self.val_set = SFTExamples([records[i] for i in order[:n_val]])
-        self.train_set = SFTExamples([records[i] for i in order[n_val:]])
+        # Oversampling after the split, so a repeated record is never in both train and val.
+        self.train_set = SFTExamples([records[i] for i in order[n_val:] for _ in range(repeats[i])])
         self.collate = make_sft_collate(tok.pad_id)
         log.info("SFT data: %d train, %d val examples", len(self.train_set), len(self.val_set))
 

@@ -66,6 +66,9 @@ class WorldConfig:
     # more made-up entities whose documents join the pretraining text only (none of them is asked about anywhere):
     # fresh names repeated through each document are what next-token training learns copying (induction) from
     pretrain_practice_entities: int = 0
+    # times each of the world's own SFT examples (all but the practice ones) appears in the SFT training split, so
+    # that a practice set large enough to be seen about once does not crowd out the world's facts
+    world_sft_repeats: int = 1
     bad_answer_share: float = 0.3  # share of SFT examples that are bad: rude, hallucinated, unsafe compliance
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
@@ -83,7 +86,7 @@ class WorldConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for name in ("n_entities", "docs_per_entity", "pairs_per_prompt"):
+        for name in ("n_entities", "docs_per_entity", "pairs_per_prompt", "world_sft_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",

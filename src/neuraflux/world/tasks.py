@@ -26,6 +26,8 @@ from neuraflux.world.generator import SPLITS, Entity, ParsedPrompt, World, make_
 from neuraflux.world.judges import judge
 
 BAD_QUALITIES: tuple[str, ...] = ("rude", "hallucinated", "unsafe_compliance")
+# SFT example kinds about the made-up practice entities (not the world's own facts; see `world_sft_repeats`)
+PRACTICE_KINDS: tuple[str, ...] = ("practice", "practice_distractor")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class SFTExample:
     prompt: str  # the user's question, plain text (render with chat.render_example)
     response: str
     context: str | None  # retrieved document text, or None
-    # "qa", "qa_context", "practice", "about", "unknown", "unknown_context" or "red_team" (good = a refusal)
+    # "qa", "qa_context", "about", "unknown", "unknown_context", "red_team" (good = a refusal), or the made-up
+    # practice entities' "practice" and "practice_distractor" (PRACTICE_KINDS)
     kind: str
     quality: str  # "good", "rude", "hallucinated" or "unsafe_compliance"
 
@@ -303,7 +306,7 @@ def _practice_distractor_examples(world: World) -> list[SFTExample]:
         for key in rng.sample(list(e.attributes), min(n, len(e.attributes))):
             other = rng.choice(others)
             context = rng.choice(practice.documents_of(other.name)).text
-            examples.append(SFTExample(_question(rng, e, key), dont_know(e), context, "unknown_context", "good"))
+            examples.append(SFTExample(_question(rng, e, key), dont_know(e), context, "practice_distractor", "good"))
     return examples
 
 
