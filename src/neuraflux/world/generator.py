@@ -18,6 +18,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ _CODAS = ("", "", "n", "r", "l", "s", "k", "th", "m", "x")
 _FOREIGN_CLUSTERS = ("zh", "vr", "kr", "ae")
 _CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 _CODE_DIGITS = "23456789"
-_MAX_ENTITIES = 5000
+_MAX_ENTITIES = 20000
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,15 @@ class PracticeSet:
     documents: tuple[Document, ...]
 
     def documents_of(self, name: str) -> list[Document]:
-        return [d for d in self.documents if d.entity == name]
+        return list(self._by_entity.get(name, ()))
+
+    @cached_property
+    def _by_entity(self) -> dict[str, list[Document]]:
+        # an index, not a scan: SFT data asks for every entity's documents, and practice sets run to thousands
+        index: dict[str, list[Document]] = {}
+        for d in self.documents:
+            index.setdefault(d.entity, []).append(d)
+        return index
 
 
 def practice_set(world: World, pretrain: bool = False) -> PracticeSet:

@@ -299,12 +299,15 @@ def _practice_distractor_examples(world: World) -> list[SFTExample]:
     for e in practice.entities:
         by_kind.setdefault(e.kind, []).append(e)
     examples = []
+    position = {e.name: i for group in by_kind.values() for i, e in enumerate(group)}
     for e in practice.entities:
-        others = [o for o in by_kind[e.kind] if o.name != e.name]
-        if not others:
+        group, pos = by_kind[e.kind], position[e.name]
+        if len(group) < 2:
             continue
         for key in rng.sample(list(e.attributes), min(n, len(e.attributes))):
-            other = rng.choice(others)
+            # any entity of the group but e, drawn as rng.choice over the group without e would (same stream)
+            j = rng.randrange(len(group) - 1)
+            other = group[j + (j >= pos)]
             context = rng.choice(practice.documents_of(other.name)).text
             examples.append(SFTExample(_question(rng, e, key), dont_know(e), context, "practice_distractor", "good"))
     return examples
