@@ -436,3 +436,14 @@ def test_builtin_sft_records_repeat_the_worlds_examples_not_the_practice_ones():
     assert len(records) == len(kinds)  # one record per example: the data module repeats the training split
     assert [r["repeats"] for r in records] == [1 if k in ("practice", "practice_distractor") else 3 for k in kinds]
     assert kinds.count("practice") == 10 * 2 and kinds.count("practice_distractor") == 10  # 2 context questions each
+
+
+def test_world_conf_lists_every_field_so_each_is_overridable():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "world" / "default.yaml")
+    assert set(conf) == {f.name for f in fields(WorldConfig)}  # Hydra refuses `world.X=` for a key it lacks
+    WorldConfig.from_dict(OmegaConf.to_container(conf))
