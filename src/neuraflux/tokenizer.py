@@ -33,8 +33,11 @@ class NanoTokenizer:
 
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, mode: str = "bpe", min_frequency: int = 2) -> NanoTokenizer:
-        """Train on an iterable of texts. `mode` is "bpe" (byte-level) or "char"."""
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, mode: str = "bpe", min_frequency: int = 2, split_digits: bool = True
+    ) -> NanoTokenizer:
+        """Train on an iterable of texts. `mode` is "bpe" (byte-level) or "char". `split_digits`: every digit is its
+        own token (BPE), so a number is copied or compared digit by digit instead of in corpus-dependent chunks."""
         if mode == "char":
             chars = sorted({c for t in texts for c in t})
             return cls(char_vocab=[*SPECIAL_TOKENS, UNK, *chars])
@@ -46,7 +49,11 @@ class NanoTokenizer:
         if vocab_size < minimum:
             raise ValueError(f"tokenizer.vocab_size must be >= {minimum} for byte-level BPE, got {vocab_size}")
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # Learned merges split "1248" as "12"+"4"+"8" and "1818" as "181"+"8": a model then copies a number it has
+        # not seen through pieces it rarely saw. One token per digit makes every number ten well-trained symbols.
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -149,7 +149,8 @@ def check_same_shape(configured: NanoConfig, loaded: NanoConfig, source: Path) -
 def build_tokenizer(cfg: DictConfig, datamodule) -> NanoTokenizer:
     if cfg.tokenizer.get("path"):
         return NanoTokenizer.load(cfg.tokenizer.path)
-    return NanoTokenizer.train(datamodule.texts(), vocab_size=cfg.tokenizer.vocab_size, mode=cfg.tokenizer.mode)
+    return NanoTokenizer.train(datamodule.texts(), vocab_size=cfg.tokenizer.vocab_size, mode=cfg.tokenizer.mode,
+                               split_digits=cfg.tokenizer.get("split_digits", True))
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
