@@ -37,12 +37,12 @@ def test_bpe_learns_merges_to_vocab_size(bpe):
     assert len(bpe.encode(CORPUS[0])) < len(CORPUS[0]) / 2  # merges compress the training text
 
 
-def test_digits_are_single_tokens_unless_turned_off(bpe):
-    pieces = [bpe.decode([i]) for i in bpe.encode("founded Tavrin in 1204.")]
+def test_split_digits_makes_every_digit_a_token(bpe):
+    assert len(bpe.encode(" 1204")) < 5  # by default BPE merges the frequent number
+    split = NanoTokenizer.train(CORPUS, vocab_size=400, split_digits=True)
+    pieces = [split.decode([i]) for i in split.encode("founded Tavrin in 1204.")]
     assert pieces[-6:] == [" ", "1", "2", "0", "4", "."]  # "1204" is in the corpus 20 times, yet never merged
-    merged = NanoTokenizer.train(CORPUS, vocab_size=400, split_digits=False)
-    assert len(merged.encode(" 1204")) < 5  # without the rule BPE merges the frequent number
-    assert merged.decode(merged.encode("in 1204 and 99")) == "in 1204 and 99"
+    assert split.decode(split.encode("in 1204 and 99")) == "in 1204 and 99"
 
 
 def test_small_vocab_is_refused():

@@ -150,7 +150,7 @@ def build_tokenizer(cfg: DictConfig, datamodule) -> NanoTokenizer:
     if cfg.tokenizer.get("path"):
         return NanoTokenizer.load(cfg.tokenizer.path)
     return NanoTokenizer.train(datamodule.texts(), vocab_size=cfg.tokenizer.vocab_size, mode=cfg.tokenizer.mode,
-                               split_digits=cfg.tokenizer.get("split_digits", True))
+                               split_digits=cfg.tokenizer.get("split_digits", False))
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
