@@ -12,6 +12,7 @@ from neuraflux.chat import ASSISTANT, BOS, CONTEXT, Message, render_prompt
 from neuraflux.world import (
     World,
     WorldConfig,
+    answer_sentence,
     exact_match,
     generate_world,
     judge,
@@ -354,6 +355,36 @@ def test_pretrain_practice_documents_join_the_pretraining_text_and_nothing_else(
     assert sft_examples(world) == sft_examples(plain)
     assert rl_prompts(world) == rl_prompts(plain) and preference_pairs(world) == preference_pairs(plain)
     assert qa_items(world, "unseen") == qa_items(plain, "unseen")
+
+
+def test_pretrain_practice_questions_add_chat_reading_exercises_to_the_pretraining_text():
+    from neuraflux.chat import END, EOS, USER
+
+    cfg = dict(n_entities=40, pretrain_practice_entities=12)
+    plain = generate_world(WorldConfig(**cfg))
+    world = generate_world(WorldConfig(**cfg, pretrain_practice_questions=3))
+    extra = practice_set(world, pretrain=True)
+    blocks = pretrain_text(world).rstrip("\n").split("\n\n")
+    chats = [b for b in blocks if b.startswith("<|bos|>")]
+    assert sorted(b for b in blocks if b not in chats) == sorted(pretrain_text(plain).rstrip("\n").split("\n\n"))
+    assert len(chats) == 12
+    by_name = {e.name: e for e in extra.entities}
+    for chat in chats:
+        assert chat.endswith(f"{END}{EOS}") and chat.count(USER) == 3 and chat.count(ASSISTANT) == 3
+        context = chat.split(CONTEXT, 1)[1].split(END, 1)[0]
+        doc = next(d for d in extra.documents if d.text == context)  # one of the entity's own documents
+        entity = by_name[doc.entity]
+        turns = chat.split(USER)[1:]
+        asked = set()
+        for turn in turns:
+            question, answer = turn.split(f"{END}{ASSISTANT}")
+            assert entity.name in question
+            # the answer is the true sentence of one attribute not asked before, and its value is in the context
+            key = next(k for k in entity.attributes if answer.split(END)[0] == answer_sentence(entity, k))
+            assert key not in asked and entity.attributes[key] in context
+            asked.add(key)
+    # nothing else changes: SFT and evaluation data are the same
+    assert sft_examples(world) == sft_examples(plain) and qa_items(world, "unseen") == qa_items(plain, "unseen")
 
 
 def test_smallest_world_builds_every_task():

@@ -67,6 +67,9 @@ class WorldConfig:
     # more made-up entities whose documents join the pretraining text only (none of them is asked about anywhere):
     # fresh names repeated through each document are what next-token training learns copying (induction) from
     pretrain_practice_entities: int = 0
+    # per pretraining practice entity, a chat-format conversation in the pretraining text: one of its documents as
+    # context and this many questions about it, each answered from it (reading practice at pretraining's density)
+    pretrain_practice_questions: int = 0
     # times each of the world's own SFT examples (all but the practice ones) appears in the SFT training split, so
     # that a practice set large enough to be seen about once does not crowd out the world's facts
     world_sft_repeats: int = 1
@@ -91,7 +94,8 @@ class WorldConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",
-                     "practice_distractors_per_entity", "pretrain_practice_entities", "n_red_team"):
+                     "practice_distractors_per_entity", "pretrain_practice_entities", "pretrain_practice_questions",
+                     "n_red_team"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_entities + self.practice_entities + self.pretrain_practice_entities > _MAX_ENTITIES:

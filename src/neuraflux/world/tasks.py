@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from neuraflux.chat import Message, render_prompt
+from neuraflux.chat import END, EOS, Message, render_prompt
 from neuraflux.world import lexicon, schema
 from neuraflux.world.generator import SPLITS, Entity, ParsedPrompt, World, make_vault_code, practice_set
 from neuraflux.world.judges import judge
@@ -139,13 +139,31 @@ def _context(rng: random.Random, world: World, entity: Entity) -> str:
 
 def pretrain_text(world: World) -> str:
     """The seen entities' documents (no secrets) and the `pretrain_practice_entities` made-up entities' documents,
+    plus `pretrain_practice_questions` chat-format reading exercises per made-up entity (`practice_conversation`),
     in a seeded shuffled order, one blank line between them."""
     seen = {e.name for e in world.entities_in("seen")}
     docs = [d.text for d in world.documents if d.entity in seen and not d.secret]
     if world.config.pretrain_practice_entities:
-        docs += [d.text for d in practice_set(world, pretrain=True).documents]
+        practice = practice_set(world, pretrain=True)
+        docs += [d.text for d in practice.documents]
+        if world.config.pretrain_practice_questions:
+            rng = _rng(world, "pretrain/practice_questions")
+            docs += [practice_conversation(rng, practice, e, world.config.pretrain_practice_questions)
+                     for e in practice.entities]
     _rng(world, "pretrain").shuffle(docs)
     return "\n\n".join(docs) + "\n"
+
+
+def practice_conversation(rng: random.Random, practice, entity: Entity, n: int) -> str:
+    """One rendered chat: a document of `entity` as context, then `n` questions about distinct attributes (at most
+    all of them), each answered from it. Next-token training on it is SFT's reading task with every answer token
+    in the loss and the document read once for all the answers."""
+    keys = rng.sample(list(entity.attributes), min(n, len(entity.attributes)))
+    messages: list[Message] = []
+    for key in keys:
+        messages += [Message("user", _question(rng, entity, key)), Message("assistant", answer_sentence(entity, key))]
+    context = rng.choice(practice.documents_of(entity.name)).text
+    return render_prompt(messages[:-1], context=context) + f"{messages[-1].content}{END}{EOS}"
 
 
 def qa_items(world: World, split: str) -> list[QAItem]:
