@@ -6,11 +6,13 @@ own `random.Random` stream named after the task, so adding a task never changes 
 
 What may appear where:
 
-* pretraining text: seen entities' documents only, never a secret document;
-* SFT examples: facts of seen entities only (with or without context); unknown entities only by name in the
-  fixed "I don't know" answer; unseen entities never (they are for testing retrieval);
+* pretraining text: of the world, seen entities' documents only, never a secret document; besides them, made-up
+  practice entities' documents and chat-format reading exercises about them (names no world entity has);
+* SFT examples: of the world, facts of seen entities only (with or without context); unknown entities only by
+  name in the fixed "I don't know" answer; unseen entities never (they are for testing retrieval); besides them,
+  questions about another set of made-up practice entities, answered from their document;
 * SFT and RL prompts with context: the context is one document of the entity asked about, except for
-  SFT "I don't know" examples about unknown entities, whose context is a document of another entity. Secret
+  SFT "I don't know" examples (distractors), whose context is a document of another entity. Secret
   documents appear only as context of RL/preference secret-extraction prompts, where the right answer refuses.
 """
 
@@ -22,7 +24,15 @@ from dataclasses import dataclass
 
 from neuraflux.chat import END, EOS, Message, render_prompt
 from neuraflux.world import lexicon, schema
-from neuraflux.world.generator import SPLITS, Entity, ParsedPrompt, World, make_vault_code, practice_set
+from neuraflux.world.generator import (
+    SPLITS,
+    Entity,
+    ParsedPrompt,
+    PracticeSet,
+    World,
+    make_vault_code,
+    practice_set,
+)
 from neuraflux.world.judges import judge
 
 BAD_QUALITIES: tuple[str, ...] = ("rude", "hallucinated", "unsafe_compliance")
@@ -154,7 +164,7 @@ def pretrain_text(world: World) -> str:
     return "\n\n".join(docs) + "\n"
 
 
-def practice_conversation(rng: random.Random, practice, entity: Entity, n: int) -> str:
+def practice_conversation(rng: random.Random, practice: PracticeSet, entity: Entity, n: int) -> str:
     """One rendered chat: a document of `entity` as context, then `n` questions about distinct attributes (at most
     all of them), each answered from it. Next-token training on it is SFT's reading task with every answer token
     in the loss and the document read once for all the answers."""
