@@ -2,7 +2,8 @@
 
 Both forms give the same loss and gradients (tests/test_train.py); this measures what skipping the head
 projection and softmax over prompt tokens buys. Real batches of the built-in world's SFT data
-(`conf/world/default.yaml`'s mix) on the `tiny` shape, forward + backward + AdamW step, the two forms alternating batch by batch.
+(`conf/world/default.yaml`'s mix) on the `tiny` shape, forward + backward + AdamW step, the two forms alternating
+batch by batch.
 
     python bench/sft_step.py --threads 1 --steps 60 --rounds 3
 """
@@ -31,7 +32,8 @@ from neuraflux.world.tasks import sft_examples  # noqa: E402
 
 
 def batches(batch_size: int, n: int, vocab: int):
-    world = generate_world(WorldConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/world/default.yaml"))))
+    mix = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/world/default.yaml"))
+    world = generate_world(WorldConfig.from_dict(mix, "conf/world/default.yaml"))
     examples = sft_examples(world)
     texts = ["".join(render_example(e.prompt, e.response, e.context)) for e in examples]
     tok = NanoTokenizer.train(texts, vocab_size=vocab)

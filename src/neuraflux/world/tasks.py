@@ -333,7 +333,8 @@ def _practice_distractor_examples(world: World) -> list[SFTExample]:
         if len(group) < 2:
             continue
         for key in rng.sample(list(e.attributes), min(n, len(e.attributes))):
-            # any entity of the group but e, drawn as rng.choice over the group without e would (same stream)
+            # another entity of e's kind: the same draw as rng.choice(group minus e), without building that list
+            # for every e (quadratic in the practice set's size)
             j = rng.randrange(len(group) - 1)
             other = group[j + (j >= pos)]
             context = rng.choice(practice.documents_of(other.name)).text
