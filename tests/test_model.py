@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,10 +8,11 @@ from neuraflux.model import NanoConfig, NanoLM, filter_logits, generate, sample_
 SMALL = dict(vocab_size=97, block_size=32, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32)
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=["learned", "rope"])
+def model(request):
+    """Every test taking `model` runs for both position encodings."""
     torch.manual_seed(0)
-    return NanoLM(NanoConfig(**SMALL)).eval()
+    return NanoLM(NanoConfig(**SMALL, position_encoding=request.param)).eval()
 
 
 @pytest.mark.parametrize(
@@ -20,6 +23,9 @@ def model():
         (dict(dropout=1.0), "model.dropout must be in [0, 1)"),
         (dict(block_size=128, max_position_embeddings=64), "model.block_size (128) must be <= model.max_position"),
         (dict(vocab_size=-5), "model.vocab_size must be a positive integer"),
+        (dict(position_encoding="alibi"), "model.position_encoding must be one of ['learned', 'rope'], got 'alibi'"),
+        (dict(position_encoding="rope", n_embd=36, n_head=4), "(36 / 4 = 9) must be even"),
+        (dict(position_encoding="rope", rope_theta=0.0), "model.rope_theta must be > 0"),
     ],
 )
 def test_config_rejects_nonsense(overrides, message):
@@ -142,7 +148,7 @@ def test_save_and_load_round_trip(model, tmp_path):
 
 def test_load_names_vocab_mismatch(model, tmp_path):
     model.save_pretrained(tmp_path)
-    other = NanoLM(NanoConfig(**{**SMALL, "vocab_size": 120}))
+    other = NanoLM(NanoConfig(**{**model.config.to_dict(), "vocab_size": 120}))
     from safetensors.torch import load_file
 
     from neuraflux.model.nano import load_state_checked
@@ -275,3 +281,29 @@ def test_init_is_gpt2s_as_in_the_reference_recipe():
             assert torch.equal(p, torch.zeros_like(p)), name
         if p.dim() == 2:
             assert abs(p.mean().item()) < 0.001, name
+
+
+def test_rope_turns_each_pair_of_dimensions_by_position_times_frequency():
+    from neuraflux.model.nano import apply_rope, rope_angles
+
+    # D = 4: pairs (0, 2) and (1, 3) turn by p * 100^0 and p * 100^(-1/2) = p / 10 radians
+    x = torch.tensor([1.0, 0.0, 0.0, 2.0])[None, None, None].expand(1, 1, 2, 4)  # (B, H, T, D), positions 0 and 3
+    out = apply_rope(x, rope_angles(torch.tensor([[0, 3]]), head_dim=4, theta=100.0))[0, 0]
+    assert torch.allclose(out[0], x[0, 0, 0])  # position 0 does not turn
+    a, b = 3.0, 0.3
+    expected = torch.tensor([math.cos(a), -2.0 * math.sin(b), math.sin(a), 2.0 * math.cos(b)])
+    assert torch.allclose(out[1], expected, atol=1e-6)
+
+
+def test_rope_model_depends_on_relative_positions_only():
+    torch.manual_seed(0)
+    rope = NanoLM(NanoConfig(**SMALL, position_encoding="rope")).eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12))
+    base = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        a = rope.transformer(ids, position_ids=base)
+        b = rope.transformer(ids, position_ids=base + 17)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert rope.transformer.embeddings.position is None
+    learned = NanoLM(NanoConfig(**SMALL))
+    assert learned.num_parameters() - rope.num_parameters() == SMALL["max_position_embeddings"] * SMALL["n_embd"]

@@ -44,7 +44,9 @@ class PolicyMeasure:
     """What `measure_policy` reports for one policy on one prompt set."""
 
     judges: dict[str, float]  # mean helpfulness, harmlessness, honesty of the greedy responses, and "mean" of the three
-    kl: float | None  # mean over prompts of the summed per-token k1 KL(policy || reference), sampled at temperature 1
+    # mean over prompts of the summed per-token k3 KL(policy || reference), sampled at temperature 1: unbiased like
+    # k1 and never negative (k1's sample mean can be, which reads as nonsense in a report)
+    kl: float | None
     violations: dict[str, float]  # Constitution.violation_rates on the red-team prompts' greedy responses
     reward: float | None  # mean reward-model score of the greedy responses
     n: int  # prompts measured
@@ -146,7 +148,7 @@ def measure_policy(
                     model, tokenizer, batch, max_new_tokens, temperature=1.0, generator=generator,
                     reference=reference,
                 )  # fmt: skip
-                scored = score_rollout(sampled, torch.zeros(len(sampled)), kl_coef=0.0, kl_estimator="k1")
+                scored = score_rollout(sampled, torch.zeros(len(sampled)), kl_coef=0.0, kl_estimator="k3")
                 kls += sequence_kl(scored).tolist()
     finally:
         for m, was_training in modes:

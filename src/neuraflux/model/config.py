@@ -6,12 +6,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+POSITION_ENCODINGS = ("learned", "rope")
+
 
 @dataclass
 class NanoConfig:
     vocab_size: int = 10_000
     block_size: int = 256  # longest sequence a training example uses
-    max_position_embeddings: int = 512  # rows of the learned position table; generation may run up to this
+    max_position_embeddings: int = 512  # longest sequence (rows of the learned position table); generation stops here
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -19,6 +21,10 @@ class NanoConfig:
     bias: bool = True
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 0
+    # "learned": absolute position embeddings added to the tokens (GPT-2, nanoGPT); "rope": rotary embeddings on
+    # each head's queries and keys (GPT-NeoX, LLaMA), so attention scores depend on relative position only
+    position_encoding: str = "learned"
+    rope_theta: float = 10_000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "max_position_embeddings", "n_layer", "n_head", "n_embd"):
@@ -38,6 +44,17 @@ class NanoConfig:
                 f"model.block_size ({self.block_size}) must be <= model.max_position_embeddings "
                 f"({self.max_position_embeddings})"
             )
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"model.position_encoding must be one of {list(POSITION_ENCODINGS)}, got {self.position_encoding!r}"
+            )
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"model.position_encoding=rope rotates pairs of head dimensions: model.n_embd / model.n_head "
+                f"({self.n_embd} / {self.n_head} = {self.head_dim}) must be even"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"model.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
 

@@ -66,17 +66,37 @@ class KVCache:
 
 
 class NanoEmbeddings(nn.Module):
-    """Token embeddings plus learned absolute positions."""
+    """Token embeddings plus learned absolute positions (none with `position_encoding="rope"`: attention rotates
+    queries and keys instead)."""
 
     def __init__(self, config: NanoConfig):
         super().__init__()
         self.token = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position = nn.Embedding(config.max_position_embeddings, config.n_embd)
+        learned = config.position_encoding == "learned"
+        self.position = nn.Embedding(config.max_position_embeddings, config.n_embd) if learned else None
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # input_ids, position_ids: (B, T) -> (B, T, C)
-        return self.dropout(self.token(input_ids) + self.position(position_ids))
+        x = self.token(input_ids)
+        return self.dropout(x if self.position is None else x + self.position(position_ids))
+
+
+def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's rotation angles: (B, T) -> two (B, 1, T, D / 2) float32 tensors.
+
+    Pair i of a head's dimensions turns by position * theta^(-2i / D), so the score between a query at m and a
+    key at n depends on m - n only (Su et al. 2021)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, D / 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys; dimensions i and i + D/2 form a pair (the GPT-NeoX layout)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class NanoSelfAttention(nn.Module):
@@ -97,8 +117,10 @@ class NanoSelfAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
         need_weights: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend.
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, S), True = may attend; rope the (cos, sin) of
+        `rope_angles` for these T positions, or None (learned positions).
 
         cache is (keys, values, start): start an int (every row writes at start) or a (B,) tensor of per-row
         write positions, in which case the mask is required and its S says how many cached keys to read.
@@ -108,6 +130,9 @@ class NanoSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            # before caching: a cached key keeps the rotation of its own position
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             cache_k, cache_v, start = cache
             if isinstance(start, torch.Tensor):
@@ -161,8 +186,8 @@ class NanoLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = NanoMLP(config)
 
-    def forward(self, x, mask=None, cache=None, need_weights=False):
-        a, weights = self.attn(self.ln_1(x), mask, cache, need_weights)
+    def forward(self, x, mask=None, cache=None, need_weights=False, rope=None):
+        a, weights = self.attn(self.ln_1(x), mask, cache, need_weights, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -255,16 +280,22 @@ class NanoModel(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = build_attention_mask(attention_mask, T, past)
         x = self.embeddings(input_ids, position_ids)  # (B, T, C)
+        rope = self._rope(position_ids)
         maps = []
         for i, layer in enumerate(self.layers):
             cache = (kv_cache.keys[i], kv_cache.values[i], past) if kv_cache is not None else None
-            x, weights = layer(x, mask, cache, need_weights)
+            x, weights = layer(x, mask, cache, need_weights, rope)
             if need_weights:
                 maps.append(weights)
         if kv_cache is not None:
             kv_cache.length = past + T
         x = self.ln_f(x)
         return (x, maps) if need_weights else x
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.position_encoding != "rope":
+            return None
+        return rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)  # once for all layers
 
     def _forward_slots(self, input_ids: torch.Tensor, kv_cache: KVCache, need_weights: bool):
         """input_ids (B, T) appended to each row's own cached prefix at kv_cache.positions (B,)."""
@@ -277,9 +308,10 @@ class NanoModel(nn.Module):
         position_ids = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
         mask = slot_attention_mask(start, T, key_length)
         x = self.embeddings(input_ids, position_ids)  # (B, T, C)
+        rope = self._rope(position_ids)
         maps = []
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, mask, (kv_cache.keys[i], kv_cache.values[i], start), need_weights)
+            x, weights = layer(x, mask, (kv_cache.keys[i], kv_cache.values[i], start), need_weights, rope)
             if need_weights:
                 maps.append(weights)
         kv_cache.positions += T  # in place: a view from KVCache.rows advances its parent too
@@ -329,7 +361,7 @@ class NanoLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (the tied head counted once)."""
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.transformer.embeddings.position is not None:
             n -= self.transformer.embeddings.position.weight.numel()
         return n
 
