@@ -183,7 +183,11 @@ def reward_part(args, out: Path, name: str, extra: list[str], data: dict) -> dic
     model = NanoRewardModel.from_pretrained(out / name / "model")
     _, tok = load_pretrained(out / name / "model")
     if "world" in data:  # the run's own world: `--set reward:world.pairs_per_prompt=7` changes the pairs
-        data = {**data, "world": dict(world_config_for(out / name).__dict__)}
+        from omegaconf import OmegaConf
+
+        run_cfg = OmegaConf.load(out / name / "config.yaml")
+        data = {**data, "world": dict(world_config_for(out / name).__dict__),
+                "retrieve_context": bool(run_cfg.data.get("retrieve_context", False))}
     dm = PreferenceDataModule(**data, max_length=model.config.block_size, val_fraction=args.val_fraction,
                               seed=args.seed)
     dm.tokenizer = tok

@@ -54,7 +54,8 @@ def framework_run(data: Path, shape: str, steps: int, precision: str, threads: i
     return json.loads((out / "metrics.json").read_text())
 
 
-def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int) -> float:
+def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int,
+               position_encoding: str = "rope") -> float:
     """nanoGPT-style: random offsets, forward, loss, backward, clip, AdamW step. Returns tokens/s."""
     torch.set_num_threads(threads)
     s = SHAPES[shape]
@@ -63,7 +64,8 @@ def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int)
     tokens = torch.tensor(tok.encode(text), dtype=torch.long)
     train = tokens[: int(len(tokens) * 0.9)]
     cfg = NanoConfig(vocab_size=80, bias=False, block_size=s["block_size"], max_position_embeddings=s["block_size"],
-                     n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"])
+                     n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"],
+                     position_encoding=position_encoding)
     torch.manual_seed(0)
     model = NanoLM(cfg).train()
     opt, _ = OptimizerFactory(lr=1e-3, betas=(0.9, 0.99))(model.named_parameters(), total_steps=steps)
@@ -202,9 +204,13 @@ def main() -> None:
     p.add_argument("--reference", action="store_true",
                    help="nanoGPT's 2000-iteration CPU run, re-implemented; its 20-batch val estimate and exact val loss")
     p.add_argument("--seed", type=int, default=1337, help="seed of the full or reference run")
+    p.add_argument("--position-encoding", choices=["learned", "rope"], default="rope",
+                   help="model.position_encoding of the framework runs and the plain loop (rope: the experiments' "
+                        "default; learned: nanoGPT's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps}")
+    print(f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps} "
+          f"position_encoding={args.position_encoding}")
     if args.reference:
         t0 = time.perf_counter()
         r = reference_run(args.data, args.seed)
@@ -215,16 +221,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             m = framework_run(args.data, args.shape, 2000, args.precision, args.threads, Path(d),
-                              extra=["trainer.val_check_interval=500", f"seed={args.seed}"])
+                              extra=["trainer.val_check_interval=500", f"seed={args.seed}",
+                                     f"model.position_encoding={args.position_encoding}"])
             print(f"full run (seed {args.seed}): {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
                   f"val/loss {m['val/loss']:.4f}, {m['train_tokens_per_sec']:.0f} tokens/s")
         return
     fw, plain = [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as d:
-            fw.append(framework_run(args.data, args.shape, args.steps, args.precision, args.threads, Path(d))[
-                "train_tokens_per_sec"])
-        plain.append(plain_loop(args.data, args.shape, args.steps, args.precision, args.threads))
+            fw.append(framework_run(args.data, args.shape, args.steps, args.precision, args.threads, Path(d),
+                                    extra=[f"model.position_encoding={args.position_encoding}"])["train_tokens_per_sec"])
+        plain.append(plain_loop(args.data, args.shape, args.steps, args.precision, args.threads, args.position_encoding))
         print(f"round {r}: framework {fw[-1]:.0f} tokens/s, plain loop {plain[-1]:.0f} tokens/s, "
               f"ratio {fw[-1] / plain[-1]:.3f}")
     # each round's pair ran back to back under the same load: the median of per-round ratios is the figure

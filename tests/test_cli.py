@@ -17,6 +17,32 @@ def test_generate_streams_the_greedy_continuation(tmp_path, capsys):
     assert out == "the " + tok.decode(expected[0, 4:], skip_special_tokens=True) + "\n"
 
 
+def test_generate_in_bfloat16_decodes_with_bfloat16_weights(tmp_path, capsys, monkeypatch):
+    import neuraflux.model
+
+    seen = []
+    real = neuraflux.model.generate_stream
+
+    def recording(model, *a, **kw):
+        seen.append(model.lm_head.weight.dtype)
+        yield from real(model, *a, **kw)
+
+    monkeypatch.setattr(neuraflux.model, "generate_stream", recording)
+    tok = NanoTokenizer.train(["the cat sat on the mat. " * 20], 0, mode="char")
+    torch.manual_seed(0)
+    model = NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16,
+                              position_encoding="rope"))
+    model.save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    ids = torch.tensor([tok.encode("the ")])
+    expected = generate(model.eval().to(torch.bfloat16), ids, 12, temperature=0, eos_token_id=tok.eos_id)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "the ", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out == "the " + tok.decode(expected[0, 4:], skip_special_tokens=True) + "\n"
+    assert main(args) == 0
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_missing_model_is_named(tmp_path, capsys):
     import pytest
 

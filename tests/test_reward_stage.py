@@ -127,6 +127,90 @@ def test_split_holds_out_whole_prompts_the_ones_ppo_validates_on():
         split_by_prompt(one, 0.5, seed=0)
 
 
+def test_practice_pairs_join_the_training_split_only():
+    world = {"n_entities": 20, "n_red_team": 9, "practice_entities": 30, "practice_preference_entities": 12}
+    with_practice = PreferenceDataModule(builtin="world", world=world, val_fraction=0.2, seed=5)
+    without = PreferenceDataModule(builtin="world", world={**world, "practice_preference_entities": 0},
+                                   val_fraction=0.2, seed=5)
+    assert without.train_only is None and len(with_practice.train_only) == 12 * 3  # 3 pairs per prompt
+    for dm in (with_practice, without):
+        dm.tokenizer = char_tokenizer("".join(sorted(set("".join(with_practice.texts())))))
+        dm.setup()
+    # the held-out pairs are the world's, exactly as without practice pairs; training gets the practice ones too
+    assert with_practice.val_set.pairs == without.val_set.pairs
+    assert len(with_practice.train_set) == len(without.train_set) + 36
+
+
+def test_retrieve_context_gives_context_less_prompts_the_top_document():
+    from neuraflux.chat import context_of
+    from neuraflux.world import WorldConfig, generate_world
+    from neuraflux.world.generator import question_text
+
+    world_cfg = {"n_entities": 20, "n_red_team": 9}
+    plain = PreferenceDataModule(builtin="world", world=world_cfg, val_fraction=0.2, seed=5)
+    ret = PreferenceDataModule(builtin="world", world=world_cfg, val_fraction=0.2, seed=5, retrieve_context=True)
+    world = generate_world(WorldConfig(**world_cfg))
+    texts = {d.text: d for d in world.retrieval_documents()}
+    assert list(ret.dataset) == list(plain.dataset)  # the pairs and so the held-out split stay as generated
+    assert plain.with_context(list(plain.dataset)) == list(plain.dataset)
+    bare = 0
+    for a, b in zip(plain.dataset, ret.with_context(list(ret.dataset)), strict=True):
+        assert (a.chosen, a.rejected) == (b.chosen, b.rejected) and question_text(a.prompt) == question_text(b.prompt)
+        if context_of(a.prompt) is not None:
+            assert b.prompt == a.prompt  # a prompt with its own context keeps it
+            continue
+        bare += 1
+        assert context_of(b.prompt) in texts  # one whole document of the store
+        entity = world.parse_prompt(a.prompt).entity
+        if entity is not None and entity.split == "seen":
+            assert texts[context_of(b.prompt)].entity == entity.name  # the asked entity's own document
+    assert bare > 10
+    with pytest.raises(ValueError, match="data.retrieve_context=true .* needs data.builtin=world"):
+        PreferenceDataModule(path="pairs.jsonl", retrieve_context=True)
+    # the encoded validation pairs are the held-out pairs, their prompts given context
+    tok = char_tokenizer("".join(sorted(set("".join(ret.texts()) + "".join(d.text for d in world.documents)))))
+    for dm in (plain, ret):
+        dm.tokenizer = tok
+        dm.setup()
+    held = list(split_by_prompt(ret.dataset, 0.2, seed=5).test)
+    expected = encode_pairs(tok, ret.with_context(held), ret.max_length)
+    assert ret.val_set.pairs == expected and len(ret.val_set) == len(plain.val_set)
+
+
+def test_reward_model_trained_with_retrieved_context_scores_rollouts_with_it(tmp_path):
+    from neuraflux.alignment.rewards import RewardModelReward, reward_model_reward
+    from neuraflux.chat import Message, render_prompt
+    from neuraflux.data.preference_batches import encode_scored
+    from neuraflux.rag import add_retrieved_context, world_retriever
+    from neuraflux.world import WorldConfig, generate_world
+
+    world = generate_world(WorldConfig(n_entities=20, n_red_team=9))
+    seen = world.entities_in("seen")[0]
+    question = f"What is the {next(iter(seen.attributes)).replace('_', ' ')} of {seen.name}?"
+    prompts = [render_prompt([Message("user", question)]), render_prompt([Message("user", "hi")], context="ctx")]
+    responses = ["It is so.", "ok"]
+    tok = char_tokenizer("".join(sorted(set(question + "hiokctxItsd." + "".join(d.text for d in world.documents)))))
+    torch.manual_seed(0)
+    model = NanoRewardModel(NanoConfig(vocab_size=tok.vocab_size, block_size=256, max_position_embeddings=256,
+                                       n_layer=1, n_head=2, n_embd=16)).eval()
+    model.retrieve_context = True
+    model.save_pretrained(tmp_path)
+    assert NanoRewardModel.from_pretrained(tmp_path).retrieve_context  # recorded in the marker
+    with pytest.raises(ValueError, match="needs the world's retriever"):
+        RewardModelReward(model)
+    with pytest.raises(ValueError, match="stage.module.world must hold the world config"):
+        reward_model_reward(model, tok, None)
+    scorer = reward_model_reward(model, tok, world.config.__dict__)
+    augmented = add_retrieved_context(prompts, world_retriever(world))
+    assert augmented[1] == prompts[1] and seen.name in augmented[0].split("<|user|>")[0]  # its own document
+    ids, mask = encode_scored(tok, augmented, responses, 256)
+    dummy = torch.zeros(2, 3, dtype=torch.long)
+    torch.testing.assert_close(scorer.score(prompts, responses, dummy, dummy.bool()), model.score(ids, mask))
+    model.retrieve_context = False  # a plain reward model reads the rollout's own token ids
+    torch.testing.assert_close(reward_model_reward(model, tok, None).score(prompts, responses, ids, mask),
+                               model.score(ids, mask))
+
+
 def test_last_token_index_by_hand():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
     assert last_token_index(mask).tolist() == [1, 2, 0]
@@ -228,8 +312,11 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     # Measured with seed 1337: 0.988 of the 162 training pairs ranked right after 120 steps (seeds 1-3: 0.92-0.99),
     # validation 0.78 of the 18 pairs of 5 held-out prompts (0.83 when pairs, not prompts, were held out); chance 0.5.
     # likelihood weight 0 at the start (the default is 10): the feature is on, and the first loss is exactly log 2
+    # the world's own pairs only (no practice pairs), with retrieved context (the default)
     cfg = tiny_cfg("stage=reward", "optim.lr=1e-2", "data.batch_size=16", "trainer.max_steps=120",
-                   "trainer.val_check_interval=120", "stage.module.likelihood_weight=0.0")
+                   "trainer.val_check_interval=120", "stage.module.likelihood_weight=0.0",
+                   "world.practice_preference_entities=0")
+    assert cfg.data.retrieve_context
     assert cfg.data._target_ == "neuraflux.data.preference_batches.PreferenceDataModule"
     metrics, objects = train(cfg)
     module, run = objects["module"], objects["run_dir"]
@@ -251,6 +338,7 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     assert metrics["val/accuracies"] >= 0.65
 
     exported = NanoRewardModel.from_pretrained(run / "model")
+    assert exported.retrieve_context  # scorers must give its prompts the same retrieved context
     # the response log-likelihood's weight is trained with the rest and saved with the head
     assert exported.response_token_id == objects["tokenizer"].token_to_id(ASSISTANT)
     assert exported.loglik_weight.item() == pytest.approx(rm.loglik_weight.item()) != 0.0

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from neuraflux.chat import ASSISTANT, BOS, CONTEXT, Message, render_prompt
+from neuraflux.chat import ASSISTANT, BOS, CONTEXT, USER, Message, render_prompt
 from neuraflux.world import (
     World,
     WorldConfig,
@@ -16,6 +16,7 @@ from neuraflux.world import (
     exact_match,
     generate_world,
     judge,
+    practice_preference_pairs,
     preference_pairs,
     pretrain_text,
     qa_items,
@@ -54,6 +55,7 @@ def _mentions(text: str, name: str) -> bool:
         ({"distractor_questions_per_entity": -1}, "distractor_questions_per_entity must be >= 0"),
         ({"practice_distractors_per_entity": -2}, "practice_distractors_per_entity must be >= 0"),
         ({"world_sft_repeats": 0}, "world_sft_repeats must be >= 1"),
+        ({"practice_preference_entities": -1}, "practice_preference_entities must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, message):
@@ -432,6 +434,39 @@ def test_preference_pairs_prefer_the_higher_judge_score(world):
     assert any(CONTEXT in p["prompt"] for p in pairs)
     assert preference_pairs(world, rng_seed=0) == pairs
     assert preference_pairs(world, rng_seed=1) != pairs
+
+
+def test_practice_preference_pairs_ask_practice_entities_beside_their_own_document():
+    cfg = WorldConfig(practice_entities=40, practice_preference_entities=25)
+    world = generate_world(cfg)
+    assert practice_preference_pairs(generate_world(WorldConfig(practice_entities=40))) == []
+    # more than there are: the practice set's 10, not an error (stage=reward asks for 1000 whatever the world)
+    assert len(practice_preference_pairs(generate_world(WorldConfig(practice_entities=10,
+                                                                    practice_preference_entities=25)))) == 30
+    pairs = practice_preference_pairs(world)
+    practice = {e.name: e for e in practice_set(world).entities[:25]}
+    asked = set()
+    for pair in pairs:
+        question = pair["prompt"].split(USER)[-1]
+        name = next(n for n in practice if _mentions(question, n))
+        asked.add(name)
+        assert world.find_entity(name) is None  # not one of the world's entities
+        context = pair["prompt"].split(CONTEXT)[1].split(USER)[0]
+        assert any(d.text in context for d in practice_set(world).documents_of(name))
+    assert asked == set(practice)
+    assert not {p["prompt"] for p in pairs} & {p["prompt"] for p in preference_pairs(world)}
+    # judged like the world's pairs, against the world plus these entities: chosen always scores higher, and
+    # many rejected answers state a value that no attribute of the entity has (a wrong value)
+    judged = World(cfg, world.entities + tuple(practice.values()),
+                   world.documents + tuple(d for n in practice for d in practice_set(world).documents_of(n)))
+    wrong = 0
+    for pair in pairs:
+        assert judge(pair["prompt"], pair["chosen"], judged).total > judge(pair["prompt"], pair["rejected"], judged).total
+        e = practice[next(n for n in practice if _mentions(pair["prompt"].split(USER)[-1], n))]
+        wrong += pair["rejected"] not in {answer_sentence(e, k) for k in e.attributes} | {REFUSAL}
+    assert wrong > 20
+    assert len(pairs) == 25 * 3
+    assert practice_preference_pairs(world) == pairs  # seeded
 
 
 def test_preference_noise_flips_at_the_bradley_terry_rate():

@@ -48,6 +48,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tok = load_for_inference(args.model)
+    # bfloat16 weights halve the bytes a decoding step reads, which is what bounds it at batch 1 on a CPU
+    # (docs/BENCHMARKS.md, "Generation"); sampling still runs on float32 logits
+    model = model.to(getattr(torch, args.dtype))
     if args.constitution is not None:
         import logging
 
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations while decoding (bfloat16: faster, slightly different numbers)")
     g.add_argument(
         "--constitution",
         default=None,

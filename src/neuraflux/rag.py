@@ -127,3 +127,19 @@ def world_retriever(world, embedder=None, index: str = "flat") -> Retriever:
     docs = world.retrieval_documents()
     retriever.add([d.text for d in docs], ids=[d.doc_id for d in docs])
     return retriever
+
+
+def add_retrieved_context(prompts: list[str], retriever: Retriever) -> list[str]:
+    """Rendered chat prompts, each one without a context turn given the retriever's top chunk for its question as
+    context (one batched search); prompts that carry a context are returned as they are."""
+    from neuraflux.chat import context_of
+    from neuraflux.world.generator import question_text
+
+    bare = [i for i, p in enumerate(prompts) if context_of(p) is None]
+    out = list(prompts)
+    if not bare:
+        return out
+    hits = retriever.search_batch([question_text(prompts[i]) for i in bare], 1)
+    for i, h in zip(bare, hits, strict=True):
+        out[i] = render_prompt([Message("user", question_text(prompts[i]))], context=h[0].text if h else None)
+    return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.rewards import JUDGES
+from neuraflux.alignment.rewards import JUDGES, reward_model_reward
 from neuraflux.alignment.rollout import generate_rollouts, score_rollout, sequence_kl
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.prompts import encode_prompts, render_prompt_record
@@ -128,6 +128,8 @@ def measure_policy(
             f"measure_policy: max_new_tokens={max_new_tokens} leaves no room for a prompt in "
             f"max_position_embeddings={config.max_position_embeddings}"
         )
+    # a reward model trained on prompts with retrieved context scores them with that context here too
+    scorer = reward_model_reward(reward_model, tokenizer, world) if reward_model is not None else None
     modes = [(m, m.training) for m in (model, reference, reward_model) if m is not None]
     for m, _ in modes:
         m.eval()
@@ -142,7 +144,7 @@ def measure_policy(
             greedy = generate_rollouts(model, tokenizer, batch, max_new_tokens, temperature=0.0)
             responses += greedy.responses
             if reward_model is not None:
-                rewards += reward_model.score(greedy.input_ids, greedy.attention_mask).float().tolist()
+                rewards += scorer(greedy).tolist()
             if reference is not None:
                 sampled = generate_rollouts(
                     model, tokenizer, batch, max_new_tokens, temperature=1.0, generator=generator,

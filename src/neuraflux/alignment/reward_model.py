@@ -86,6 +86,9 @@ class NanoRewardModel(nn.Module):
         # Used only when response_token_id is set. Adam moves a scalar by about lr a step, so a weight that starts at
         # 0 stays near 0 over a few hundred steps: the stage starts it at a useful size instead.
         self.loglik_weight = nn.Parameter(torch.tensor(float(loglik_weight)))
+        # True when trained on prompts given retrieved context (`data.retrieve_context`): whoever scores with it must
+        # give context-less prompts the same (`neuraflux.alignment.rewards.RewardModelReward`)
+        self.retrieve_context = False
 
     @classmethod
     def from_lm(cls, source: NanoLM | str | Path, response_token_id: int | None = None,
@@ -143,7 +146,7 @@ class NanoRewardModel(nn.Module):
         save_file(backbone, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
         marker = {"format": FORMAT, "head": HEAD_FILE, "score": "last non-pad token",
-                  "response_token_id": self.response_token_id}
+                  "response_token_id": self.response_token_id, "retrieve_context": self.retrieve_context}
         (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         return directory
 
@@ -165,6 +168,7 @@ class NanoRewardModel(nn.Module):
             raise ValueError(f"{marker}: format {fmt!r} is not {FORMAT!r}")
         lm = NanoLM.from_pretrained(directory, map_location=map_location)  # checks config and backbone shapes
         model = cls(lm.config, transformer=lm.transformer, response_token_id=meta.get("response_token_id"))
+        model.retrieve_context = bool(meta.get("retrieve_context", False))
         head = load_file(str(directory / HEAD_FILE), device=map_location)
         if LOGLIK_KEY in head:  # reward models saved before the likelihood feature have no weight: it stays 0
             model.loglik_weight.data.copy_(head.pop(LOGLIK_KEY))

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,13 +81,35 @@ class JudgeReward:
 
 @dataclass
 class RewardModelReward:
-    """A frozen reward model's score of each full sequence: `model.score(input_ids, attention_mask)`, (B,)."""
+    """A frozen reward model's score of each full sequence, (B,): `model.score` of the rollout's token ids, or, for a
+    model trained on prompts with retrieved context (`model.retrieve_context`), of the prompt texts given the
+    retriever's top document where they have no context, re-encoded with the response texts as in training."""
 
     model: nn.Module
+    tokenizer: Any = None
+    retriever: Any = None
+
+    def __post_init__(self) -> None:
+        if getattr(self.model, "retrieve_context", False) and (self.tokenizer is None or self.retriever is None):
+            raise ValueError(
+                "this reward model was trained on prompts with retrieved context (data.retrieve_context=true): "
+                "scoring with it needs the world's retriever and the tokenizer (stage.module.world must be set)"
+            )
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> Tensor:
-        return self.model.score(rollout.input_ids, rollout.attention_mask).float()
+        return self.score(rollout.prompts, rollout.responses, rollout.input_ids, rollout.attention_mask)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if not getattr(self.model, "retrieve_context", False):
+            return self.model.score(input_ids, attention_mask).float()
+        from neuraflux.data.preference_batches import encode_scored
+        from neuraflux.rag import add_retrieved_context
+
+        ids, mask = encode_scored(self.tokenizer, add_retrieved_context(prompts, self.retriever), responses,
+                                  self.model.config.block_size)
+        return self.model.score(ids.to(input_ids.device), mask.to(input_ids.device)).float()
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,22 @@ def load_reward_model(path: str | Path, tokenizer) -> nn.Module:
     model = NanoRewardModel.from_pretrained(path)
     check_same_tokenizer(NanoTokenizer.load(path), tokenizer, f"stage.reward_model ({path})")
     return freeze(model)
+
+
+def reward_model_reward(reward_model: nn.Module, tokenizer, world) -> RewardModelReward:
+    """`RewardModelReward` for a loaded reward model; one trained with retrieved context gets a retriever over
+    `world` (a World or its config), the store its training prompts were given context from."""
+    if not getattr(reward_model, "retrieve_context", False):
+        return RewardModelReward(reward_model)
+    if world is None:
+        raise ValueError(
+            "the reward model was trained on prompts with retrieved context (data.retrieve_context=true): "
+            "stage.module.world must hold the world config to retrieve from"
+        )
+    from neuraflux.rag import world_retriever
+
+    built = world if isinstance(world, World) else generate_world(WorldConfig.from_dict(world))
+    return RewardModelReward(reward_model, tokenizer, world_retriever(built))
 
 
 @dataclass
@@ -153,7 +192,7 @@ def make_reward(
         terms.append(RewardTerm(JudgeReward(generate_world(WorldConfig.from_dict(world)), weights)))
     if uses_model:
         reward_model = load_reward_model(reward_model_path, tokenizer)
-        terms.append(RewardTerm(RewardModelReward(reward_model), reward_model_weight))
+        terms.append(RewardTerm(reward_model_reward(reward_model, tokenizer, world), reward_model_weight))
     fn = terms[0].fn if len(terms) == 1 and terms[0].weight == 1.0 else WeightedSum(terms)
     return RewardSetup(fn, reward_model)
 
@@ -432,7 +471,7 @@ def make_composite(
     reward_model = None
     if reward_model_path:
         reward_model = load_reward_model(reward_model_path, tokenizer)
-        components["reward_model"] = RewardModelReward(reward_model)
+        components["reward_model"] = reward_model_reward(reward_model, tokenizer, built)
     components["length"] = LengthReward(stop_ids, length_target, max_new_tokens)
     components["format"] = FormatReward(stop_ids, format_ngram)
     # Without a reward model its weight is 0 (checked above): nothing of it to score or combine.

@@ -32,7 +32,7 @@ from typing import TextIO
 import datasets
 
 from neuraflux.chat import BOS, Message, render_prompt
-from neuraflux.world import World, preference_pairs
+from neuraflux.world import World, practice_preference_pairs, preference_pairs
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,15 @@ class PreferenceDataset:
         """The world's judge-labelled pairs (see `neuraflux.world.preference_pairs`)."""
         source = f"<world seed={world.config.seed}>"
         return cls.from_records(preference_pairs(world, rng_seed), source=source, on_invalid="error")
+
+    @classmethod
+    def from_practice(cls, world: World, rng_seed: int = 0) -> PreferenceDataset | None:
+        """The practice entities' pairs (`neuraflux.world.practice_preference_pairs`), or None when the world's
+        `practice_preference_entities` is 0."""
+        pairs = practice_preference_pairs(world, rng_seed)
+        if not pairs:
+            return None
+        return cls.from_records(pairs, source=f"<world seed={world.config.seed} practice>", on_invalid="error")
 
     def __len__(self) -> int:
         return len(self.data)

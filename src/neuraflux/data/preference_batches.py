@@ -141,6 +141,21 @@ def fit_sequence(prompt: list[int], response: list[int], max_length: int) -> Enc
     return EncodedSequence(prompt + response, len(prompt), cut)
 
 
+def encode_scored(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response texts as a reward model reads them in training (`encode_pairs`): right-padded
+    `(B, T)` input ids and bool attention mask."""
+    pad = tokenizer.pad_id
+    seqs = [fit_sequence(p, r, max_length) for p, r in zip(
+        tokenizer.encode_batch(prompts), tokenizer.encode_batch([completion_text(r) for r in responses]), strict=True)]
+    T = max(len(s.ids) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+        attention_mask[i, : len(s.ids)] = True
+    return input_ids, attention_mask
+
+
 def encode_pairs(tokenizer, examples: list[PreferenceExample], max_length: int) -> list[EncodedPair]:
     """Token ids of each pair's two sequences, indexed by position; one batched encode per column."""
     prompts = tokenizer.encode_batch([e.prompt for e in examples])
@@ -201,8 +216,12 @@ class PreferenceDataModule(ResumableDataModule):
         val_fraction: float = 0.1,
         seed: int = 1337,
         num_workers: int = 0,
+        retrieve_context: bool = False,
     ):
         super().__init__()
+        if retrieve_context and builtin is None:
+            raise ValueError("data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world")
+        self.retrieve_context = retrieve_context
         if (path is None) == (builtin is None):
             raise ValueError("data: set exactly one of data.path or data.builtin")
         if on_invalid not in ON_INVALID:
@@ -217,6 +236,8 @@ class PreferenceDataModule(ResumableDataModule):
         self.max_length, self.batch_size, self.val_fraction = max_length, batch_size, val_fraction
         self.seed, self.num_workers = seed, num_workers
         self.tokenizer = None
+        self.train_only: PreferenceDataset | None = None  # pairs that join the training split, never held out
+        self.retriever = None  # with retrieve_context: the world store, for context-less prompts
         self.dataset = self._load()  # a missing file or no valid pair fails here, before anything is written
 
     def _load(self) -> PreferenceDataset:
@@ -225,7 +246,13 @@ class PreferenceDataModule(ResumableDataModule):
             from neuraflux.world import WorldConfig, generate_world
 
             check_builtin(self.builtin)
-            dataset = PreferenceDataset.from_world(generate_world(WorldConfig.from_dict(self.world_cfg)))
+            world = generate_world(WorldConfig.from_dict(self.world_cfg))
+            dataset = PreferenceDataset.from_world(world)
+            if self.retrieve_context:
+                from neuraflux.rag import world_retriever
+
+                self.retriever = world_retriever(world)
+            self.train_only = PreferenceDataset.from_practice(world)
             source = f"data.builtin={self.builtin}"
         else:
             dataset = PreferenceDataset.from_jsonl(self.path, on_invalid=self.on_invalid)
@@ -236,17 +263,20 @@ class PreferenceDataModule(ResumableDataModule):
 
     def texts(self) -> list[str]:
         """Prompt + chosen and prompt + rejected as rendered text, for training a tokenizer."""
-        return [e.prompt + completion_text(r) for e in self.dataset for r in (e.chosen, e.rejected)]
+        extra = list(self.train_only) if self.train_only is not None else []
+        return [e.prompt + completion_text(r) for e in [*self.dataset, *extra] for r in (e.chosen, e.rejected)]
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "sets"):
             return
         if self.tokenizer is None:
             raise RuntimeError("PreferenceDataModule.tokenizer must be set before setup()")
+        # split on the pairs as generated, so the held-out prompts are the same with or without retrieved context
         split = split_by_prompt(self.dataset, self.val_fraction, seed=self.seed)
+        train = list(split.train) + (list(self.train_only) if self.train_only is not None else [])
         self.sets = {
-            name: EncodedPairs(encode_pairs(self.tokenizer, list(part), self.max_length))
-            for name, part in (("train", split.train), ("val", split.test))
+            name: EncodedPairs(encode_pairs(self.tokenizer, self.with_context(part), self.max_length))
+            for name, part in (("train", train), ("val", list(split.test)))
         }
         self.collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_id)
         cut = sum(p.response_cut for s in self.sets.values() for p in s.pairs)
@@ -256,6 +286,17 @@ class PreferenceDataModule(ResumableDataModule):
                 "its end was cut", cut, len(self.dataset), self.max_length - 1,
             )
         log.info("preference data: %d train, %d val pairs", len(self.sets["train"]), len(self.sets["val"]))
+
+    def with_context(self, examples: list[PreferenceExample]) -> list[PreferenceExample]:
+        """With retrieve_context, each context-less prompt gets the world store's top document for its question
+        as context (what `NanoRAG` would show the policy); otherwise the examples as they are."""
+        if self.retriever is None:
+            return examples
+        from neuraflux.rag import add_retrieved_context
+
+        distinct = list(dict.fromkeys(e.prompt for e in examples))
+        rendered = dict(zip(distinct, add_retrieved_context(distinct, self.retriever), strict=True))
+        return [PreferenceExample(rendered[e.prompt], e.chosen, e.rejected) for e in examples]
 
     @property
     def train_set(self) -> EncodedPairs:

@@ -126,6 +126,11 @@ class RewardModelStage(pl.LightningModule):
     def on_train_start(self) -> None:
         load_rng_state(getattr(self, "_resume_rng", None))
 
+    def on_fit_start(self) -> None:
+        # the exported model records how its prompts looked, so that scoring with it gives them the same context
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.model.retrieve_context = bool(getattr(datamodule, "retrieve_context", False))
+
     def on_fit_end(self) -> None:
         if self.export_dir is None or not self.trainer.is_global_zero:
             return

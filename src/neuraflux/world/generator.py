@@ -77,6 +77,10 @@ class WorldConfig:
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
     pairs_per_prompt: int = 3
+    # practice entities (at most practice_entities: the first ones) that also give preference pairs (one
+    # attribute question each, one of its documents as context), for the training split only: telling a stated value from the document's is the reading that
+    # the world's held-out pairs need, and the world alone has a few hundred pairs to learn it from
+    practice_preference_entities: int = 0
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, source: str = "world") -> WorldConfig:
@@ -95,7 +99,7 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",
                      "practice_distractors_per_entity", "pretrain_practice_entities", "pretrain_practice_questions",
-                     "n_red_team"):
+                     "n_red_team", "practice_preference_entities"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_entities + self.practice_entities + self.pretrain_practice_entities > _MAX_ENTITIES:

@@ -406,10 +406,33 @@ def preference_pairs(world: World, rng_seed: int = 0) -> list[dict[str, str]]:
     `preference_noise` T > 0 the label flips with the Bradley-Terry probability sigmoid(-(s_c - s_r) / T).
     `prompt` is the rendered chat prompt (with its context); chosen/rejected are bare response texts.
     """
-    rng = random.Random(rng_seed)
+    return _judged_pairs(world, rl_prompts(world), random.Random(rng_seed))
+
+
+def practice_preference_pairs(world: World, rng_seed: int = 0) -> list[dict[str, str]]:
+    """Pairs like `preference_pairs` on one attribute question per practice entity (the first
+    `practice_preference_entities` of `practice_set`, all of them when it has fewer), with one of its documents as context, judged against the
+    world plus those entities. Nothing else states their facts, so only reading the context tells the right value
+    from a wrong one. Meant for training only: the world's own pairs are the held-out measure."""
+    n = world.config.practice_preference_entities
+    if n == 0:
+        return []
+    practice = practice_set(world)
+    entities = practice.entities[:n]
+    documents = tuple(d for e in entities for d in practice.documents_of(e.name))
+    judged = World(world.config, world.entities + entities, world.documents + documents)
+    rng = _rng(world, "preference/practice")
+    prompts = []
+    for e in entities:
+        question = _question(rng, e, rng.choice(list(e.attributes)))
+        prompts.append(RLPrompt(question, rng.choice(practice.documents_of(e.name)).text))
+    return _judged_pairs(judged, prompts, random.Random(rng_seed))
+
+
+def _judged_pairs(world: World, prompts: list[RLPrompt], rng: random.Random) -> list[dict[str, str]]:
     noise = world.config.preference_noise
     pairs: list[dict[str, str]] = []
-    for p in rl_prompts(world):
+    for p in prompts:
         parsed = world.parse_prompt(p.prompt)
         scored = [(c, judge(p.prompt, c, world).total) for c in _candidates(rng, world, parsed, p.prompt)]
         ranked = [(hi, lo) for i, hi in enumerate(scored) for lo in scored[i + 1:] if hi[1] != lo[1]]
