@@ -19,7 +19,9 @@ from tests.conftest import compose_cfg
 from tests.test_train import scalar_tags
 
 STEPS = 6
-RUN = ["stage=dpo", "optim.lr=3e-3", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}"]
+# plain DPO (the stage default adds RPO's NLL term, tested on its own below): its first loss is exactly log 2
+RUN = ["stage=dpo", "optim.lr=3e-3", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
+       "stage.module.rpo_alpha=null"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -123,12 +125,17 @@ def test_sequence_logps_equal_an_unpadded_forward(runs):
         assert half[row % batch.num_pairs].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
-def test_loss_types_at_step_zero_and_settings_checked_first(init_dir):
+def _first_batch(init_dir):
+    """The init policy, its tokenizer and the first 4 training pairs of a 20-entity world."""
     model, tokenizer = NanoLM.from_pretrained(init_dir), NanoTokenizer.load(init_dir)
     dm = PreferenceDataModule(builtin="world", world={"n_entities": 20}, batch_size=4, max_length=64)
     dm.tokenizer = tokenizer
     dm.setup()
-    batch = next(iter(dm.sequential_loader("train")))
+    return model, tokenizer, next(iter(dm.sequential_loader("train")))
+
+
+def test_loss_types_at_step_zero_and_settings_checked_first(init_dir):
+    model, tokenizer, batch = _first_batch(init_dir)
     # h = 0 when policy == reference: sigmoid -log sigma(0) = log 2, hinge relu(1 - 0) = 1,
     # ipo (0 - 1 / (2 beta))^2 = 1 / (4 beta^2) = 25 at beta 0.1
     for loss_type, expected in (("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)):
@@ -140,6 +147,24 @@ def test_loss_types_at_step_zero_and_settings_checked_first(init_dir):
         NanoDPO(model, tokenizer, OptimizerFactory(), loss_type="kto")
     with pytest.raises(ValueError, match=r"label_smoothing only applies to 'sigmoid' and 'robust', not 'hinge'"):
         NanoDPO(model, tokenizer, OptimizerFactory(), loss_type="hinge", label_smoothing=0.1)
+
+
+def test_rpo_adds_the_chosen_per_token_nll_worked_out_by_hand(init_dir):
+    from neuraflux.alignment.losses import token_logprobs
+
+    model, tokenizer, batch = _first_batch(init_dir)
+    # the chosen rows' token log-probs from a full forward: NLL = -(sum over chosen response tokens) / their count
+    with torch.no_grad():
+        per_token = token_logprobs(model(batch.chosen_ids), batch.targets[: batch.num_pairs])
+    mask = batch.chosen_response_mask
+    nll = -(per_token * mask).sum() / mask.sum()
+    for loss_type in ("sigmoid", "ipo"):  # ipo averages log-probs per sequence; the NLL is still per token
+        plain = NanoDPO(model, tokenizer, OptimizerFactory(), loss_type=loss_type).dpo_step(batch, "train")
+        rpo = NanoDPO(model, tokenizer, OptimizerFactory(), loss_type=loss_type, rpo_alpha=0.5).dpo_step(batch, "train")
+        assert plain.nll is None and rpo.nll.item() == pytest.approx(nll.item(), rel=1e-5)
+        assert rpo.loss.item() == pytest.approx(plain.loss.item() + 0.5 * nll.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="stage.module.rpo_alpha must be >= 0 or null, got -1"):
+        NanoDPO(model, tokenizer, OptimizerFactory(), rpo_alpha=-1.0)
 
 
 def test_resume_without_reference_source_is_refused(init_dir):

@@ -55,9 +55,10 @@ class PrecomputedLogps:
 @dataclass
 class DPOStep:
     out: DPOOutput
-    loss: torch.Tensor  # scalar
+    loss: torch.Tensor  # scalar: the DPO loss, plus rpo_alpha * nll when set
     policy: Paired  # sequence log-probs, with gradient
     reference: Paired
+    nll: torch.Tensor | None = None  # the chosen responses' per-token NLL (with rpo_alpha)
 
 
 def freeze(model: NanoLM) -> NanoLM:
@@ -83,8 +84,11 @@ class NanoDPO(pl.LightningModule):
         label_smoothing: float = 0.0,
         precompute_ref_logps: bool = False,
         reference_from: str | None = None,
+        rpo_alpha: float | None = None,
     ):
         super().__init__()
+        if rpo_alpha is not None and not rpo_alpha >= 0:
+            raise ValueError(f"stage.module.rpo_alpha must be >= 0 or null, got {rpo_alpha!r}")
         # A dry call validates the settings where the rules live, before any work starts.
         zero = torch.zeros(1)
         try:
@@ -95,6 +99,7 @@ class NanoDPO(pl.LightningModule):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precompute_ref_logps = precompute_ref_logps
         self.reference_from = reference_from
+        self.rpo_alpha = rpo_alpha
         # IPO is defined on length-averaged log-probs (Azar et al. 2023, sec. 5); the others on sums.
         self.average_logps = loss_type == "ipo"
         self.frozen = FrozenReference(freeze(copy.deepcopy(model)))
@@ -171,7 +176,16 @@ class NanoDPO(pl.LightningModule):
             policy.chosen, policy.rejected, reference.chosen, reference.rejected,
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
         )
-        return DPOStep(out, out.losses.mean(), policy, reference)
+        loss = out.losses.mean()
+        nll = None
+        if self.rpo_alpha is not None:
+            # RPO (Pang et al. 2024; TRL's rpo_alpha): plus the chosen responses' per-token negative log-likelihood,
+            # which keeps DPO from lowering the likelihood of both responses together
+            lengths = batch.chosen_response_mask.sum(-1)
+            sums = policy.chosen * lengths if self.average_logps else policy.chosen
+            nll = -sums.sum() / lengths.sum().clamp(min=1)
+            loss = loss + self.rpo_alpha * nll
+        return DPOStep(out, loss, policy, reference, nll)
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         step = self.dpo_step(batch, "train")
@@ -184,6 +198,8 @@ class NanoDPO(pl.LightningModule):
             metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
             metrics["logps/chosen"] = step.policy.chosen.detach().mean()
             metrics["logps/rejected"] = step.policy.rejected.detach().mean()
+            if step.nll is not None:
+                metrics["train/nll_chosen"] = step.nll.detach()
             self.log_dict(metrics, on_step=True, on_epoch=False)
             log_lr(self)
         return step.loss
