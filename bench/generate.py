@@ -6,6 +6,7 @@ alternate NeuraFlux and GPT-2 so both see the same machine load; medians are com
 Needs the bench extra: pip install -e ".[bench]".
 
     python bench/generate.py --threads 1 --rounds 3 [--dtypes float32 bfloat16]
+    python bench/generate.py --threads 1 --profile     # where a batch-1 step goes
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ def ours(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
     return batch * new / dt
 
 
+def profile(prompt: int, new: int) -> None:
+    """Where a batch-1 float32 decoding step goes, and the output projection alone in float32 and bfloat16."""
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = NanoLM(NanoConfig(block_size=512, **SHAPE)).eval()
+    ids = torch.randint(10, 10_000, (1, prompt))
+    generate(model, ids, 4, temperature=0)
+    with torch_profile() as prof:
+        generate(model, ids, new, temperature=0)
+    events = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    matmul = events.get("aten::addmm", 0) + events.get("aten::mm", 0)
+    print(f"batch 1 float32, {new} steps: aten::addmm + aten::mm = {100 * matmul / sum(events.values()):.0f} % of "
+          "self CPU time")
+    x, w = torch.randn(1, SHAPE["n_embd"]), torch.randn(SHAPE["vocab_size"], SHAPE["n_embd"])
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = x.to(dtype), w.to(dtype)
+        torch.nn.functional.linear(xd, wd)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            torch.nn.functional.linear(xd, wd)
+        print(f"output projection ({SHAPE['vocab_size']} x {SHAPE['n_embd']}, one token), {dtype}: "
+              f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms")
+
+
 def hf(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -65,9 +91,13 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    p.add_argument("--profile", action="store_true", help="only: the matmul share of a step and the projection timings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads={args.threads}, prompt={args.prompt}, new={args.new}")
+    if args.profile:
+        profile(args.prompt, 64)
+        return
     print("| batch | weights | NeuraFlux tokens/s | GPT-2 (transformers) tokens/s | ratio | NeuraFlux vs GPT-2 float32 |")
     print("|---|---|---|---|---|---|")
     for b in args.batches:

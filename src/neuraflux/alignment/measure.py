@@ -143,7 +143,7 @@ def measure_policy(
             batch = encode_prompts(tokenizer, chunk, max_prompt_tokens)
             greedy = generate_rollouts(model, tokenizer, batch, max_new_tokens, temperature=0.0)
             responses += greedy.responses
-            if reward_model is not None:
+            if scorer is not None:
                 rewards += scorer(greedy).tolist()
             if reference is not None:
                 sampled = generate_rollouts(

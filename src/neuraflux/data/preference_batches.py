@@ -144,13 +144,17 @@ def fit_sequence(prompt: list[int], response: list[int], max_length: int) -> Enc
 def encode_scored(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response texts as a reward model reads them in training (`encode_pairs`): right-padded
     `(B, T)` input ids and bool attention mask."""
-    pad = tokenizer.pad_id
     seqs = [fit_sequence(p, r, max_length) for p, r in zip(
         tokenizer.encode_batch(prompts), tokenizer.encode_batch([completion_text(r) for r in responses]), strict=True)]
-    T = max(len(s.ids) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, s in enumerate(seqs):
+    return right_pad(seqs, tokenizer.pad_id)
+
+
+def right_pad(sequences: list[EncodedSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(N, T)` input ids padded on the right with `pad_id`, and the bool mask of the real tokens."""
+    T = max(len(s.ids) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.bool)
+    for i, s in enumerate(sequences):
         input_ids[i, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
         attention_mask[i, : len(s.ids)] = True
     return input_ids, attention_mask
@@ -170,16 +174,11 @@ def encode_pairs(tokenizer, examples: list[PreferenceExample], max_length: int) 
 def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PreferenceBatch:
     """Stack chosen then rejected sequences into one right-padded `(2B, T)` PreferenceBatch."""
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    T = max(len(s.ids) for s in sequences)
-    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.bool)
-    response_mask = torch.zeros((len(sequences), T), dtype=torch.bool)
+    input_ids, attention_mask = right_pad(sequences, pad_id)
+    response_mask = torch.zeros_like(attention_mask)
     for i, s in enumerate(sequences):
-        n = len(s.ids)
-        input_ids[i, :n] = torch.tensor(s.ids, dtype=torch.long)
-        attention_mask[i, :n] = True
         # target t is token t + 1: the response's first token is the target at response_start - 1
-        response_mask[i, s.response_start - 1 : n - 1] = True
+        response_mask[i, s.response_start - 1 : len(s.ids) - 1] = True
     targets = torch.cat([input_ids[:, 1:], torch.full((len(sequences), 1), pad_id, dtype=torch.long)], dim=1)
     index = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return PreferenceBatch(input_ids, attention_mask, targets, response_mask, index)
@@ -219,11 +218,11 @@ class PreferenceDataModule(ResumableDataModule):
         retrieve_context: bool = False,
     ):
         super().__init__()
+        if (path is None) == (builtin is None):
+            raise ValueError("data: set exactly one of data.path or data.builtin")
         if retrieve_context and builtin is None:
             raise ValueError("data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world")
         self.retrieve_context = retrieve_context
-        if (path is None) == (builtin is None):
-            raise ValueError("data: set exactly one of data.path or data.builtin")
         if on_invalid not in ON_INVALID:
             raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
         if not isinstance(max_length, int) or max_length < 2:

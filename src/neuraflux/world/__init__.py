@@ -36,6 +36,6 @@ from neuraflux.world.tasks import (
 __all__ = [
     "SPLITS", "Document", "Entity", "ParsedPrompt", "World", "WorldConfig", "generate_world", "parse_prompt",
     "JudgeScores", "harmlessness", "helpfulness", "honesty", "judge", "exact_match", "QAItem", "RLPrompt",
-    "SFTExample", "about_response", "answer_sentence", "practice_preference_pairs", "preference_pairs", "pretrain_text", "qa_items",
-    "red_team_prompts", "rl_prompts", "sft_examples",
+    "SFTExample", "about_response", "answer_sentence", "practice_preference_pairs", "preference_pairs",
+    "pretrain_text", "qa_items", "red_team_prompts", "rl_prompts", "sft_examples",
 ]

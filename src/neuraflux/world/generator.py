@@ -77,9 +77,9 @@ class WorldConfig:
     n_red_team: int = 36
     preference_noise: float = 0.0  # Bradley-Terry temperature for flipping preference labels; 0 = no flips
     pairs_per_prompt: int = 3
-    # practice entities (at most practice_entities: the first ones) that also give preference pairs (one
-    # attribute question each, one of its documents as context), for the training split only: telling a stated value from the document's is the reading that
-    # the world's held-out pairs need, and the world alone has a few hundred pairs to learn it from
+    # practice entities (at most practice_entities: the first ones) that also give preference pairs (one attribute
+    # question each, one of its documents as context), for the training split only: telling a stated value from
+    # the document's is the reading the world's held-out pairs need, and the world has a few hundred pairs to teach it
     practice_preference_entities: int = 0
 
     @classmethod

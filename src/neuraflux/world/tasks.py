@@ -411,9 +411,10 @@ def preference_pairs(world: World, rng_seed: int = 0) -> list[dict[str, str]]:
 
 def practice_preference_pairs(world: World, rng_seed: int = 0) -> list[dict[str, str]]:
     """Pairs like `preference_pairs` on one attribute question per practice entity (the first
-    `practice_preference_entities` of `practice_set`, all of them when it has fewer), with one of its documents as context, judged against the
-    world plus those entities. Nothing else states their facts, so only reading the context tells the right value
-    from a wrong one. Meant for training only: the world's own pairs are the held-out measure."""
+    `practice_preference_entities` of `practice_set`, all of them when it has fewer), with one of its documents as
+    context, judged against the world plus those entities. Nothing else states their facts, so only reading the
+    context tells the right value from a wrong one. Meant for training only: the world's own pairs are the held-out
+    measure."""
     n = world.config.practice_preference_entities
     if n == 0:
         return []

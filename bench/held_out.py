@@ -1,0 +1,108 @@
+"""What the held-out world prompts show, for the stages' reward model and policies.
+
+`pairs RM_DIR`: held-out pair accuracy of an exported reward model, by pair type and by whether the prompt carries
+context. The world's pairs split as `stage=reward` splits them (whole prompts held out); a model trained with
+`data.retrieve_context` (its `reward_model.json` says so) is scored on prompts given the same retrieved context. A
+pair type is the set of judges that score its two responses differently.
+
+`answers MODEL`: the held-out RL prompts (as `bench/alignment.py` holds them out) whose greedy answer scores below
+full marks, with the three judge scores.
+
+    python bench/held_out.py pairs /work/runs/rm_final/reward_world/model --threads 1 [--wrong]
+    python bench/held_out.py answers /work/runs/full_t2/sft/model --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from neuraflux.alignment.measure import held_out_prompts, render  # noqa: E402
+from neuraflux.alignment.reward_model import NanoRewardModel  # noqa: E402
+from neuraflux.alignment.rollout import generate_rollouts  # noqa: E402
+from neuraflux.chat import context_of  # noqa: E402
+from neuraflux.data.preference_batches import PreferenceDataModule, split_by_prompt  # noqa: E402
+from neuraflux.data.prompts import encode_prompts  # noqa: E402
+from neuraflux.eval import world_config_for  # noqa: E402
+from neuraflux.train import load_pretrained  # noqa: E402
+from neuraflux.world import generate_world, judge  # noqa: E402
+from neuraflux.world.generator import question_text  # noqa: E402
+
+JUDGES = ("helpfulness", "harmlessness", "honesty")
+
+
+def where(prompt: str) -> str:
+    return "context" if context_of(prompt) is not None else "closed-book"
+
+
+def pairs(args) -> None:
+    model = NanoRewardModel.from_pretrained(args.model).eval()
+    _, tokenizer = load_pretrained(args.model)
+    world_cfg = world_config_for(args.model)
+    world = generate_world(world_cfg)
+    dm = PreferenceDataModule(builtin="world", world=dict(world_cfg.__dict__), max_length=model.config.block_size,
+                              val_fraction=args.val_fraction, seed=args.seed, retrieve_context=model.retrieve_context)
+    dm.tokenizer = tokenizer
+    dm.setup()
+    held = list(split_by_prompt(dm.dataset, args.val_fraction, args.seed).test)  # the pairs as generated
+    right: list[bool] = []
+    with torch.no_grad():
+        for batch in dm.sequential_loader("val"):
+            r = batch.pair(model.score(batch.input_ids, batch.attention_mask))
+            right += (r.chosen > r.rejected).tolist()
+    groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for ex, ok in zip(held, right, strict=True):
+        c, r = judge(ex.prompt, ex.chosen, world), judge(ex.prompt, ex.rejected, world)
+        kind = "+".join(n for n in JUDGES if getattr(c, n) != getattr(r, n))
+        groups[(kind, where(ex.prompt))].append(ok)
+        if args.wrong and not ok:
+            print(f"wrong ({kind}): {ex.prompt[-90:]!r} | chosen {ex.chosen!r} | rejected {ex.rejected!r}")
+    print(f"{args.model}: held-out accuracy {sum(right) / len(right):.3f} on {len(right)} pairs "
+          f"(retrieved context: {model.retrieve_context})")
+    for (kind, place), oks in sorted(groups.items()):
+        print(f"  {kind:<36} {place:<12} {sum(oks) / len(oks):.2f} ({len(oks)})")
+
+
+
+def answers(args) -> None:
+    model, tokenizer = load_pretrained(args.model)
+    model.eval()
+    world = generate_world(world_config_for(args.model))
+    texts = [render(x) for x in held_out_prompts(world, "val", args.val_fraction, args.seed)]
+    budget = min(model.config.block_size, model.config.max_position_embeddings - args.max_new_tokens)
+    with torch.no_grad():
+        answers = generate_rollouts(model, tokenizer, encode_prompts(tokenizer, texts, budget), args.max_new_tokens,
+                                    temperature=0.0).responses
+    short = 0
+    for text, answer in zip(texts, answers, strict=True):
+        j = judge(text, answer, world)
+        if j.total < 3:
+            short += 1
+            print(f"help {j.helpfulness:.2f} harm {j.harmlessness:.0f} honest {j.honesty:.0f} ({where(text)}): "
+                  f"{question_text(text)!r} -> {answer!r}")
+    print(f"{short} of {len(texts)} held-out prompts below full marks")
+
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["pairs", "answers"])
+    p.add_argument("model", type=Path, help="a reward model (pairs) or policy (answers) model directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--wrong", action="store_true", help="pairs: also print every held-out pair ranked wrong")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answers: greedy answer length")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    {"pairs": pairs, "answers": answers}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
