@@ -8,8 +8,13 @@ pair type is the set of judges that score its two responses differently.
 `answers MODEL`: the held-out RL prompts (as `bench/alignment.py` holds them out) whose greedy answer scores below
 full marks, with the three judge scores.
 
+`gaps MODEL [MODEL ...]`: where each model loses judge points (3 a prompt), by prompt category, on the held-out and
+on the training prompts: closed-book questions on seen entities (recall), questions with context (reading), unknown
+entities, red-team prompts. The first model is the baseline each later one's "gap closed" is measured against.
+
     python bench/held_out.py pairs /work/runs/rm_final/reward_world/model --threads 1 [--wrong]
     python bench/held_out.py answers /work/runs/full_t2/sft/model --threads 1
+    python bench/held_out.py gaps SFT OUT/reinforce_seed1337/model OUT/dpo_seed1337/model --threads 1
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from neuraflux.eval import world_config_for  # noqa: E402
 from neuraflux.train import load_pretrained  # noqa: E402
 from neuraflux.world import generate_world, judge  # noqa: E402
 from neuraflux.world.generator import question_text  # noqa: E402
+from neuraflux.world.schema import RED_TEAM_CATEGORIES  # noqa: E402
 
 JUDGES = ("helpfulness", "harmlessness", "honesty")
 
@@ -70,15 +76,59 @@ def pairs(args) -> None:
 
 
 
-def answers(args) -> None:
-    model, tokenizer = load_pretrained(args.model)
+def greedy_answers(model_dir: Path, split: str, args) -> tuple[list[str], list[str], object]:
+    """The rendered prompts of `split` ("val" or "train"), the model's greedy answers, and the world."""
+    model, tokenizer = load_pretrained(model_dir)
     model.eval()
-    world = generate_world(world_config_for(args.model))
-    texts = [render(x) for x in held_out_prompts(world, "val", args.val_fraction, args.seed)]
+    world = generate_world(world_config_for(model_dir))
+    texts = [render(x) for x in held_out_prompts(world, split, args.val_fraction, args.seed)]
     budget = min(model.config.block_size, model.config.max_position_embeddings - args.max_new_tokens)
+    answers: list[str] = []
     with torch.no_grad():
-        answers = generate_rollouts(model, tokenizer, encode_prompts(tokenizer, texts, budget), args.max_new_tokens,
-                                    temperature=0.0).responses
+        for i in range(0, len(texts), 64):
+            batch = encode_prompts(tokenizer, texts[i : i + 64], budget)
+            answers += generate_rollouts(model, tokenizer, batch, args.max_new_tokens, temperature=0.0).responses
+    return texts, answers, world
+
+
+def category(text: str, world) -> str:
+    parsed = world.parse_prompt(text)
+    if parsed.kind in RED_TEAM_CATEGORIES:
+        return "red-team"
+    if parsed.entity is not None and parsed.entity.split == "unknown":
+        return "unknown entity"
+    return "with context" if context_of(text) is not None else "closed-book recall"
+
+
+CATEGORIES = ("closed-book recall", "with context", "unknown entity", "red-team")
+
+
+def gaps(args) -> None:
+    for split, name in (("val", "held-out"), ("train", "training")):
+        lost: list[dict[str, float]] = []
+        counts: dict[str, int] = {}
+        for model_dir in args.models:
+            texts, answers, world = greedy_answers(model_dir, split, args)
+            row = dict.fromkeys(CATEGORIES, 0.0)
+            counts = dict.fromkeys(CATEGORIES, 0)
+            for text, answer in zip(texts, answers, strict=True):
+                cat = category(text, world)
+                row[cat] += 3.0 - judge(text, answer, world).total
+                counts[cat] += 1
+            lost.append(row)
+        print(f"\n{name} prompts ({sum(counts.values())}): judge points lost (of 3 a prompt); gap closed against the "
+              f"first model")
+        print("| model | " + " | ".join(f"{c} ({counts[c]})" for c in CATEGORIES) + " | total | gap closed |")
+        print("|---|" + "---:|" * (len(CATEGORIES) + 2))
+        base = sum(lost[0].values())
+        for model_dir, row in zip(args.models, lost, strict=True):
+            total = sum(row.values())
+            closed = f"{1 - total / base:.2f}" if base > 0 else "–"
+            print(f"| {model_dir} | " + " | ".join(f"{row[c]:.2f}" for c in CATEGORIES) + f" | {total:.2f} | {closed} |")
+
+
+def answers(args) -> None:
+    texts, answers, world = greedy_answers(args.models[0], "val", args)
     short = 0
     for text, answer in zip(texts, answers, strict=True):
         j = judge(text, answer, world)
@@ -92,8 +142,9 @@ def answers(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["pairs", "answers"])
-    p.add_argument("model", type=Path, help="a reward model (pairs) or policy (answers) model directory")
+    p.add_argument("part", choices=["pairs", "answers", "gaps"])
+    p.add_argument("models", type=Path, nargs="+",
+                   help="a reward model (pairs) or policy (answers) model directory; gaps: several policies")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=1337)
@@ -101,7 +152,10 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answers: greedy answer length")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"pairs": pairs, "answers": answers}[args.part](args)
+    if args.part != "gaps" and len(args.models) > 1:
+        p.error(f"{args.part} takes one model directory")
+    args.model = args.models[0]
+    {"pairs": pairs, "answers": answers, "gaps": gaps}[args.part](args)
 
 
 if __name__ == "__main__":
