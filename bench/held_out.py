@@ -28,12 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from neuraflux.alignment.measure import held_out_prompts, render  # noqa: E402
+from neuraflux.alignment.measure import held_out_prompts, measure_policy, render  # noqa: E402
 from neuraflux.alignment.reward_model import NanoRewardModel  # noqa: E402
-from neuraflux.alignment.rollout import generate_rollouts  # noqa: E402
 from neuraflux.chat import context_of  # noqa: E402
 from neuraflux.data.preference_batches import PreferenceDataModule, split_by_prompt  # noqa: E402
-from neuraflux.data.prompts import encode_prompts  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
 from neuraflux.train import load_pretrained  # noqa: E402
 from neuraflux.world import generate_world, judge  # noqa: E402
@@ -75,20 +73,17 @@ def pairs(args) -> None:
         print(f"  {kind:<36} {place:<12} {sum(oks) / len(oks):.2f} ({len(oks)})")
 
 
+def greedy_answers(model, tokenizer, world, split: str, args) -> tuple[list[str], list[str]]:
+    """The rendered prompts of `split` ("val" or "train") and the model's greedy answers, as `bench/alignment.py`
+    measures them (`measure_policy`: same prompt budget, same batches)."""
+    prompts = held_out_prompts(world, split, args.val_fraction, args.seed)
+    answers = measure_policy(model, tokenizer, world, prompts, max_new_tokens=args.max_new_tokens).responses
+    return [render(x) for x in prompts], answers
 
-def greedy_answers(model_dir: Path, split: str, args) -> tuple[list[str], list[str], object]:
-    """The rendered prompts of `split` ("val" or "train"), the model's greedy answers, and the world."""
+
+def load_policy(model_dir: Path):
     model, tokenizer = load_pretrained(model_dir)
-    model.eval()
-    world = generate_world(world_config_for(model_dir))
-    texts = [render(x) for x in held_out_prompts(world, split, args.val_fraction, args.seed)]
-    budget = min(model.config.block_size, model.config.max_position_embeddings - args.max_new_tokens)
-    answers: list[str] = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 64):
-            batch = encode_prompts(tokenizer, texts[i : i + 64], budget)
-            answers += generate_rollouts(model, tokenizer, batch, args.max_new_tokens, temperature=0.0).responses
-    return texts, answers, world
+    return model, tokenizer, generate_world(world_config_for(model_dir))
 
 
 def category(text: str, world) -> str:
@@ -104,31 +99,36 @@ CATEGORIES = ("closed-book recall", "with context", "unknown entity", "red-team"
 
 
 def gaps(args) -> None:
-    for split, name in (("val", "held-out"), ("train", "training")):
-        lost: list[dict[str, float]] = []
-        counts: dict[str, int] = {}
-        for model_dir in args.models:
-            texts, answers, world = greedy_answers(model_dir, split, args)
+    splits = {"val": "held-out", "train": "training"}
+    lost: dict[str, list[dict[str, float]]] = {split: [] for split in splits}
+    counts: dict[str, dict[str, int]] = {}
+    for model_dir in args.models:
+        model, tokenizer, world = load_policy(model_dir)
+        for split in splits:
+            texts, answers = greedy_answers(model, tokenizer, world, split, args)
             row = dict.fromkeys(CATEGORIES, 0.0)
-            counts = dict.fromkeys(CATEGORIES, 0)
+            counts[split] = dict.fromkeys(CATEGORIES, 0)
             for text, answer in zip(texts, answers, strict=True):
                 cat = category(text, world)
                 row[cat] += 3.0 - judge(text, answer, world).total
-                counts[cat] += 1
-            lost.append(row)
-        print(f"\n{name} prompts ({sum(counts.values())}): judge points lost (of 3 a prompt); gap closed against the "
+                counts[split][cat] += 1
+            lost[split].append(row)
+    for split, name in splits.items():
+        n = counts[split]
+        print(f"\n{name} prompts ({sum(n.values())}): judge points lost (of 3 a prompt); gap closed against the "
               f"first model")
-        print("| model | " + " | ".join(f"{c} ({counts[c]})" for c in CATEGORIES) + " | total | gap closed |")
+        print("| model | " + " | ".join(f"{c} ({n[c]})" for c in CATEGORIES) + " | total | gap closed |")
         print("|---|" + "---:|" * (len(CATEGORIES) + 2))
-        base = sum(lost[0].values())
-        for model_dir, row in zip(args.models, lost, strict=True):
+        base = sum(lost[split][0].values())
+        for model_dir, row in zip(args.models, lost[split], strict=True):
             total = sum(row.values())
             closed = f"{1 - total / base:.2f}" if base > 0 else "–"
             print(f"| {model_dir} | " + " | ".join(f"{row[c]:.2f}" for c in CATEGORIES) + f" | {total:.2f} | {closed} |")
 
 
 def answers(args) -> None:
-    texts, answers, world = greedy_answers(args.models[0], "val", args)
+    model, tokenizer, world = load_policy(args.model)
+    texts, answers = greedy_answers(model, tokenizer, world, "val", args)
     short = 0
     for text, answer in zip(texts, answers, strict=True):
         j = judge(text, answer, world)
@@ -137,7 +137,6 @@ def answers(args) -> None:
             print(f"help {j.helpfulness:.2f} harm {j.harmlessness:.0f} honest {j.honesty:.0f} ({where(text)}): "
                   f"{question_text(text)!r} -> {answer!r}")
     print(f"{short} of {len(texts)} held-out prompts below full marks")
-
 
 
 def main() -> None:

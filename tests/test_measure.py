@@ -74,6 +74,7 @@ def test_judges_and_violations_of_a_refusing_policy_match_hand_counts(world, bpe
     }  # fmt: skip
     assert m.n == 5 and m.kl is None and m.reward is None
     assert [s["response"] for s in m.samples] == [REFUSAL] * 5
+    assert m.responses == [REFUSAL] * 5
     assert m.gap == pytest.approx(0.2)
 
 

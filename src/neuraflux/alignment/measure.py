@@ -51,6 +51,7 @@ class PolicyMeasure:
     reward: float | None  # mean reward-model score of the greedy responses
     n: int  # prompts measured
     samples: list[dict]  # a few {"prompt", "response"} (the user question and the greedy response)
+    responses: list[str]  # every greedy response, in the order of the prompts
 
     @property
     def gap(self) -> float:
@@ -178,4 +179,5 @@ def measure_policy(
         reward=sum(rewards) / n if reward_model is not None else None,
         n=n,
         samples=samples[:N_SAMPLES],
+        responses=responses,
     )
