@@ -22,8 +22,8 @@ GREEDY = Sampling(0.0, None, None)
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ?.,"
 
 
-def tiny_lm(seed: int = 0, max_positions: int = 96) -> tuple[NanoLM, NanoTokenizer]:
-    """A 1-layer random model over a character vocabulary that never emits a special token when greedy.
+def tiny_lm(seed: int = 0, max_positions: int = 96, n_layer: int = 1) -> tuple[NanoLM, NanoTokenizer]:
+    """A random model (1 layer unless asked) over a character vocabulary that never emits a special token when greedy.
 
     The special tokens' (and <|unk|>'s) embedding rows are zero, so their logits are exactly 0 while the best
     of the ~30 character logits is positive: every greedy token is one printable character, one text event.
@@ -31,7 +31,7 @@ def tiny_lm(seed: int = 0, max_positions: int = 96) -> tuple[NanoLM, NanoTokeniz
     tok = NanoTokenizer.train([ALPHABET], vocab_size=0, mode="char")
     torch.manual_seed(seed)
     cfg = NanoConfig(vocab_size=tok.vocab_size, block_size=64, max_position_embeddings=max_positions,
-                     n_layer=1, n_head=2, n_embd=16)
+                     n_layer=n_layer, n_head=2, n_embd=16)
     model = NanoLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -43,8 +43,8 @@ def tiny_lm(seed: int = 0, max_positions: int = 96) -> tuple[NanoLM, NanoTokeniz
 
 
 def alone(model: NanoLM, tok: NanoTokenizer, ids: list[int], n: int) -> str:
-    """The greedy continuation of one prompt decoded by itself with generation.generate."""
-    out = generate(model, torch.tensor([ids]), n, temperature=0.0)[0, len(ids):]
+    """The greedy continuation of one prompt decoded by itself, without a KV cache: the reference."""
+    out = generate(model, torch.tensor([ids]), n, temperature=0.0, use_kv_cache=False)[0, len(ids):]
     return tok.decode(out.tolist(), skip_special_tokens=True)
 
 
@@ -111,6 +111,24 @@ def test_requests_decoded_together_match_decoding_alone_and_share_steps(lm):
     # 7 steps, not 3 * 7 = 21
     assert engine.stats().steps == 7
     assert engine.stats().tokens == 24
+
+
+def test_slots_decode_64_greedy_tokens_as_the_uncached_forward_does():
+    # 4 layers: with one, a prefill that ignored causality would still give the right last position and keys
+    model, tok = tiny_lm(seed=1, max_positions=128, n_layer=4)
+    prompts = [chat_ids(tok, q) for q in ("hi", "what is the tallest tower?", "why", "who")]  # two of equal length
+    engine = Engine(model, tok, max_concurrent=4, max_queue=0)
+    sinks = [Collector() for _ in prompts]
+    for ids, sink in zip(prompts, sinks):
+        engine.submit(request(ids, 64), sink)
+    engine.start()
+    try:
+        done = [s.wait() for s in sinks]
+    finally:
+        engine.stop()
+    assert all(d.usage.completion_tokens == 64 for d in done)
+    assert [s.text for s in sinks] == [alone(model, tok, ids, 64) for ids in prompts]
+    assert len(set(sinks[1].text)) > 4  # the text varies, so agreement is not trivial
 
 
 def test_a_request_joining_mid_stream_into_a_reused_slot_matches_alone(lm):

@@ -156,9 +156,11 @@ class NanoSelfAttention(nn.Module):
             y = weights @ v
         else:
             dropout_p = self.dropout if self.training else 0.0
-            # With no mask and no cache, the kernel's own causal path is fastest; a single decoded
-            # token with no padding may attend to every cached position, so it needs no mask either.
-            is_causal = mask is None and cache is None
+            # No mask means one of build_attention_mask's two cases: T new keys only (the kernel's causal
+            # path, cache or not), or a single query that may attend to every key.
+            is_causal = mask is None and T > 1
+            if is_causal and k.shape[2] != T:
+                raise ValueError(f"{T} queries over {k.shape[2]} keys need an explicit causal mask")
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), weights
@@ -194,26 +196,32 @@ class NanoLayer(nn.Module):
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, query_length: int, past_length: int = 0
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int = 0, device=None
 ) -> torch.Tensor | None:
-    """Bool (B, 1, T, S) mask from a (B, S) padding mask, S = past_length + T; None when nothing is padded.
+    """Bool (B, 1, T, S) mask, S = past_length + T, from a (B, S) padding mask (None: nothing is padded).
 
     A query may attend to keys at or before its own position that are not padding. Padding queries may
     attend to themselves, so no softmax row is empty (an all -inf row would give NaN).
+
+    Returns None exactly when no explicit mask is needed: plain causal attention over the T new keys alone
+    (past_length 0, nothing padded: the kernel's `is_causal`), or one query that may see every key. Several
+    queries after cached keys (a chunked prefill) always get a mask: the kernel's `is_causal` aligns its
+    triangle to the top-left corner, which would hide cached keys and show later ones.
     """
-    if attention_mask is None:
-        return None
     S = past_length + query_length
-    key_ok = attention_mask[:, :S].bool()  # (B, S)
-    if bool(key_ok.all()):
-        if query_length == 1 or past_length == 0:
-            return None  # plain causal (handled by is_causal) or one query that sees everything
-    device = attention_mask.device
+    key_ok = None if attention_mask is None else attention_mask[:, :S].bool()  # (B, S)
+    if key_ok is not None:
+        device = key_ok.device
+        if bool(key_ok.all()):
+            key_ok = None
+    if key_ok is None and (query_length == 1 or past_length == 0):
+        return None
     q_pos = torch.arange(past_length, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
     causal = k_pos <= q_pos  # (T, S)
-    diagonal = k_pos == q_pos
-    return (causal[None] & key_ok[:, None, :] | diagonal[None])[:, None]  # (B, 1, T, S)
+    if key_ok is None:
+        return causal[None, None]  # (1, 1, T, S): the same for every row
+    return (causal[None] & key_ok[:, None, :] | (k_pos == q_pos)[None])[:, None]  # (B, 1, T, S)
 
 
 def slot_attention_mask(positions: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
@@ -278,7 +286,7 @@ class NanoModel(nn.Module):
                 position_ids = position_ids_from_mask(attention_mask[:, : past + T])[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = build_attention_mask(attention_mask, T, past)
+        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # (B, T, C)
         rope = self._rope(position_ids)
         maps = []
