@@ -174,6 +174,8 @@ def test_exported_pairs_append_without_duplicates_and_load_as_preference_data(tm
 
 # ---- prompts -----------------------------------------------------------------------------------------------
 def test_prompts_are_red_team_plus_a_share_of_others_split_per_group(world):
+    from neuraflux.data.splits import held_out_score
+
     dm = ConstitutionalDataModule(world=SMALL_WORLD, helpful_share=0.25, val_fraction=0.2, seed=3)
     red = [p for p in dm.texts() if world.parse_prompt(p).kind in schema.RED_TEAM_CATEGORIES]
     assert red == dm.red_team and len(dm.red_team) == len(set(dm.red_team))
@@ -183,7 +185,9 @@ def test_prompts_are_red_team_plus_a_share_of_others_split_per_group(world):
     dm.setup()
     assert not set(dm.train_set) & set(dm.val_set) and len(dm.train_set) + len(dm.val_set) == len(dm.texts())
     val_red = [p for p in dm.val_set if p in set(dm.red_team)]
-    assert len(val_red) == round(0.2 * len(dm.red_team)) and len(dm.val_set) > len(val_red)
+    # the shared held-out split: exactly the prompts whose seeded score is below val_fraction, in each group
+    assert val_red == [p for p in dm.red_team if held_out_score(p, seed=3) < 0.2]
+    assert 0 < len(val_red) < len(dm.red_team) and len(dm.val_set) > len(val_red)
     with pytest.raises(ValueError, match=r"data.helpful_share must be in \[0, 1\), got 1.0"):
         ConstitutionalDataModule(world=SMALL_WORLD, helpful_share=1.0)
 
@@ -233,8 +237,9 @@ def sft_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, sft_dir):
     tmp = tmp_path_factory.mktemp("constitutional")
-    metrics, objects = train(compose_cfg(tmp, *RUN, f"stage.init_from={sft_dir}"))
-    return {"metrics": metrics, "tags": scalar_tags(objects["run_dir"]), **objects}
+    cfg = compose_cfg(tmp, *RUN, f"stage.init_from={sft_dir}")
+    metrics, objects = train(cfg)
+    return {"metrics": metrics, "tags": scalar_tags(objects["run_dir"]), "cfg": cfg, **objects}
 
 
 def test_run_logs_the_constitution_the_losses_and_validation(run, constitution):
@@ -272,6 +277,15 @@ def test_run_writes_revisions_and_ai_feedback(run):
         assert bool(r["critique"]) == bool(r["violations"]) == (r["source"] != "unchanged")
     assert feedback and all(f["chosen_violations"] < f["rejected_violations"] for f in feedback)
     assert not (out / "preferences.jsonl").exists()  # feedback=dpo trains on the pairs; export writes them
+    # what it trained on (revisions, AI-feedback pairs) holds none of the prompts the report measures
+    from neuraflux.alignment.measure import held_out_prompts, render
+    from neuraflux.data.splits import prompt_key
+
+    cfg = run["cfg"]
+    world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
+    measured = {prompt_key(render(p)) for p in held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed)}
+    trained = {prompt_key(r["prompt"]) for r in revisions} | {prompt_key(f["prompt"]) for f in feedback}
+    assert measured and trained and not measured & trained
 
 
 def test_reference_stays_frozen_out_of_the_optimizer_and_the_checkpoint(run, sft_dir):

@@ -70,7 +70,7 @@ def test_first_loss_is_log2_and_precomputed_matches_per_batch(runs):
     assert precomputed["val/loss"] == pytest.approx(per_batch["val/loss"], abs=1e-5)
     module = runs[True]["module"]
     assert module.reference is None  # dropped after precomputing
-    assert {k: len(v.chosen) for k, v in module.precomputed.items()} == {"train": 162, "val": 18}
+    assert {k: len(v.chosen) for k, v in module.precomputed.items()} == {"train": 153, "val": 27}
     assert all(bool(torch.isfinite(t.chosen).all() and torch.isfinite(t.rejected).all())
                for t in module.precomputed.values())
 

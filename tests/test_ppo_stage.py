@@ -129,8 +129,8 @@ def test_ppo_raises_the_toy_reward(tiny_cfg, tmp_path):
         tiny_cfg,
         tmp_path,
         "ppo",
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=12",
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=16",
         "data.batch_size=16",
         "optim.lr=1e-2",
         "stage.module.ppo_epochs=2",
@@ -138,8 +138,9 @@ def test_ppo_raises_the_toy_reward(tiny_cfg, tmp_path):
     _, objects = train(cfg)
     reward = scalars(objects["run_dir"])["objective/reward"]
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
-    # seed 1337: about 0.03 -> 0.78 of response tokens are "a" (seeds 1 and 2 reach 0.74 and 0.86)
-    assert first < 0.1 and last > first + 0.4, reward
+    # seed 1337: about 0.03 -> 0.91 of response tokens are "a" over 16 steps (seeds 1 and 2 reach 0.90 and 0.84);
+    # 12 steps reached only 0.41 once the prefill was causal and the held-out split shared
+    assert first < 0.1 and last > first + 0.6, reward
 
 
 def test_reward_model_source_without_path_fails_before_training(tiny_cfg, tmp_path):

@@ -14,7 +14,7 @@ def _measure(helpful, violation, unseen, unknown, kl):
         "reward": None, "kl_to_sft": kl, "violations": {"any": violation}, "violation_rate": violation,
         "violation_rate_all_prompts": 2 * violation,
         "val_ppl": 1.5, "exact_match": {"unseen": {"with_retrieval": unseen}, "unknown": {"with_retrieval": unknown}},
-        "measure_s": 2.0,
+        "measure_s": 2.0, "n_prompts": 31,
     }  # fmt: skip
 
 
@@ -31,7 +31,7 @@ def _state():
     return state
 
 
-CFG = OmegaConf.create({"curriculum": {"name": "full"}})
+CFG = OmegaConf.create({"curriculum": {"name": "full"}, "held_out_fraction": 0.1, "seed": 1337})
 
 
 def test_targets_read_the_constitutional_stage_and_the_final_model():
@@ -67,3 +67,8 @@ def test_markdown_table_has_a_row_per_stage_and_the_targets(tmp_path):
     assert "| reward | pair accuracy 0.970 |" in text
     assert "| constitutional | 0.600 | 1.000 | 0.500 | 0.700 | – | 1.50 | 0.040 | 0.080 | 1.50 | 0.500 | 0.800 | 30 |" in text
     assert json.loads((tmp_path / "report.json").read_text())["targets"]["violation_rate"]["met"] is True
+    # what "held-out" excludes, in the report's own words
+    assert report["held_out"] == {"fraction": 0.1, "seed": 1337, "prompts": 31}
+    assert ("Held-out prompts: the 31 world RL prompts whose seeded hash (seed 1337) falls below "
+            "held_out_fraction=0.1") in text
+    assert "No stage after SFT trained on them" in text and "AI-feedback pairs" in text

@@ -309,8 +309,8 @@ def test_non_finite_loss_names_step_and_first_bad_input():
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
-    # Measured with seed 1337: 0.988 of the 162 training pairs ranked right after 120 steps (seeds 1-3: 0.92-0.99),
-    # validation 0.78 of the 18 pairs of 5 held-out prompts (0.83 when pairs, not prompts, were held out); chance 0.5.
+    # Measured with seed 1337: 0.954 of the 153 training pairs ranked right after 120 steps (seeds 1-3, whose
+    # held-out prompts differ: 0.95-1.00), validation 0.85 of the 27 pairs of the held-out prompts; chance 0.5.
     # likelihood weight 0 at the start (the default is 10): the feature is on, and the first loss is exactly log 2
     # the world's own pairs only (no practice pairs), with retrieved context (the default)
     cfg = tiny_cfg("stage=reward", "optim.lr=1e-2", "data.batch_size=16", "trainer.max_steps=120",
@@ -324,8 +324,10 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     for tag in ("train/loss", "val/loss", "val/accuracies", "rewards/accuracies", "rewards/margins",
                 "rewards/chosen", "rewards/rejected"):
         assert tag in tags, tag
-    # a near-zero head at initialisation: the first loss is -log sigmoid(0) = log 2
-    assert tags["train/loss"][0] == pytest.approx(math.log(2), abs=0.02)
+    # a near-zero head at initialisation: the first loss is about -log sigmoid(0) = log 2. The head's N(0, 0.02)
+    # weights over 32 unit-scale features give scores of std ~0.11, so a batch's mean margin of up to ~0.1 moves
+    # the loss by up to ~0.05 (-log sigmoid(m) ~ log 2 - m / 2); measured 0.718 with today's split
+    assert tags["train/loss"][0] == pytest.approx(math.log(2), abs=0.05)
 
     rm = module.model.eval()
     dm = objects["trainer"].datamodule
@@ -334,7 +336,7 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
         for batch in dm.sequential_loader("train"):
             r = batch.pair(rm.score(batch.input_ids, batch.attention_mask))
             right, total = right + int((r.chosen > r.rejected).sum()), total + batch.num_pairs
-    assert total == 162 and right / total >= 0.9
+    assert total == 153 and right / total >= 0.9
     assert metrics["val/accuracies"] >= 0.65
 
     exported = NanoRewardModel.from_pretrained(run / "model")

@@ -118,6 +118,12 @@ def check_inputs(plans: list[StagePlan], cfg: DictConfig, user: list[str]) -> No
         has_policy = True
 
 
+def stage_overrides(cfg: DictConfig, name: str, user: list[str], parent: Path, extra: list[str]) -> list[str]:
+    """The overrides a curriculum composes stage `name` from: its per-stage overrides, the user's, then its own."""
+    per_stage = list(cfg.curriculum.get("overrides", {}).get(name, []))
+    return [*per_stage, *user, "curriculum=none", f"stage={name}", f"paths.run_dir={parent / name}", *extra]
+
+
 def resume_parent(cfg: DictConfig) -> Path | None:
     """With resume=last, the newest parent directory of this curriculum that has not finished; or resume=DIR."""
     resume = cfg.get("resume")
@@ -163,9 +169,7 @@ def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dic
     parent = resume_parent(cfg) or Path(cfg.paths.run_dir)
 
     def compose_stage(name: str, extra: list[str]) -> DictConfig:
-        per_stage = list(cfg.curriculum.get("overrides", {}).get(name, []))
-        forced = ["curriculum=none", f"stage={name}", f"paths.run_dir={parent / name}", *extra]
-        return compose(config_name="config", overrides=[*per_stage, *user, *forced])
+        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra))
 
     # Compose every stage before anything runs: a bad override or a missing input fails here, not mid-chain.
     state = CurriculumState.load(parent) if (parent / STATE_FILE).is_file() else CurriculumState(stages)

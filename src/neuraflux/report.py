@@ -83,8 +83,8 @@ def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, 
     # judges, reward and KL on the held-out RL prompts; violations on every red-team prompt (the held-out ones
     # are too few for a rate)
     m = measure_policy(
-        model, tokenizer, world, prompts=held_out_prompts(world, seed=cfg.seed), reference=reference,
-        reward_model=reward_model, max_new_tokens=rcfg.max_new_tokens, seed=cfg.seed,
+        model, tokenizer, world, prompts=held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed),
+        reference=reference, reward_model=reward_model, max_new_tokens=rcfg.max_new_tokens, seed=cfg.seed,
     )  # fmt: skip
     constitution, red_prompts = load_constitution(cfg, conf_dir), red_team(world)
     red = measure_policy(
@@ -180,7 +180,21 @@ def build_report(state, cfg: DictConfig) -> dict:
     total = sum(v for v in state.wall_s.values() if v) + sum(
         (r["measure"] or {}).get("measure_s", 0.0) for r in rows
     )
-    return {"curriculum": cfg.curriculum.name, "stages": rows, "targets": targets, "total_wall_s": round(total, 1)}
+    held_out = {"fraction": cfg.held_out_fraction, "seed": cfg.seed, "prompts": final["n_prompts"] if final else None}
+    return {"curriculum": cfg.curriculum.name, "stages": rows, "targets": targets, "held_out": held_out,
+            "total_wall_s": round(total, 1)}  # fmt: skip
+
+
+def held_out_text(held_out: dict) -> str:
+    """What the report's "held-out" excludes, in one paragraph."""
+    n = held_out["prompts"]
+    return (
+        f"Held-out prompts: the {n if n is not None else ''} world RL prompts whose seeded hash (seed {held_out['seed']}) "
+        f"falls below held_out_fraction={held_out['fraction']} (`neuraflux.data.splits`). No stage after SFT trained on "
+        "them, with or without a retrieved document: not as rollout prompts (PPO, REINFORCE, multi-task RL), not as "
+        "preference pairs (reward model, DPO), not as constitutional prompts, revisions or AI-feedback pairs. SFT's "
+        "data is not split this way: it teaches the world's facts, which the held-out questions ask about."
+    )
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -216,8 +230,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Curriculum report: {report['curriculum']}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
-    lines += ["", "Judges and reward: greedy responses to the held-out 10% of the world's RL prompts (the RL stages "
-              "train on the rest); violations: share of responses sampled at temperature 1 (curriculum.report.red_team_samples per prompt) to all red-team prompts (red-team) and one per prompt of the whole RL prompt set (all-prompt) that break a principle of the constitution; KL: summed per-token KL to "
+    lines += ["", held_out_text(report["held_out"]), "",
+              "Judges and reward: greedy responses to the held-out prompts; violations: share of responses sampled at temperature 1 (curriculum.report.red_team_samples per prompt) to all red-team prompts (red-team) and one per prompt of the whole RL prompt set (all-prompt) that break a principle of the constitution; KL: summed per-token KL to "
               "the SFT model on responses sampled at temperature 1; val ppl: the clean SFT validation answers; EM: "
               "`neuraflux.eval` with retrieval (unseen: exact match; unknown: says it does not know).", "", "## Targets", "",
               "| target | bound | value | met |", "|---|---|---|---|"]  # fmt: skip

@@ -4,11 +4,10 @@
     before = measure_policy(sft, tokenizer, world, reference=sft)
     after = measure_policy(policy, tokenizer, world, reference=sft, constitution=Constitution.from_config(cfg))
 
-The prompts are the world's RL prompts. By default `held_out_prompts(world)`: the validation split that
-`data/prompts.py`'s `PromptDataModule` holds out of them (same seeded permutation, same count), so a policy
-trained by `stage=ppo|reinforce` with the same `seed` and `data.val_fraction` never saw them, and neither did
-`stage=dpo|reward` on `data=preference_world`, whose split holds out the same prompts (see
-`data/preference_batches.split_by_prompt`).
+The prompts are the world's RL prompts. By default `held_out_prompts(world)`: the ones `data.splits` holds out,
+as every world data module does with the same `seed` and `held_out_fraction`, so no stage after SFT trained on
+them: not PPO, REINFORCE or multi-task RL (rollout prompts), not the reward model or DPO (preference pairs), not
+the constitutional stage (its prompts, revisions and AI-feedback pairs).
 
 Everything reuses the rollout machinery: greedy responses and sampled ones come from `generate_rollouts`
 (the KV-cached batched generator), the KL from `score_rollout` and `sequence_kl`.
@@ -28,6 +27,7 @@ from neuraflux.alignment.rewards import JUDGES, reward_model_reward
 from neuraflux.alignment.rollout import generate_rollouts, score_rollout, sequence_kl
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.prompts import encode_prompts, render_prompt_record
+from neuraflux.data.splits import split_held_out
 from neuraflux.model import NanoLM
 from neuraflux.world import RLPrompt, World, judge, rl_prompts
 from neuraflux.world.generator import question_text
@@ -62,23 +62,18 @@ class PolicyMeasure:
 def held_out_prompts(
     world: World, split: str = "val", val_fraction: float = 0.1, seed: int = 1337
 ) -> list[RLPrompt]:
-    """`rl_prompts(world)` split as `PromptDataModule(builtin="world", val_fraction=..., seed=...)` splits them.
+    """`rl_prompts(world)` split by `data.splits.split_held_out`, as every world data module splits its prompts.
 
     split: "val" (the held-out prompts, the default), "train" (the rest) or "all". The defaults are the
-    config's (`data.val_fraction: 0.1`, `seed: 1337`); pass the run's values when they were overridden.
+    config's (`held_out_fraction: 0.1`, `seed: 1337`); pass the run's values when they were overridden.
     """
     if split not in PROMPT_SPLITS:
         raise ValueError(f"held_out_prompts: split must be one of {list(PROMPT_SPLITS)}, got {split!r}")
     prompts = rl_prompts(world)
     if split == "all":
         return prompts
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"held_out_prompts: val_fraction must be in (0, 1), got {val_fraction}")
-    # The same permutation and count as PromptDataModule.setup (tests pin the two together).
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(order) - 1, max(1, int(len(order) * val_fraction)))
-    picked = order[:n_val] if split == "val" else order[n_val:]
-    return [prompts[i] for i in picked]
+    train, held_out = split_held_out(prompts, val_fraction, seed, prompt=render)
+    return held_out if split == "val" else train
 
 
 def render(prompt: RLPrompt | str) -> str:

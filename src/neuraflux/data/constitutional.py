@@ -1,8 +1,9 @@
 """Prompts for `stage=constitutional`: the world's red-team prompts, plus some of its other RL prompts so that
 fine-tuning on revisions does not make the policy forget how to answer ordinary questions.
 
-Both groups are split alike (`val_fraction` of each held out), so validation always has red-team prompts (for
-val/violation_rate) and ordinary ones (for val/helpfulness). Batches are `PromptBatch`es, left-padded.
+Both groups are split by `data.splits` (the held-out split every world data module shares), each keeping at least
+one prompt for validation, so validation has red-team prompts (for val/violation_rate) and ordinary ones (for
+val/helpfulness). Batches are `PromptBatch`es, left-padded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.prompts import encode_prompts
+from neuraflux.data.splits import split_held_out
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +86,15 @@ class ConstitutionalDataModule(ResumableDataModule):
         """Every prompt, for training a tokenizer."""
         return self.red_team + self.other
 
-    def _split(self, prompts: list[str], stream: str) -> tuple[list[str], list[str]]:
-        order = list(prompts)
-        random.Random(f"{self.seed}/{stream}").shuffle(order)
-        n_val = min(len(order) - 1, max(1, round(len(order) * self.val_fraction))) if order else 0
-        return order[n_val:], order[:n_val]
-
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
         if self.tokenizer is None:
             raise RuntimeError("ConstitutionalDataModule.tokenizer must be set before setup()")
-        red_train, red_val = self._split(self.red_team, "red_team")
-        other_train, other_val = self._split(self.other, "other")
+        red_train, red_val = split_held_out(self.red_team, self.val_fraction, self.seed)
+        other_train, other_val = (
+            split_held_out(self.other, self.val_fraction, self.seed) if len(self.other) > 1 else (self.other, [])
+        )
         self.train_set, self.val_set = red_train + other_train, red_val + other_val
         self.collate = partial(encode_prompts, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
         log.info(

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from neuraflux.chat import END, EOS
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.preference import ON_INVALID, PreferenceDataset, PreferenceExample, PreferenceSplit
+from neuraflux.data.splits import split_held_out
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +104,11 @@ def split_by_prompt(dataset: PreferenceDataset, val_fraction: float, seed: int) 
     """A seeded split that holds out whole prompts: every pair of a held-out prompt is in `test`.
 
     A pair-level split would put the other pairs of a validation prompt (the same question, the same good answer)
-    in training, and validation accuracy would measure memory. Distinct prompts in order of first appearance are
-    permuted and counted as `PromptDataModule` does, so on the world's pairs (one group per RL prompt) the
-    held-out prompts are the ones PPO and REINFORCE validate on with the same seed and val_fraction, as long
-    as the RL prompts are distinct (the default world's 276 are; tiny worlds repeat red-team prompts).
+    in training, and validation accuracy would measure memory. The prompts are split by `data.splits`, so on the
+    world's pairs the held-out prompts are the ones every other stage holds out.
     """
-    prompts = list(dict.fromkeys(dataset.data["prompt"]))
-    if len(prompts) < 2:
-        raise ValueError(
-            f"data: the preference pairs have {len(prompts)} distinct prompt(s); the train/val split holds out "
-            "whole prompts, so it needs at least 2"
-        )
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(order) - 1, max(1, int(len(order) * val_fraction)))
-    held_out = {prompts[i] for i in order[:n_val]}
-    test = [i for i, p in enumerate(dataset.data["prompt"]) if p in held_out]
-    train = [i for i, p in enumerate(dataset.data["prompt"]) if p not in held_out]
+    prompts = list(dataset.data["prompt"])
+    train, test = split_held_out(range(len(prompts)), val_fraction, seed, prompt=prompts.__getitem__)
     return PreferenceSplit(PreferenceDataset(dataset.data.select(train)), PreferenceDataset(dataset.data.select(test)))
 
 
@@ -273,9 +263,11 @@ class PreferenceDataModule(ResumableDataModule):
         # split on the pairs as generated, so the held-out prompts are the same with or without retrieved context
         split = split_by_prompt(self.dataset, self.val_fraction, seed=self.seed)
         train = list(split.train) + (list(self.train_only) if self.train_only is not None else [])
+        # the pairs each split trains or validates on, as text (what a held-out check reads)
+        self.examples = {"train": self.with_context(train), "val": self.with_context(list(split.test))}
         self.sets = {
-            name: EncodedPairs(encode_pairs(self.tokenizer, self.with_context(part), self.max_length))
-            for name, part in (("train", train), ("val", list(split.test)))
+            name: EncodedPairs(encode_pairs(self.tokenizer, part, self.max_length))
+            for name, part in self.examples.items()
         }
         self.collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_id)
         cut = sum(p.response_cut for s in self.sets.values() for p in s.pairs)

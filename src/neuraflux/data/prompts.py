@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from neuraflux.chat import BOS, Message, render_prompt
 from neuraflux.data.common import check_data_file
 from neuraflux.data.lm import ResumableDataModule
+from neuraflux.data.splits import split_held_out
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ def world_prompt_texts(world_cfg: dict) -> list[str]:
 class PromptDataModule(ResumableDataModule):
     """Rendered prompts from a JSONL file (`data.path`) or the built-in world (`data.builtin: world`).
 
-    A seeded `val_fraction` of the prompts is held out for validation rollouts; training draws from the
-    resumable endless stream every stage shares.
+    The prompts `data.splits.split_held_out` holds out (a seeded `val_fraction`) are for validation rollouts
+    only; training draws the rest from the resumable endless stream every stage shares.
     """
 
     def __init__(
@@ -148,16 +149,7 @@ class PromptDataModule(ResumableDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("PromptDataModule.tokenizer must be set before setup()")
-        if len(self._prompts) < 2:
-            raise ValueError(
-                f"data: {len(self._prompts)} prompt(s) cannot be split into train and validation"
-            )
-        order = torch.randperm(
-            len(self._prompts), generator=torch.Generator().manual_seed(self.seed)
-        ).tolist()
-        n_val = min(len(order) - 1, max(1, int(len(order) * self.val_fraction)))
-        self.val_set = [self._prompts[i] for i in order[:n_val]]
-        self.train_set = [self._prompts[i] for i in order[n_val:]]
+        self.train_set, self.val_set = split_held_out(self._prompts, self.val_fraction, self.seed)
         self.collate = partial(encode_prompts, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
         log.info("prompts: %d train, %d val", len(self.train_set), len(self.val_set))
 
