@@ -64,6 +64,13 @@ def test_unknown_stage_fails_before_training(tmp_path):
     assert not (tmp_path / "world" / "run1" / "pretrain").exists()
 
 
+def test_a_stage_listed_twice_fails_before_training_naming_it(tmp_path):
+    # it used to be skipped as "already done": the second dpo never ran and nothing said so
+    with pytest.raises(ValueError, match=r"curriculum.stages names 'sft' more than once \(\['pretrain', 'sft', 'sft'\]\)"):
+        run(tmp_path, "curriculum.stages=[pretrain,sft,sft]")
+    assert not (tmp_path / "world" / "run1").exists()
+
+
 def test_start_at_runs_the_tail(tmp_path):
     with pytest.raises(ValueError, match="curriculum.start_at='dpo' is not one of curriculum.stages"):
         run(tmp_path, "curriculum.start_at=dpo")

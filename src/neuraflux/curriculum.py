@@ -64,7 +64,14 @@ def stage_names(cfg: DictConfig) -> list[str]:
 
 
 def check_stages(stages: list[str], conf_dir: Path) -> None:
-    """Every stage must be a config in conf/stage, checked before anything trains."""
+    """Every stage must be a config in conf/stage, and appear once, checked before anything trains."""
+    repeated = sorted({s for s in stages if stages.count(s) > 1})
+    if repeated:
+        # progress is recorded per stage name, so a second run of a stage would be skipped as already done
+        raise ValueError(
+            f"curriculum.stages names {', '.join(map(repr, repeated))} more than once ({stages}); a curriculum runs "
+            "each stage once: start a second curriculum from this one's model (curriculum.init_from) to repeat it"
+        )
     known = sorted(p.stem for p in (conf_dir / "stage").glob("*.yaml"))
     unknown = [s for s in stages if s not in known]
     if unknown:
