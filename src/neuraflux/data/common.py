@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+
+@dataclass(frozen=True)
+class Window:
+    """The optimizer step a training micro-batch belongs to: each count its loss is normalised by (`counts()` of
+    the batch: loss tokens, pairs), summed over the step's micro-batches on this rank, and how many there are."""
+
+    totals: dict[str, int]
+    micro_batches: int
 
 
 @dataclass
@@ -19,10 +30,14 @@ class LMBatch:
     targets: torch.Tensor  # (B, T) long
     loss_mask: torch.Tensor  # (B, T) bool
     attention_mask: torch.Tensor | None = None  # (B, T) bool, None when nothing is padded
+    window: Window | None = None  # set on training batches by WindowedLoader
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
+
+    def counts(self) -> dict[str, int]:
+        return {"tokens": int(self.loss_mask.sum())}
 
 
 class StreamSampler(Sampler[int]):
@@ -46,6 +61,33 @@ class StreamSampler(Sampler[int]):
             perm = torch.randperm(self.size, generator=g)[self.rank :: self.world_size]
             yield from perm[skip:].tolist()
             epoch, skip = epoch + 1, 0
+
+
+class WindowedLoader(DataLoader):
+    """A DataLoader whose batches know their optimizer step (`batch.window`), for token-exact accumulation.
+
+    It reads the `accumulate` micro-batches of each step ahead and sums their `counts()`, so each micro-batch's
+    loss can be divided by the whole step's count instead of its own: k accumulated micro-batches then give the
+    gradient of one k-times batch (`stages.common.step_denominator`), however their token counts differ. Batches
+    without `counts()` (rollout prompts) pass unchanged.
+    """
+
+    def __init__(self, *args, accumulate: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if accumulate < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+        self.accumulate = accumulate
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while window := list(itertools.islice(batches, self.accumulate)):
+            if hasattr(window[0], "counts"):
+                totals: Counter[str] = Counter()
+                for batch in window:
+                    totals.update(batch.counts())
+                for batch in window:
+                    batch.window = Window(dict(totals), len(window))
+            yield from window
 
 
 def file_fingerprint(path: Path) -> str:

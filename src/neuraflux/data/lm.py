@@ -10,7 +10,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neuraflux.data.common import LMBatch, StreamSampler, file_fingerprint, load_local_or_hub, move_batch
+from neuraflux.data.common import (
+    LMBatch,
+    StreamSampler,
+    WindowedLoader,
+    file_fingerprint,
+    load_local_or_hub,
+    move_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +54,22 @@ class ResumableDataModule(pl.LightningDataModule):
     seed: int
 
     def _train_loader(self, dataset: Dataset, collate: Callable) -> DataLoader:
-        rank, world, start = 0, 1, 0
+        rank, world, start, accumulate = 0, 1, 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-            # A resumed run has its global step restored before the loaders are built: skip what was used.
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size
+            accumulate = self.trainer.accumulate_grad_batches
+            # A resumed run has its global step restored before the loaders are built: skip what was used
+            # (a whole number of optimizer steps, so the accumulation windows line up again).
+            start = self.trainer.global_step * accumulate * self.batch_size
         sampler = StreamSampler(len(dataset), self.seed, start=start, rank=rank, world_size=world)
-        return DataLoader(
+        return WindowedLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            accumulate=accumulate,
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from neuraflux.chat import END, EOS
+from neuraflux.data.common import Window
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.preference import ON_INVALID, PreferenceDataset, PreferenceExample, PreferenceSplit
 from neuraflux.data.splits import split_held_out
@@ -48,10 +49,15 @@ class PreferenceBatch:
     targets: torch.Tensor  # (2B, T) long
     response_mask: torch.Tensor  # (2B, T) bool, aligned to targets
     index: torch.Tensor  # (B,) long: each pair's position in its split (keys precomputed reference log-probs)
+    window: Window | None = None  # set on training batches by WindowedLoader
 
     @property
     def num_pairs(self) -> int:
         return self.index.shape[0]
+
+    def counts(self) -> dict[str, int]:
+        """What the preference losses are normalised by: pairs, and the chosen responses' tokens (RPO)."""
+        return {"pairs": self.num_pairs, "chosen_tokens": int(self.chosen_response_mask.sum())}
 
     def pair(self, values: torch.Tensor) -> Paired:
         """Split a `(2B, ...)` result of the stacked forward into its chosen and rejected halves."""

@@ -43,6 +43,26 @@ def clip_and_log_grad_norm(module: pl.LightningModule, optimizer, clip_val: floa
         module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
 
+def step_denominator(module: pl.LightningModule, batch, name: str) -> torch.Tensor | None:
+    """What a training micro-batch's summed loss is divided by so that accumulation is exact, or None (a plain
+    mean over the batch's own count) for a batch without a window (validation, hand-built batches).
+
+    Lightning divides each micro-batch's loss by trainer.accumulate_grad_batches and DDP averages gradients over
+    ranks; dividing the sum by total / (micro-batches x ranks), the total being the step's count over every
+    micro-batch and rank, makes the step's gradient that of one big batch's mean however the micro-batches'
+    counts differ (as TRL and torchtune normalise by the step's token count). One all-reduce of a scalar per
+    micro-batch under DDP.
+    """
+    window = getattr(batch, "window", None)
+    if window is None:
+        return None
+    total = torch.tensor(float(window.totals[name]), device=module.device)
+    ranks = module.trainer.world_size if module._trainer is not None else 1
+    if ranks > 1:
+        total = module.trainer.strategy.reduce(total, reduce_op="sum")
+    return total.clamp(min=1.0) / (window.micro_batches * ranks)
+
+
 def log_lr(module: pl.LightningModule) -> None:
     opt = module.optimizers()
     opt = opt.optimizer if hasattr(opt, "optimizer") else opt

@@ -29,6 +29,7 @@ from neuraflux.stages.common import (
     load_rng_state,
     log_lr,
     save_rng_state,
+    step_denominator,
 )
 from neuraflux.stages.reward import check_finite, preference_metrics
 
@@ -176,14 +177,17 @@ class NanoDPO(pl.LightningModule):
             policy.chosen, policy.rejected, reference.chosen, reference.rejected,
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
         )
-        loss = out.losses.mean()
+        # means over the batch, or over the optimizer step's micro-batches when accumulating (step_denominator)
+        pairs = step_denominator(self, batch, "pairs")
+        loss = out.losses.sum() / (batch.num_pairs if pairs is None else pairs)
         nll = None
         if self.rpo_alpha is not None:
             # RPO (Pang et al. 2024; TRL's rpo_alpha): plus the chosen responses' per-token negative log-likelihood,
             # which keeps DPO from lowering the likelihood of both responses together
             lengths = batch.chosen_response_mask.sum(-1)
             sums = policy.chosen * lengths if self.average_logps else policy.chosen
-            nll = -sums.sum() / lengths.sum().clamp(min=1)
+            tokens = step_denominator(self, batch, "chosen_tokens")
+            nll = -sums.sum() / (lengths.sum().clamp(min=1) if tokens is None else tokens)
             loss = loss + self.rpo_alpha * nll
         return DPOStep(out, loss, policy, reference, nll)
 

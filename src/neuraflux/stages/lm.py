@@ -20,6 +20,7 @@ from neuraflux.stages.common import (
     load_rng_state,
     log_lr,
     save_rng_state,
+    step_denominator,
 )
 
 
@@ -38,14 +39,20 @@ def masked_lm_loss(
     targets: torch.Tensor,
     loss_mask: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`lm_loss(model(input_ids, attention_mask), targets, loss_mask)`, with the LM head applied only where
     loss_mask is True (`response_logprobs`): SFT's loss covers the response tokens only (~15-20 % of a chat
-    example), and the (tokens x vocab) projection and softmax elsewhere would be thrown away."""
+    example), and the (tokens x vocab) projection and softmax elsewhere would be thrown away.
+
+    The summed NLL is divided by `denominator` when given (`stages.common.step_denominator`: exact gradient
+    accumulation), else by the batch's own count of loss tokens."""
     if bool(loss_mask.all()):
-        return lm_loss(model(input_ids, attention_mask), targets, loss_mask)
-    logps = response_logprobs(model, input_ids, targets, loss_mask, attention_mask=attention_mask)
-    return -logps.sum() / loss_mask.sum().clamp(min=1)
+        logits = model(input_ids, attention_mask)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    else:
+        total = -response_logprobs(model, input_ids, targets, loss_mask, attention_mask=attention_mask).sum()
+    return total / (loss_mask.sum().clamp(min=1) if denominator is None else denominator)
 
 
 class CausalLMStage(pl.LightningModule):
@@ -59,7 +66,8 @@ class CausalLMStage(pl.LightningModule):
         return self.model(input_ids, attention_mask)
 
     def _loss(self, batch: LMBatch) -> torch.Tensor:
-        return masked_lm_loss(self.model, batch.input_ids, batch.targets, batch.loss_mask, batch.attention_mask)
+        return masked_lm_loss(self.model, batch.input_ids, batch.targets, batch.loss_mask, batch.attention_mask,
+                              denominator=step_denominator(self, batch, "tokens"))
 
     def training_step(self, batch: LMBatch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -25,6 +25,7 @@ from neuraflux.stages.common import (
     load_rng_state,
     log_lr,
     save_rng_state,
+    step_denominator,
 )
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class RewardModelStage(pl.LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rewards = self._rewards(batch)
-        loss = reward_loss(rewards.chosen, rewards.rejected).mean()
+        pairs = step_denominator(self, batch, "pairs")  # a step's pairs when accumulating
+        loss = reward_loss(rewards.chosen, rewards.rejected).sum() / (batch.num_pairs if pairs is None else pairs)
         check_finite(self.global_step, "train/loss", loss, {"rewards/chosen": rewards.chosen,
                                                               "rewards/rejected": rewards.rejected})
         if is_logging_step(self):
