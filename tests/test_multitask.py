@@ -110,20 +110,56 @@ def test_length_and_format_components_on_a_scripted_rollout(scripted):
 def test_composite_keeps_every_component_and_updates_multipliers(scripted):
     _, rollout = scripted
     parts = {"a": lambda r: torch.tensor([1.0, 0.0, 0.5]), "b": lambda r: torch.tensor([0.5, 1.0, 0.0])}
+    # each component standardised by its moments (this first rollout's): a and b have mean 0.5 and population
+    # std sqrt(0.5 / 3) = 0.40825, so z_a = [1.2247, -1.2247, 0] and z_b = [0, 1.2247, -1.2247]; weights 1 and 2
+    # are shares 1/3 and 2/3: [1.2247 / 3, -1.2247 / 3 + 2.4495 / 3, -2.4495 / 3]
     summed = CompositeReward(parts, {"a": 1.0, "b": 2.0})
-    torch.testing.assert_close(summed(rollout), torch.tensor([2.0, 2.0, 0.5]))
-    assert summed.last.means() == pytest.approx({"a": 0.5, "b": 0.5})
+    z = 1.5**0.5
+    torch.testing.assert_close(summed(rollout), torch.tensor([z / 3, z / 3, -2 * z / 3]))
+    assert summed.last.means() == pytest.approx({"a": 0.5, "b": 0.5})  # raw values are kept for logging
     assert summed.update_multipliers(summed.last.means()) == {} and summed.multipliers == {}
 
-    # maximise a subject to mean(b) >= 0.9, lr 1, starting at lambda 0.2
+    # maximise a subject to mean(b) >= 0.9, lr 1, starting at lambda 0.2; the constraint reads raw b
     con = CompositeReward(parts, {"a": 1.0}, "lagrangian", {"b": 0.9}, lagrange_lr=1.0, lagrange_init=0.2)
-    # a + 0.2 (b - 0.9): 1 - 0.08, 0 + 0.02, 0.5 - 0.18
-    torch.testing.assert_close(con(rollout), torch.tensor([0.92, 0.02, 0.32]))
+    # z_a + 0.2 (b - 0.9): 1.2247 - 0.08, -1.2247 + 0.02, 0 - 0.18
+    torch.testing.assert_close(con(rollout), torch.tensor([z - 0.08, -z + 0.02, -0.18]))
     assert con.update_multipliers(con.last.means()) == {"b": pytest.approx(0.6)}  # 0.2 + (0.9 - 0.5)
-    torch.testing.assert_close(con(rollout), torch.tensor([0.76, 0.06, -0.04]))  # a + 0.6 (b - 0.9)
+    # the same rollout again: the moments of both copies are the same, z_a too; z_a + 0.6 (b - 0.9)
+    torch.testing.assert_close(con(rollout), torch.tensor([z - 0.24, -z + 0.06, -0.54]))
 
     with pytest.raises(ValueError, match=r"reward component 'b' returned shape \(2,\); expected \(3,\)"):
         CompositeReward({"b": lambda r: torch.zeros(2)}, {"b": 1.0})(rollout)
+
+
+def test_a_weight_is_a_share_whatever_the_component_scale(scripted):
+    _, rollout = scripted
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, generator=g), torch.rand(3, generator=g)
+    judge_like = CompositeReward({"a": lambda r: a, "b": lambda r: b}, {"a": 1.0, "b": 3.0})
+    # b on a reward model's scale (about -40, spread x100): the same reward, because each is standardised
+    rm_like = CompositeReward({"a": lambda r: a, "b": lambda r: 100 * b - 40}, {"a": 1.0, "b": 3.0})
+    torch.testing.assert_close(judge_like(rollout), rm_like(rollout))
+    # the weighted mean of unit-variance signals: its variance over the rollout is (1/4)^2 + (3/4)^2 + cross term
+    za, zb = ((v - v.mean()) / v.std(correction=0) for v in (a, b))
+    torch.testing.assert_close(judge_like(rollout), 0.25 * za + 0.75 * zb)
+
+
+def test_moments_run_over_training_rollouts_only(scripted):
+    _, rollout = scripted
+    batches = [torch.tensor([1.0, 0.0, 0.5]), torch.tensor([2.0, 4.0, 0.0]), torch.tensor([3.0, 3.0, 3.0])]
+    source = iter(batches)
+    reward = CompositeReward({"a": lambda r: next(source)}, {"a": 1.0})
+    for _ in range(2):
+        reward(rollout)
+    seen = torch.cat(batches[:2]).double()
+    torch.testing.assert_close(reward.moments.mean, seen.mean()[None])  # equal to all six values at once
+    torch.testing.assert_close(reward.moments.std, seen.std(correction=0)[None])
+    reward.eval()  # validation: standardised by the training moments, which stay as they are
+    torch.testing.assert_close(reward(rollout), ((batches[2] - seen.mean()) / seen.std(correction=0)).float())
+    assert reward.moments.count == 6
+    # a constant component is floored at MIN_STD instead of dividing by zero
+    flat = CompositeReward({"a": lambda r: torch.full((3,), 0.7)}, {"a": 1.0})
+    assert bool((flat(rollout) == 0).all())
 
 
 def test_world_judges_as_separate_components(scripted):
@@ -196,11 +232,14 @@ def test_reinforce_logs_components_and_multipliers_follow_dual_ascent(tiny_cfg, 
                 "train/grad_norm", "val/reward", "val/helpfulness", "val/length"):  # fmt: skip
         assert len(tags[tag]) == (1 if tag.startswith("val/") else 4), tag
     assert "reward/reward_model" not in tags and "lagrange/harmlessness" not in tags
-    # each step's composite mean is the Lagrangian of the logged means, with the logged multiplier
+    # each step's composite mean is the Lagrangian of the logged means, each standardised by its logged moments
+    # (weights 1, 1, 1, 2 as shares of 5), with the logged multiplier on the raw length
     m = {c: tags[f"reward/{c}"] for c in ("helpfulness", "harmlessness", "honesty", "length", "format")}
     lam = tags["lagrange/length"]
     for t in range(4):
-        expected = m["helpfulness"][t] + m["harmlessness"][t] + m["honesty"][t] + 2.0 * m["format"][t]
+        z = {c: (m[c][t] - tags[f"reward_mean/{c}"][t]) / max(tags[f"reward_std/{c}"][t], CompositeReward.MIN_STD)
+             for c in m}  # fmt: skip
+        expected = (z["helpfulness"] + z["harmlessness"] + z["honesty"] + 2.0 * z["format"]) / 5.0
         expected += lam[t] * (m["length"][t] - 0.9)
         assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
         assert tags["objective/reward"][t] == pytest.approx(tags["reward/composite"][t], abs=1e-6)
@@ -211,13 +250,15 @@ def test_reinforce_logs_components_and_multipliers_follow_dual_ascent(tiny_cfg, 
         assert lam[t + 1] == pytest.approx(max(0.0, lam[t] + 0.5 * (0.9 - m["length"][t])), abs=1e-6)
     final = max(0.0, lam[3] + 0.5 * (0.9 - m["length"][3]))
     assert module.reward.multipliers["length"] == pytest.approx(final, abs=1e-6)
-    # the checkpoint holds the multipliers and the policy only (the frozen reference stays out)
+    # the checkpoint holds the multipliers, the policy and the moments (the frozen reference stays out)
     ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["neuraflux"]["multitask"] == {
         "algorithm": "reinforce",
         "multipliers": module.reward.multipliers,
     }
-    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    assert all(k.startswith(("model.", "reward_fn.moments.")) for k in ckpt["state_dict"])
+    # the composite's moments too: a resumed run standardises by what it had seen
+    assert ckpt["state_dict"]["reward_fn.moments.count"] > 0
     assert metrics["global_step"] == 4
 
 
@@ -238,10 +279,14 @@ def test_ppo_logs_components_that_add_up_to_the_composite(tiny_cfg, tmp_path):
     for tag in (*COMPONENT_TAGS, "reward/composite", "policy/clipfrac", "value/loss", "val/format"):
         assert tag in tags, tag
     assert not any(t.startswith("lagrange/") for t in tags)  # weighted_sum: no multipliers
+    weights = {"helpfulness": 1.0, "harmlessness": 4.0, "honesty": 1.0, "length": 0.5}  # shares of 6.5
     for t in range(3):
-        expected = (tags["reward/helpfulness"][t] + 4.0 * tags["reward/harmlessness"][t]
-                    + tags["reward/honesty"][t] + 0.5 * tags["reward/length"][t])  # fmt: skip
+        z = {c: (tags[f"reward/{c}"][t] - tags[f"reward_mean/{c}"][t])
+             / max(tags[f"reward_std/{c}"][t], CompositeReward.MIN_STD) for c in weights}  # fmt: skip
+        expected = sum(w * z[c] for c, w in weights.items()) / 6.5
         assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
+    # the moments are cumulative: after step 0 they hold more values, so they need not equal the first rollout's
+    assert len(tags["reward_std/harmlessness"]) == 3
     ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["neuraflux"]["multitask"] == {"algorithm": "ppo", "multipliers": {}}
 
@@ -285,14 +330,16 @@ def test_reward_model_component_is_frozen_and_out_of_the_stage_state(policy_dir,
     assert isinstance(rm, NanoRewardModel) and not rm.training
     assert not any(p.requires_grad for p in rm.parameters())
     assert not {id(p) for p in rm.parameters()} & {id(p) for p in stage.parameters()}
-    assert all(k.startswith(("model.", "value_head.")) for k in stage.state_dict())
+    # the policy, the value head and the composite's running moments (resume needs them); no reward model
+    assert all(k.startswith(("model.", "value_head.", "reward_fn.moments.")) for k in stage.state_dict())
     batch = encode_prompts(tok, world_prompt_texts(SMALL_WORLD)[:3], max_prompt_tokens=40)
     rollout = stage.make_rollout(batch)
     values = stage.reward.last.values
     with torch.no_grad():
         expected = rm.score(rollout.input_ids, rollout.attention_mask)
     torch.testing.assert_close(values["reward_model"], expected)
-    torch.testing.assert_close(rollout.scores, values["reward_model"] + 0.5 * values["helpfulness"])
+    z = {k: (v - v.mean()) / v.std(correction=0).clamp_min(CompositeReward.MIN_STD) for k, v in values.items()}
+    torch.testing.assert_close(rollout.scores, (z["reward_model"] + 0.5 * z["helpfulness"]) / 1.5)
 
 
 # ---- bad settings ----------

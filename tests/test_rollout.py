@@ -12,7 +12,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from neuraflux.alignment.reward_model import NanoRewardModel
-from neuraflux.alignment.rewards import JudgeReward, RewardModelReward, WeightedSum, make_reward
+from neuraflux.alignment.rewards import CompositeReward, JudgeReward, RewardModelReward, make_reward
 from neuraflux.alignment.rollout import (
     KLSettings,
     SamplingSettings,
@@ -280,9 +280,12 @@ def test_reward_model_reward_scores_the_whole_sequence_and_is_frozen(tmp_path, w
     both = make_reward(
         "both", world_tok, world=SMALL_WORLD, reward_model_path=str(tmp_path / "rm"), reward_model_weight=0.5
     )
-    assert isinstance(both.fn, WeightedSum)
+    assert isinstance(both.fn, CompositeReward)
     judges = make_reward("judges", world_tok, world=SMALL_WORLD).fn(r)
-    torch.testing.assert_close(both.fn(r), judges + 0.5 * expected)
+    # each standardised (judges in [0, 3], the reward model's score on its own scale), then weights 1 : 0.5 as
+    # shares 2/3 and 1/3
+    standard = [(v - v.mean()) / v.std(correction=0).clamp_min(CompositeReward.MIN_STD) for v in (judges, expected)]
+    torch.testing.assert_close(both.fn(r), 2 / 3 * standard[0] + 1 / 3 * standard[1])
 
     other = NanoTokenizer.train(["xyz"], vocab_size=0, mode="char")
     with pytest.raises(ValueError, match="stage.reward_model .*tokenizer"):

@@ -3,8 +3,8 @@
 * `JudgeReward`: the world's rule-based judges on the decoded response, a weighted sum of helpfulness,
   harmlessness and honesty (each in [0, 1]); a single judge is the sum with the other weights at 0.
 * `RewardModelReward`: a trained reward model's score of the whole sequence (prompt, response, stop token).
-* `WeightedSum`: several sources added with weights.
-* `make_reward`: what a stage's `reward_source` (judges | reward_model | both) names, checked before any work.
+* `make_reward`: what a stage's `reward_source` (judges | reward_model | both) names, checked before any work;
+  `both` is a `CompositeReward` of the two.
 
 Multi-task components (`stage=multitask`), each in [0, 1] except the reward model's score:
 
@@ -17,9 +17,10 @@ Multi-task components (`stage=multitask`), each in [0, 1] except the reward mode
 * format (`FormatReward`): half for ending with the stop token, half for repeating no word n-gram (n = 5 by
   default; no good answer in the world repeats one, degenerate loops do).
 
-`CompositeReward` computes every component on each rollout, keeps them for logging and combines them by
-`combine`: `weighted_sum` (sum_i w_i r_i), or `lagrangian`: maximise sum_i w_i r_i subject to E[r_j] >= c_j for
-the thresholded components, with multipliers lambda_j >= 0 updated by projected dual ascent after every training
+`CompositeReward` computes every component on each rollout, keeps them for logging, standardises each by its
+running mean and standard deviation (so a weight is a share of the signal, whatever the component's scale) and
+combines them by `combine`: `weighted_sum` (sum_i w_i z_i / sum_i w_i), or `lagrangian`: maximise that subject
+to E[r_j] >= c_j for the thresholded components (raw values), with multipliers lambda_j >= 0 updated by projected dual ascent after every training
 step. The math is in the pure functions `combine_weighted`, `lagrangian` and `dual_ascent_step`.
 
 Any callable with the same signature works as a reward (tests use a toy one that counts a token).
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from neuraflux.alignment.reward_model import NanoRewardModel, check_same_tokenizer
 from neuraflux.alignment.rollout import Rollout, freeze
+from neuraflux.alignment.stats import RunningMoments
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import World, WorldConfig, generate_world, judge
 from neuraflux.world.lexicon import normalize_text
@@ -112,26 +114,6 @@ class RewardModelReward:
         return self.model.score(ids.to(input_ids.device), mask.to(input_ids.device)).float()
 
 
-@dataclass(frozen=True)
-class RewardTerm:
-    fn: RewardFn
-    weight: float = 1.0
-
-
-@dataclass
-class WeightedSum:
-    """sum_i weight_i * reward_i(rollout)."""
-
-    terms: list[RewardTerm]
-
-    def __post_init__(self) -> None:
-        if not self.terms:
-            raise ValueError("WeightedSum needs at least one reward term")
-
-    def __call__(self, rollout: Rollout) -> Tensor:
-        return torch.stack([t.weight * t.fn(rollout).float() for t in self.terms]).sum(0)
-
-
 def load_reward_model(path: str | Path, tokenizer) -> nn.Module:
     """A frozen `NanoRewardModel` from its directory; its tokenizer must be the policy's."""
     path = Path(path)
@@ -187,14 +169,19 @@ def make_reward(
     if uses_judges and world is None:
         raise ValueError(f"stage.module.world must hold the world config when reward_source={source!r}")
     weights = check_judge_weights(judge_weights if judge_weights is not None else dict.fromkeys(JUDGES, 1.0))
-    terms, reward_model = [], None
+    if source == "both":
+        reward_model_weight = _positive(reward_model_weight, "stage.module.reward_model_weight", allow_zero=True)
+    components: dict[str, RewardFn] = {}
+    reward_model = None
     if uses_judges:
-        terms.append(RewardTerm(JudgeReward(generate_world(WorldConfig.from_dict(world)), weights)))
+        components["judges"] = JudgeReward(generate_world(WorldConfig.from_dict(world)), weights)
     if uses_model:
         reward_model = load_reward_model(reward_model_path, tokenizer)
-        terms.append(RewardTerm(reward_model_reward(reward_model, tokenizer, world), reward_model_weight))
-    fn = terms[0].fn if len(terms) == 1 and terms[0].weight == 1.0 else WeightedSum(terms)
-    return RewardSetup(fn, reward_model)
+        components["reward_model"] = reward_model_reward(reward_model, tokenizer, world)
+    if len(components) == 1:
+        return RewardSetup(next(iter(components.values())), reward_model)
+    # judges in [0, 3] beside a reward-model score of about -40: standardised, so the weights are the shares
+    return RewardSetup(CompositeReward(components, {"judges": 1.0, "reward_model": reward_model_weight}), reward_model)
 
 
 # ---- multi-task components and their composition ----------
@@ -297,41 +284,62 @@ class CompositeOutput:
         return {name: float(v.mean()) for name, v in self.values.items()}
 
 
-@dataclass
-class CompositeReward:
+class CompositeReward(nn.Module):
     """Several reward components, all computed on each rollout, combined into one (B,) reward.
 
+    Components live on different scales (judges in [0, 1], a reward model's score around -40 with a spread of a
+    few points), so each is standardised before the weighted sum: its values minus the running mean, divided by
+    the running standard deviation (floored at `MIN_STD`), both over every value of that component on this
+    stage's training rollouts so far, the current rollout included (`RunningMoments`; validation reads the
+    moments without updating them). The weights are then divided by their sum: the reward is a weighted mean of
+    unit-variance signals, and a weight is the share of the reward's signal its component claims, whatever the
+    component's raw scale.
+
     `weights` may omit components (weight 0: computed and logged, not rewarded). With `combine="lagrangian"`,
-    `thresholds` names the constrained components; `update_multipliers` takes one dual-ascent step and is the
-    stage's to call once per training step (never from validation). `last` holds the latest call's values.
+    `thresholds` names the constrained components, whose raw values enter the Lagrangian (the thresholds are in
+    their units); `update_multipliers` takes one dual-ascent step and is the stage's to call once per training
+    step (never from validation). `last` holds the latest call's raw values and reward. An nn.Module so that it
+    follows the stage's train/eval mode and its moments are saved in checkpoints.
     """
 
-    components: dict[str, RewardFn]
-    weights: dict[str, float]
-    combine: str = "weighted_sum"
-    thresholds: dict[str, float] = field(default_factory=dict)
-    lagrange_lr: float = 1.0
-    lagrange_max: float = 10.0
-    lagrange_init: float = 0.0
-    multipliers: dict[str, float] = field(init=False)
-    last: CompositeOutput | None = field(init=False, default=None)
+    MIN_STD = 0.05
 
-    def __post_init__(self) -> None:
-        unknown = sorted((set(self.weights) | set(self.thresholds)) - set(self.components))
+    def __init__(
+        self,
+        components: dict[str, RewardFn],
+        weights: Mapping[str, float],
+        combine: str = "weighted_sum",
+        thresholds: Mapping[str, float] | None = None,
+        lagrange_lr: float = 1.0,
+        lagrange_max: float = 10.0,
+        lagrange_init: float = 0.0,
+    ):
+        super().__init__()
+        thresholds = dict(thresholds or {})
+        unknown = sorted((set(weights) | set(thresholds)) - set(components))
         if unknown:
             raise ValueError(
                 f"CompositeReward: weights/thresholds name {unknown}, not among the components "
-                f"{sorted(self.components)}"
+                f"{sorted(components)}"
             )
-        if self.combine not in COMBINE_FORMS:
+        if combine not in COMBINE_FORMS:
             raise ValueError(
-                f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {self.combine!r}"
+                f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {combine!r}"
             )
+        total = sum(float(w) for w in weights.values())
+        if total <= 0:
+            raise ValueError(f"CompositeReward: the weights must sum to > 0, got {dict(weights)}")
+        self.components, self.combine, self.thresholds = dict(components), combine, thresholds
+        self.weights = {k: float(w) for k, w in weights.items()}
+        self.lagrange_lr, self.lagrange_max = lagrange_lr, lagrange_max
         self.names = list(self.components)
-        self.constrained = list(self.thresholds) if self.combine == "lagrangian" else []
-        self.multipliers = dict.fromkeys(self.constrained, float(self.lagrange_init))
+        self.shares = torch.tensor([self.weights.get(n, 0.0) / total for n in self.names])
+        self.constrained = list(thresholds) if combine == "lagrangian" else []
+        self.multipliers = dict.fromkeys(self.constrained, float(lagrange_init))
+        self.moments = RunningMoments(len(self.names), self.MIN_STD)
+        self.last: CompositeOutput | None = None
 
-    def __call__(self, rollout: Rollout) -> Tensor:
+    def forward(self, rollout: Rollout) -> Tensor:
         values = {name: fn(rollout).detach().float() for name, fn in self.components.items()}
         B = len(rollout)
         for name, v in values.items():
@@ -340,9 +348,9 @@ class CompositeReward:
                     f"reward component {name!r} returned shape {tuple(v.shape)}; expected ({B},)"
                 )
         stacked = torch.stack([values[n] for n in self.names])  # (K, B)
-        reward = combine_weighted(
-            stacked, torch.tensor([float(self.weights.get(n, 0.0)) for n in self.names])
-        )
+        if self.training:
+            self.moments.update(stacked)
+        reward = combine_weighted(self.moments.standardize(stacked), self.shares)
         if self.constrained:
             reward = lagrangian(
                 reward,

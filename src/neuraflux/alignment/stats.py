@@ -55,6 +55,46 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     return total / count.clamp_min(1).to(total.dtype)
 
 
+class RunningMoments(torch.nn.Module):
+    """Mean and variance of K quantities over every batch seen so far, as float64 buffers (saved in checkpoints).
+
+    `update` merges a (K, B) batch in with Chan, Golub and LeVeque's pairwise formula (1979), so the result equals
+    the moments of all values seen at once, in any batching. `standardize` divides by the population standard
+    deviation floored at `min_std`, so a near-constant quantity does not turn rounding into signal.
+    """
+
+    def __init__(self, k: int, min_std: float):
+        super().__init__()
+        self.min_std = min_std
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(k, dtype=torch.float64))  # sum of squared deviations from the mean
+
+    def update(self, values: Tensor) -> None:
+        """values (K, B)."""
+        v = values.detach().to(self.mean)
+        n = v.shape[1]
+        batch_mean = v.mean(1)
+        batch_m2 = (v - batch_mean[:, None]).square().sum(1)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.m2 += batch_m2 + delta.square() * self.count * n / total
+        self.mean += delta * n / total
+        self.count.fill_(total)
+
+    @property
+    def std(self) -> Tensor:
+        return (self.m2 / self.count.clamp_min(1)).sqrt()
+
+    def standardize(self, values: Tensor) -> Tensor:
+        """(values - mean) / max(std, min_std), (K, B) in values' dtype; before any update, by the batch's own."""
+        if self.count == 0:
+            mean, std = values.double().mean(1), values.double().std(1, correction=0)
+        else:
+            mean, std = self.mean, self.std
+        return ((values.double() - mean[:, None]) / std.clamp_min(self.min_std)[:, None]).to(values.dtype)
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of `x` over all positions where `mask` is True (scalar).
 

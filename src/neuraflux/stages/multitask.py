@@ -2,18 +2,21 @@
 
 Every training rollout is scored by each component of `alignment.rewards.COMPONENTS` (the three world judges,
 the reward model when one is given, a length and a format term), and the components are combined into one
-scalar per response by `combine`:
+scalar per response by `combine`, each component first standardised, z_i = (r_i - mean_i) / std_i, by its running
+moments over the stage's training rollouts (so a weight is a share of the signal, whatever the component's scale):
 
-* `weighted_sum`: r = sum_i w_i r_i;
-* `lagrangian`: maximise E[sum_i w_i r_i] subject to E[r_j] >= c_j (`thresholds`, e.g. harmlessness >= 0.95):
-  the policy maximises r = sum_i w_i r_i + sum_j lambda_j (r_j - c_j), and after each step every multiplier
-  takes a projected dual-ascent step, lambda_j <- clip(lambda_j + lagrange_lr (c_j - mean r_j), 0, lagrange_max).
+* `weighted_sum`: r = sum_i w_i z_i / sum_i w_i;
+* `lagrangian`: maximise E[that] subject to E[r_j] >= c_j (`thresholds` on the raw component, e.g. harmlessness
+  >= 0.95): the policy maximises r = sum_i w_i z_i / sum_i w_i + sum_j lambda_j (r_j - c_j), and after each step
+  every multiplier takes a projected dual-ascent step,
+  lambda_j <- clip(lambda_j + lagrange_lr (c_j - mean r_j), 0, lagrange_max).
 
 The update is the existing machinery, picked by `algorithm`: REINFORCE with a leave-one-out baseline
 (`NanoREINFORCE`) or PPO (`NanoPPO`); their own settings sit under `stage.module.reinforce` / `stage.module.ppo`.
-On top of what the algorithm logs, each step logs `reward/<component>` (the rollout's mean), `reward/composite`
-and `lagrange/<component>` (the multipliers that scored the step); validation logs `val/<component>` of the
-greedy responses. Multipliers are saved in the checkpoint and restored on resume.
+On top of what the algorithm logs, each step logs `reward/<component>` (the rollout's raw mean),
+`reward_mean/<component>` and `reward_std/<component>` (the moments it was standardised by), `reward/composite` and
+`lagrange/<component>` (the multipliers that scored the step); validation logs `val/<component>` of the greedy
+responses. Multipliers and moments are saved in the checkpoint and restored on resume.
 """
 
 from __future__ import annotations
@@ -86,9 +89,13 @@ class NanoMultiTaskRL:
             max_new_tokens=max_new_tokens,
             **algorithm_settings,
         )
-        self.reward: CompositeReward = reward.fn
         # The base stage saw only a callable: hand it the reward model so it is frozen-and-moved with the reference.
         self.frozen.reward_model = reward.reward_model
+
+    @property
+    def reward(self) -> CompositeReward:
+        """The composite the algorithm scores with (`reward_fn`, a submodule: its moments are checkpointed)."""
+        return self.reward_fn
 
     @classmethod
     def build(
@@ -116,11 +123,15 @@ class NanoMultiTaskRL:
         out = super().training_step(batch, batch_idx)
         # The algorithm's step scored exactly one rollout with the composite: its components are in `last`.
         means = self.reward.last.means()
+        moments = self.reward.moments
         self.log_dict(
             {
                 **{f"reward/{name}": value for name, value in means.items()},
                 "reward/composite": self.reward.last.reward.mean(),
                 **{f"lagrange/{name}": value for name, value in self.reward.multipliers.items()},
+                # what each component is standardised by (its running mean and std, this rollout included)
+                **{f"reward_mean/{n}": float(m) for n, m in zip(self.reward.names, moments.mean, strict=True)},
+                **{f"reward_std/{n}": float(s) for n, s in zip(self.reward.names, moments.std, strict=True)},
             },
             on_step=True,
             on_epoch=False,
