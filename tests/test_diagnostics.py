@@ -340,7 +340,8 @@ def test_settings_are_checked_before_training():
         AttentionMapLogger(1, "")
     bare = pl.LightningModule()
     with pytest.raises(
-        TypeError, match="GradientFlowLogger needs pl_module.model to be a NanoLM; LightningModule"
+        TypeError, match="GradientFlowLogger needs pl_module.model to be a model on the NanoModel backbone .*; "
+        "LightningModule.model is NoneType"
     ):
         GradientFlowLogger(1).setup(None, bare, "fit")
 

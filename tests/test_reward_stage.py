@@ -348,3 +348,26 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     batch = next(iter(dm.sequential_loader("val")))
     torch.testing.assert_close(exported.score(batch.input_ids, batch.attention_mask),
                                rm.score(batch.input_ids, batch.attention_mask))
+
+
+def test_reward_stage_gets_the_backbone_diagnostics(tiny_cfg):
+    # the design's gradient flow, activation statistics and attention maps for every stage: a reward model is the
+    # backbone plus a score head (no text samples: it does not generate)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg("stage=reward", "callbacks=default", "~callbacks.model_summary",
+                   "callbacks.gradient_flow.every_n_steps=2", "callbacks.activations.every_n_steps=2",
+                   "callbacks.attention_maps.every_n_steps=2", "callbacks.text_samples.every_n_steps=2",
+                   "world.practice_preference_entities=0")  # fmt: skip
+    assert cfg.callbacks.gradient_flow is not None
+    _, objects = train(cfg)
+    acc = EventAccumulator(str(objects["run_dir"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("grad_norm/embeddings", "grad_norm/layer0", "grad_norm/layer1", "grad_norm/final_norm",
+                "grad_norm/head", "activations/layer0/mean", "activations/layer1/gelu_zero_frac"):
+        assert tag in tags["scalars"], tag
+    assert len(acc.Scalars("grad_norm/head")) == 3  # optimizer steps 0, 2, 4 of 6
+    assert {"attention/layer0", "attention/layer1"} <= set(tags["images"])
+    assert "grad_hist/layer0" in tags["histograms"]
+    assert not any(t.startswith("samples") for t in tags["tensors"])

@@ -10,7 +10,9 @@ Steps: hooks that run after a batch (attention, activations, samples) see the we
 optimizer updates and log when the step count reaches a multiple of `every_n_steps`; gradient and LR hooks run
 before the update numbered `global_step` (counting from 0).
 
-The stage contract: `pl_module.model` is a `NanoLM` and `pl_module.tokenizer` a `NanoTokenizer`.
+The stage contract: `pl_module.model` is a model on the shared backbone (`.transformer`, a `NanoModel`): a `NanoLM`
+or a `NanoRewardModel`; `pl_module.tokenizer` a `NanoTokenizer`. Text samples need a `NanoLM` (a reward model does
+not generate: that logger says so once and stays off).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from neuraflux.model import NanoLM, generate
+from neuraflux.model import NanoLM, NanoModel, generate
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -80,12 +82,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def stage_model(owner: str, pl_module: pl.LightningModule) -> NanoLM:
+def stage_model(owner: str, pl_module: pl.LightningModule) -> nn.Module:
+    """The stage's model: anything on the shared backbone (a `.transformer` NanoModel), LM or reward model."""
     model = getattr(pl_module, "model", None)
-    if not isinstance(model, NanoLM):
+    if not isinstance(getattr(model, "transformer", None), NanoModel):
         raise TypeError(
-            f"{owner} needs pl_module.model to be a NanoLM; {type(pl_module).__name__}.model is "
-            f"{type(model).__name__}"
+            f"{owner} needs pl_module.model to be a model on the NanoModel backbone (a NanoLM or a "
+            f"NanoRewardModel); {type(pl_module).__name__}.model is {type(model).__name__}"
         )
     return model
 
@@ -196,8 +199,8 @@ class AttentionMapLogger(pl.Callback):
             return
         model = pl_module.model
         ids = self._ids.to(pl_module.device)
-        with trainer.precision_plugin.forward_context(), eval_mode(model):
-            maps = model.attention_maps(ids)  # per layer (1, H, T, T)
+        with trainer.precision_plugin.forward_context(), eval_mode(model), torch.no_grad():
+            _, maps = model.transformer(ids, need_weights=True)  # per layer (1, H, T, T)
         for i in self.layers if self.layers is not None else range(len(maps)):
             grid = attention_grid(maps[i][0].float(), self.pixels_per_token)
             writer.add_image(f"attention/layer{i}", to_uint8_image(grid), step, dataformats="HW")
@@ -216,10 +219,12 @@ class GradientNorms:
     embeddings: float | None
     layers: list[float | None]
     final_norm: float | None
+    head: float | None = None  # parameters outside the backbone (a reward model's score head); an LM's is tied
 
     def scalars(self) -> dict[str, float]:
         """TensorBoard tag -> value, blocks without gradients left out."""
-        named = {"grad_norm/embeddings": self.embeddings, "grad_norm/final_norm": self.final_norm}
+        named = {"grad_norm/embeddings": self.embeddings, "grad_norm/final_norm": self.final_norm,
+                 "grad_norm/head": self.head}  # fmt: skip
         named.update({f"grad_norm/layer{i}": v for i, v in enumerate(self.layers)})
         return {tag: v for tag, v in named.items() if v is not None}
 
@@ -230,20 +235,22 @@ def flat_gradients(module: nn.Module) -> torch.Tensor | None:
     return torch.cat(grads) if grads else None
 
 
-def gradient_norms(model: NanoLM) -> GradientNorms:
-    """Per-block gradient L2 norms, read with one device sync."""
+def gradient_norms(model: nn.Module) -> GradientNorms:
+    """Per-block gradient L2 norms of a model on the backbone (`model.transformer`), read with one device sync."""
     t = model.transformer
-    blocks = [t.embeddings, *t.layers, t.ln_f]
+    in_backbone = {id(p) for p in t.parameters()}
+    head = [p for p in model.parameters() if id(p) not in in_backbone]
+    blocks = [t.embeddings.parameters(), *(layer.parameters() for layer in t.layers), t.ln_f.parameters(), head]
     norms: list[torch.Tensor | None] = []
     for block in blocks:
-        grads = [p.grad.detach() for p in block.parameters() if p.grad is not None]
+        grads = [p.grad.detach() for p in block if p.grad is not None]
         per_tensor = [torch.linalg.vector_norm(g.float()) for g in grads]
         # the norm of the per-tensor norms is the norm of their concatenation, without the copy
         norms.append(torch.linalg.vector_norm(torch.stack(per_tensor)) if per_tensor else None)
     present = [n for n in norms if n is not None]
     values = iter(torch.stack(present).tolist() if present else [])
     floats = [next(values) if n is not None else None for n in norms]
-    return GradientNorms(embeddings=floats[0], layers=floats[1:-1], final_norm=floats[-1])
+    return GradientNorms(embeddings=floats[0], layers=floats[1:-2], final_norm=floats[-2], head=floats[-1])
 
 
 class GradientFlowLogger(pl.Callback):
@@ -295,7 +302,7 @@ def masked_moments(x: torch.Tensor, keep: torch.Tensor, zero_threshold: float) -
 
 
 def activation_stats(
-    model: NanoLM,
+    model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     zero_threshold: float = GELU_ZERO_THRESHOLD,
@@ -565,6 +572,10 @@ class TextSampleLogger(pl.Callback):
             return
         model = stage_model("TextSampleLogger", pl_module)
         stage_tokenizer("TextSampleLogger", pl_module)
+        if not isinstance(model, NanoLM):
+            log.info("TextSampleLogger: %s does not generate text; no samples", type(model).__name__)
+            self.every_n_steps = 0
+            return
         limit = model.config.max_position_embeddings
         if self.max_new_tokens >= limit:
             raise ValueError(
