@@ -11,9 +11,10 @@ Parts (`--parts`, all by default):
   rollout  PPO's rollout (sample + score + reward + KL) against the batched KV-cached generator alone, same prompts
            and the same sampled tokens; the PPO run's own time split comes from its `time/rollout_s`, `time/learn_s`
 
-Every run holds out the same prompts (69 of 276 with the default --val-fraction 0.25): `data.val_fraction` and
-`data.seed` are passed to all of them, PPO/REINFORCE's prompt split and the preference split (whole prompts) pick the
-same ones, and `held_out_prompts` measures on them. `--train-seeds` varies `seed` (initialisation, sampling) only.
+Every run holds out the same prompts (about a quarter of the 276 with the default --val-fraction 0.25: 77 with
+seed 1337): `data.val_fraction` and `data.seed` are passed to all of them, and the shared split (`data.splits`) makes
+PPO/REINFORCE's prompt split and the preference split (whole prompts) pick the same ones, which `held_out_prompts`
+measures on. `--train-seeds` varies `seed` (initialisation, sampling) only.
 Wall seconds include starting Python; CPU seconds are the run's own (user + system), which is what a loaded machine
 does not inflate. Prints markdown tables and writes everything to OUT/alignment.json.
 

@@ -5,8 +5,9 @@ Every setting is one `python train.py curriculum=none stage=multitask stage.init
 from the real config tree and trained in this process (the command of each is printed). The held-out prompts are
 the prompt data module's validation split (`data.val_fraction`, never trained on), answered greedily and, to see
 the policy the RL objective acts on, sampled (temperature 1, `--samples` per prompt, a fixed seed); the world's
-judges score every response. `composite` is each setting's own objective on the greedy responses (its weights,
-and for the Lagrangian its final multipliers), with the start model's value under the same weights beside it.
+judges score every response. `composite` is each setting's own objective on the greedy responses (its weights as
+shares of components standardised by the run's final moments, and for the Lagrangian its final multipliers), with
+the start model's value under the same composite beside it.
 
     python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --threads 1     (help_only, balanced, harm_x4, lagrangian)
     python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --steps 40 --settings help_only harm_x4
@@ -123,10 +124,14 @@ def judge_model(model_dir: Path, prompts: list[str], cfg, reward: CompositeRewar
     return out
 
 
-def objective(means: dict[str, float], module_cfg, multipliers: dict[str, float]) -> float:
-    """A setting's own composite on mean component values: it is linear, so the mean of the per-response one."""
-    value = sum(float(w) * means[k] for k, w in module_cfg.weights.items() if k in means)
-    return value + sum(lam * (means[k] - float(module_cfg.thresholds[k])) for k, lam in multipliers.items())
+def objective(means: dict[str, float], composite: CompositeReward) -> float:
+    """A setting's own composite on mean component values, each standardised by the run's final moments and
+    weighted by its share (plus the Lagrangian terms): it is linear, so the mean of the per-response one."""
+    std = composite.moments.std.clamp_min(composite.MIN_STD).tolist()
+    value = sum(float(share) * (means[n] - mu) / sd for n, share, mu, sd in
+                zip(composite.names, composite.shares, composite.moments.mean.tolist(), std, strict=True))  # fmt: skip
+    thresholds = composite.thresholds
+    return value + sum(lam * (means[k] - float(thresholds[k])) for k, lam in composite.multipliers.items())
 
 
 def held_out_prompts(cfg, tokenizer) -> list[str]:
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     reward = make_composite(
         tokenizer, m.world, {"helpfulness": 1.0}, max_new_tokens=int(m.max_new_tokens),
         length_target=int(m.length_target), format_ngram=int(m.format_ngram),
-    ).fn  # fmt: skip
+    ).fn.eval()  # fmt: skip  (only its raw component values are read)
     prompts = held_out_prompts(base_cfg, tokenizer)
     print(f"held-out prompts: {len(prompts)}; SFT model: {args.sft}", flush=True)
     results = {"start": {"judged": judge_model(args.sft, prompts, base_cfg, reward, args.samples)}}
@@ -183,15 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         metrics, objects = train(cfg)
         wall = time.perf_counter() - start
-        multipliers = dict(objects["module"].reward.multipliers)
+        composite = objects["module"].reward
         judged = judge_model(objects["run_dir"] / "model", prompts, cfg, reward, args.samples)
         results[name] = {
             "command": command, "wall_s": round(wall, 1), "steps": metrics["global_step"],
-            "multipliers": multipliers, "judged": judged,
-            "objective": {mode: objective(judged[mode], cfg.stage.module, multipliers) for mode in judged},
-            "objective_start": {
-                mode: objective(results["start"]["judged"][mode], cfg.stage.module, multipliers) for mode in judged
-            },
+            "multipliers": dict(composite.multipliers), "judged": judged,
+            "moments": {n: [round(float(mu), 4), round(float(sd), 4)] for n, mu, sd in
+                        zip(composite.names, composite.moments.mean, composite.moments.std, strict=True)},
+            "objective": {mode: objective(judged[mode], composite) for mode in judged},
+            "objective_start": {mode: objective(results["start"]["judged"][mode], composite) for mode in judged},
             "train_first_last_5": _first_last(objects["run_dir"]),
         }  # fmt: skip
         print(json.dumps(results[name], indent=1), flush=True)
