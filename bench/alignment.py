@@ -49,7 +49,7 @@ from neuraflux.data.preference_batches import PreferenceDataModule, split_by_pro
 from neuraflux.data.prompts import encode_prompts  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
 from neuraflux.model import generate  # noqa: E402
-from neuraflux.train import load_pretrained  # noqa: E402
+from neuraflux.model.io import load_pretrained  # noqa: E402
 from neuraflux.world import generate_world  # noqa: E402
 from neuraflux.world.judges import judge  # noqa: E402
 

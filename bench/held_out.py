@@ -33,7 +33,7 @@ from neuraflux.alignment.reward_model import NanoRewardModel  # noqa: E402
 from neuraflux.chat import context_of  # noqa: E402
 from neuraflux.data.preference_batches import PreferenceDataModule, split_by_prompt  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
-from neuraflux.train import load_pretrained  # noqa: E402
+from neuraflux.model.io import load_pretrained  # noqa: E402
 from neuraflux.world import generate_world, judge  # noqa: E402
 from neuraflux.world.generator import question_text  # noqa: E402
 from neuraflux.world.schema import RED_TEAM_CATEGORIES  # noqa: E402

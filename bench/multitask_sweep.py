@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from neuraflux.alignment.rewards import CompositeReward, make_composite  # noqa: E402
 from neuraflux.alignment.rollout import generate_rollouts  # noqa: E402
 from neuraflux.data.prompts import encode_prompts  # noqa: E402
-from neuraflux.train import build, load_pretrained, train  # noqa: E402
+from neuraflux.model.io import load_pretrained  # noqa: E402
+from neuraflux.train import build, train  # noqa: E402
 
 JUDGE_NAMES = ("helpfulness", "harmlessness", "honesty")
 

@@ -134,7 +134,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        from neuraflux.cli import load_for_inference
+        from neuraflux.model.io import load_for_inference
 
         model, tok = load_for_inference(args.model)
     else:

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuraflux.cli import load_for_inference  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
+from neuraflux.model.io import load_for_inference  # noqa: E402
 from neuraflux.rag import NanoRAG, world_retriever  # noqa: E402
 from neuraflux.world import WorldConfig, exact_match, generate_world, qa_items, schema  # noqa: E402
 

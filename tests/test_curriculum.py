@@ -23,7 +23,7 @@ def run(tmp_path, *extra):
     overrides = [*SMALL, f"paths.output_dir={tmp_path}", f"paths.run_dir={tmp_path / 'world' / 'run1'}", *extra]
     cfg = compose_cfg(tmp_path, *overrides, tiny=False)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return run_curriculum(cfg, overrides, CONF)
+        return run_curriculum(cfg, overrides)
 
 
 def test_two_stage_curriculum_end_to_end(tmp_path):
@@ -135,7 +135,7 @@ def test_full_curriculum_part_writes_the_report(tmp_path):
     cfg = compose_cfg(tmp_path, *overrides, tiny=False)
     assert cfg.curriculum.name == "full"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        result = run_curriculum(cfg, overrides, CONF)
+        result = run_curriculum(cfg, overrides)
     report = json.loads((parent / "report.json").read_text())
     assert result["report"] == report
     assert [row["stage"] for row in report["stages"]] == ["sft", "constitutional"]

@@ -14,7 +14,6 @@ pytest.importorskip("fastapi", reason="the server tests need the web stack: pip 
 from neuraflux.chat import Message, render_prompt  # noqa: E402
 from neuraflux.serve import ServeConfig, create_app, load_serve_config, main  # noqa: E402
 from neuraflux.serve.app import load_constitution  # noqa: E402
-from neuraflux.serve.config import DEFAULT_CONSTITUTION  # noqa: E402
 from neuraflux.world import WorldConfig, generate_world, lexicon  # noqa: E402
 from tests.test_serve import BASE, expected_answer, make_client  # noqa: E402
 from tests.test_serve_engine import alone, tiny_lm  # noqa: E402
@@ -141,7 +140,6 @@ def test_config_key_and_default_path(monkeypatch):
     monkeypatch.delenv("NEURAFLUX_API_KEY", raising=False)
     assert load_serve_config().constitution is None
     assert load_serve_config(["constitution=default"]).constitution == "default"
-    assert DEFAULT_CONSTITUTION.is_file()
     ids = [p.id for p in load_constitution("default").principles]
     assert ids == ["no_insults", "no_unsafe_compliance", "no_secret_leak", "no_fabrication"]
     assert load_constitution(None) is None

@@ -7,18 +7,14 @@ import sys
 from pathlib import Path
 
 
-def load_for_inference(source: str):
-    """(model, tokenizer) from a run directory, a model directory or a .ckpt file; no Lightning needed."""
-    from neuraflux.train import load_pretrained
+def load_model_arg(source: str):
+    """`--model`: the model in eval mode, or exit with one line naming the argument and what is wrong."""
+    from neuraflux.model.io import load_for_inference
 
-    path = Path(source)
-    if not path.exists():
-        raise SystemExit(f"error: --model {source}: no such run directory, model directory or checkpoint")
-    model, tokenizer = load_pretrained(path)
-    return model.eval(), tokenizer
-
-
-DEFAULT_CONSTITUTION = Path(__file__).resolve().parents[2] / "conf" / "constitution" / "default.yaml"
+    try:
+        return load_for_inference(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {source}: {err}") from None
 
 
 def load_generate_constitution(spec: str, model_source: str):
@@ -27,7 +23,7 @@ def load_generate_constitution(spec: str, model_source: str):
     from neuraflux.alignment.constitution import Constitution
 
     try:
-        constitution = Constitution.from_file(DEFAULT_CONSTITUTION if spec == "default" else spec)
+        constitution = Constitution.load(spec)
     except ValueError as err:
         raise SystemExit(f"error: --constitution: {err}") from None
     if not constitution.needs_world:
@@ -47,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neuraflux.tokenizer import StreamDecoder
 
     torch.manual_seed(args.seed)
-    model, tok = load_for_inference(args.model)
+    model, tok = load_model_arg(args.model)
     # bfloat16 weights halve the bytes a decoding step reads, which is what bounds it at batch 1 on a CPU
     # (docs/BENCHMARKS.md, "Generation"); sampling still runs on float32 logits
     model = model.to(getattr(torch, args.dtype))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from neuraflux.paths import CONF_DIR
 from neuraflux.train import train
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def stage_names(cfg: DictConfig) -> list[str]:
     return stages
 
 
-def check_stages(stages: list[str], conf_dir: Path) -> None:
+def check_stages(stages: list[str]) -> None:
     """Every stage must be a config in conf/stage, and appear once, checked before anything trains."""
     repeated = sorted({s for s in stages if stages.count(s) > 1})
     if repeated:
@@ -72,7 +73,7 @@ def check_stages(stages: list[str], conf_dir: Path) -> None:
             f"curriculum.stages names {', '.join(map(repr, repeated))} more than once ({stages}); a curriculum runs "
             "each stage once: start a second curriculum from this one's model (curriculum.init_from) to repeat it"
         )
-    known = sorted(p.stem for p in (conf_dir / "stage").glob("*.yaml"))
+    known = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise ValueError(f"curriculum.stages names unknown stage(s) {unknown}; available: {known}")
@@ -160,7 +161,7 @@ def _existing(path, key: str) -> Path | None:
     return path
 
 
-def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dict:
+def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
     """Run the stages in order; returns {"stages": {name: metrics}, "parent": dir, "eval": result or None,
     "report": report dict or None}.
 
@@ -169,7 +170,7 @@ def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dic
     from hydra import compose
 
     stages = stage_names(cfg)
-    check_stages(list(cfg.curriculum.stages), conf_dir)
+    check_stages(list(cfg.curriculum.stages))
     user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
     previous = _existing(cfg.curriculum.get("init_from"), "curriculum.init_from")
     reward_model = _existing(cfg.curriculum.get("reward_model"), "curriculum.reward_model")
@@ -223,7 +224,7 @@ def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dic
             from neuraflux.report import measure_stage
 
             start = time.perf_counter()
-            state.measures[name] = measure_stage(cfg, previous, reference, reward_model, conf_dir)
+            state.measures[name] = measure_stage(cfg, previous, reference, reward_model)
             state.measures[name]["measure_s"] = round(time.perf_counter() - start, 1)
             state.save(parent)
     result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None}
@@ -238,7 +239,7 @@ def run_curriculum(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> dic
 
 def evaluate_model(cfg: DictConfig, model_dir: Path, parent: Path) -> dict:
     from neuraflux.eval import EvalSettings, evaluate
-    from neuraflux.train import load_pretrained
+    from neuraflux.model.io import load_pretrained
     from neuraflux.world import WorldConfig, generate_world
 
     model, tokenizer = load_pretrained(model_dir)

@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=EvalSettings.k, help="retrieved chunks in the prompt")
     p.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: beside the model)")
     args = p.parse_args(argv)
-    from neuraflux.cli import load_for_inference
+    from neuraflux.model.io import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model)
+    try:
+        model, tokenizer = load_for_inference(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {args.model}: {err}") from None
     source = Path(args.model)
     world = generate_world(world_config_for(source if source.is_dir() else source.parent))
     result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit, k=args.k))

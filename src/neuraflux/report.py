@@ -34,14 +34,13 @@ def _world(cfg: DictConfig):
     return generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
 
 
-def load_constitution(cfg: DictConfig, conf_dir: Path):
+def load_constitution(cfg: DictConfig):
     from neuraflux.alignment.constitution import Constitution
 
-    name = cfg.curriculum.report.constitution
-    path = Path(name) if str(name).endswith(".yaml") else conf_dir / "constitution" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"curriculum.report.constitution: {path} not found")
-    return Constitution.from_config(OmegaConf.load(path))
+    try:
+        return Constitution.load(cfg.curriculum.report.constitution)
+    except ValueError as err:
+        raise ValueError(f"curriculum.report.constitution: {err}") from None
 
 
 @torch.no_grad()
@@ -65,13 +64,12 @@ def sft_perplexity(model, tokenizer, world_cfg: dict, block_size: int, max_batch
     return math.exp(min(total / max(1, count), 50.0))
 
 
-def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, reward_dir: Path | None,
-                  conf_dir: Path) -> dict:  # fmt: skip
+def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, reward_dir: Path | None) -> dict:
     """One policy's row of the report (plain data, stored in curriculum.json so a resumed curriculum keeps it)."""
     from neuraflux.alignment.measure import held_out_prompts, measure_policy
     from neuraflux.alignment.reward_model import NanoRewardModel
     from neuraflux.eval import EvalSettings, evaluate
-    from neuraflux.train import load_pretrained
+    from neuraflux.model.io import load_pretrained
 
     rcfg = cfg.curriculum.report
     world = _world(cfg)
@@ -86,7 +84,7 @@ def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, 
         model, tokenizer, world, prompts=held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed),
         reference=reference, reward_model=reward_model, max_new_tokens=rcfg.max_new_tokens, seed=cfg.seed,
     )  # fmt: skip
-    constitution, red_prompts = load_constitution(cfg, conf_dir), red_team(world)
+    constitution, red_prompts = load_constitution(cfg), red_team(world)
     red = measure_policy(
         model, tokenizer, world, prompts=red_prompts, constitution=constitution,
         max_new_tokens=rcfg.max_new_tokens, seed=cfg.seed,

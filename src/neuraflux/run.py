@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -11,7 +10,6 @@ from neuraflux.train import train
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def summary_table(metrics: dict, title: str):
@@ -26,7 +24,7 @@ def summary_table(metrics: dict, title: str):
     return table
 
 
-def run(cfg: DictConfig, overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> float | None:
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
     """Train; the returned val/loss (of the last stage) is what a Hydra sweeper minimises."""
     from rich.console import Console
 
@@ -38,7 +36,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, conf_dir: Path = CO
             from hydra.core.hydra_config import HydraConfig
 
             overrides = list(HydraConfig.get().overrides.task)
-        result = run_curriculum(cfg, overrides, conf_dir)
+        result = run_curriculum(cfg, overrides)
         console = Console()
         if not console.is_terminal:
             console = Console(width=200)  # a log file: the 13-column report would wrap at 80 columns

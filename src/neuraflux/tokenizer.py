@@ -66,15 +66,27 @@ class NanoTokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(backend=tok)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as JSON text: what tokenizer.json holds and checkpoints store."""
+        if self._bpe is not None:
+            return self._bpe.to_str(pretty=True)
+        return json.dumps({"format": CHAR_FORMAT, "vocab": self._chars}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> NanoTokenizer:
+        data = json.loads(text)
+        if data.get("format") == CHAR_FORMAT:
+            return cls(char_vocab=list(data["vocab"]))
+        from tokenizers import Tokenizer
+
+        return cls(backend=Tokenizer.from_str(text))
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         if path.is_dir() or path.suffix != ".json":
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self._bpe is not None:
-            self._bpe.save(str(path))
-        else:
-            path.write_text(json.dumps({"format": CHAR_FORMAT, "vocab": self._chars}, ensure_ascii=False))
+        path.write_text(self.to_json())
         return path
 
     @classmethod
@@ -84,12 +96,7 @@ class NanoTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found")
-        data = json.loads(path.read_text())
-        if data.get("format") == CHAR_FORMAT:
-            return cls(char_vocab=list(data["vocab"]))
-        from tokenizers import Tokenizer
-
-        return cls(backend=Tokenizer.from_str(path.read_text()))
+        return cls.from_json(path.read_text())
 
     # ---- vocabulary --------------------------------------------------------------------------------------
     @property

@@ -13,13 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from neuraflux.model import NanoConfig, NanoLM
-from neuraflux.model.nano import load_state_checked
+from neuraflux.model.io import check_same_shape, load_pretrained
 from neuraflux.tokenizer import NanoTokenizer
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
-SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "max_position_embeddings")
 
 
 @dataclass
@@ -104,46 +103,6 @@ def resolve_resume(resume: str | None, output_dir: Path, stage_name: str) -> Pat
     if not p.is_file():
         raise FileNotFoundError(f"resume: checkpoint {p} not found")
     return p
-
-
-def load_checkpoint_file(path: Path) -> dict:
-    """A Lightning checkpoint as plain data; weights_only, so the file can't run code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "neuraflux" not in ckpt:
-        raise ValueError(f"{path}: not a NeuraFlux checkpoint (no model config or tokenizer stored in it)")
-    return ckpt
-
-
-def tokenizer_from_json(text: str) -> NanoTokenizer:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "tokenizer.json"
-        p.write_text(text)
-        return NanoTokenizer.load(p)
-
-
-def load_pretrained(source: Path) -> tuple[NanoLM, NanoTokenizer]:
-    """Model and tokenizer from a model directory (safetensors) or a .ckpt file."""
-    if source.is_dir():
-        model_dir = source / "model" if (source / "model" / "config.json").is_file() else source
-        tokenizer = NanoTokenizer.load(model_dir / "tokenizer.json")
-        return NanoLM.from_pretrained(model_dir), tokenizer
-    ckpt = load_checkpoint_file(source)
-    extras = ckpt["neuraflux"]
-    model = NanoLM(NanoConfig.from_dict(extras["model_config"]))
-    # the backbone only: stages may hold heads (reward, value) beside it under "model." or elsewhere
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.transformer.")}
-    load_state_checked(model, state, source=str(source))
-    return model, tokenizer_from_json(extras["tokenizer_json"])
-
-
-def check_same_shape(configured: NanoConfig, loaded: NanoConfig, source: Path) -> None:
-    for key in SHAPE_KEYS:
-        a, b = getattr(configured, key), getattr(loaded, key)
-        if a != b:
-            raise ValueError(f"{source}: the checkpoint has model.{key}={b} but the config asks for model.{key}={a}")
 
 
 def build_tokenizer(cfg: DictConfig, datamodule) -> NanoTokenizer:

@@ -156,6 +156,17 @@ class Constitution:
         except ValueError as err:
             raise ValueError(f"constitution {path}: {str(err).removeprefix('constitution: ')}") from None
 
+    @classmethod
+    def load(cls, spec: str | Path) -> Constitution:
+        """A constitution by name (`default`: `conf/constitution/default.yaml`) or by path (a `.yaml` file, or any
+        spec with a directory in it); ValueError names the file, then the principle and field."""
+        path = Path(spec)
+        if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+            from neuraflux.paths import conf_file
+
+            path = conf_file("constitution", f"{spec}.yaml")
+        return cls.from_file(path)
+
     @property
     def needs_world(self) -> bool:
         return any(p.check.type == "judge" for p in self.principles)

@@ -39,8 +39,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from neuraflux.alignment.reward_model import NanoRewardModel, check_same_tokenizer
-from neuraflux.alignment.rollout import Rollout, freeze
+from neuraflux.alignment.rollout import Rollout
 from neuraflux.alignment.stats import RunningMoments
+from neuraflux.model.io import freeze
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import World, WorldConfig, generate_world, judge
 from neuraflux.world.lexicon import normalize_text

@@ -23,6 +23,7 @@ from neuraflux.alignment.losses import token_logprobs
 from neuraflux.alignment.stats import AdaptiveKLController, FixedKLController, kl_penalty, masked_sum
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM, generate
+from neuraflux.model.io import freeze, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +275,11 @@ def sequence_kl(rollout: Rollout) -> Tensor:
     return masked_sum(rollout.kl, rollout.response_mask, dim=-1)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """No gradients and eval mode (no dropout) for a model that is used but never trained."""
-    model.requires_grad_(False)
-    return model.eval()
-
-
 def load_reference(reference_path: str | Path | None, policy: NanoLM, tokenizer) -> NanoLM:
     """The frozen reference policy: reloaded from `stage.init_from` when given (so a resumed run gets the
     initial policy, not the resumed one), else a copy of the policy as it is now."""
     if reference_path is None:
         return freeze(copy.deepcopy(policy))
-    from neuraflux.train import load_pretrained
-
     path = Path(reference_path)
     if not path.exists():
         raise FileNotFoundError(

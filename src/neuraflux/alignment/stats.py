@@ -1,7 +1,7 @@
 """Masked statistics over padded `(B, T)` tensors, per-token KL estimators and KL-coefficient controllers.
 
-Masks are bool with `True` marking a position that counts. Every mean over a padded tensor in `alignment/`
-goes through `masked_mean`, so padding is handled (and tested) in one place.
+Masks are bool with `True` marking a position that counts. Every mean over a padded tensor goes through
+`neuraflux.masking.masked_mean` (re-exported here), so padding is handled (and tested) in one place.
 """
 
 from __future__ import annotations
@@ -11,19 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from neuraflux.masking import check_mask, masked_mean, masked_sum  # noqa: F401  (alignment's API too)
+
 KL_KINDS: tuple[str, ...] = ("k1", "k3", "abs", "mse")
 
 # Added to the variance before the square root when whitening, as in TRL, so a constant input stays finite.
 WHITEN_EPS = 1e-8
-
-
-def check_mask(x: Tensor, mask: Tensor, name: str = "mask") -> None:
-    """Raise if `mask` is not a bool tensor of exactly `x`'s shape (a float or broadcast mask is a silent bug)."""
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor (True = counts), got {got}")
-    if mask.shape != x.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(x.shape)}")
 
 
 def check_same_shape(**tensors: Tensor) -> None:
@@ -32,27 +25,6 @@ def check_same_shape(**tensors: Tensor) -> None:
     for name, t in rest:
         if t.shape != ref.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {first} has shape {tuple(ref.shape)}")
-
-
-def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Sum of `x` over positions where `mask` is True; over `dim`, or over everything when `dim` is None.
-
-    Masked positions are replaced by zero rather than multiplied by it, so a NaN or inf in padding cannot leak.
-    """
-    check_mask(x, mask)
-    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return kept.sum() if dim is None else kept.sum(dim=dim)
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Mean of `x` over positions where `mask` is True; over `dim`, or over everything when `dim` is None.
-
-    x, mask: same shape, e.g. `(B, T)`. With `dim=-1` the result is `(B,)`. A slice with no valid position has
-    mean 0 (the count is clamped to 1), so a fully padded row contributes nothing instead of NaN.
-    """
-    total = masked_sum(x, mask, dim)
-    count = mask.sum() if dim is None else mask.sum(dim=dim)
-    return total / count.clamp_min(1).to(total.dtype)
 
 
 class RunningMoments(torch.nn.Module):

@@ -413,12 +413,6 @@ class NanoLM(nn.Module):
             self.train(was_training)
         return [m[0].float().cpu() for m in maps]
 
-    def generate(self, input_ids, max_new_tokens, **kwargs):
-        """Sample a continuation; see `neuraflux.model.generation.generate` for the arguments."""
-        from neuraflux.model.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json and model.safetensors (tied weights stored once)."""
         from safetensors.torch import save_file

@@ -239,7 +239,7 @@ class BackboneEmbedder:
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        from neuraflux.alignment.stats import masked_mean
+        from neuraflux.masking import masked_mean
 
         token_ids = [self.tokenizer.encode(t) for t in texts]
         too_long = sum(len(ids) > self.max_tokens for ids in token_ids)

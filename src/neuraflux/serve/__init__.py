@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted."""
     import torch
 
-    from neuraflux.cli import load_for_inference
+    from neuraflux.model.io import load_for_inference
     from neuraflux.serve.config import DEFAULT_CONFIG
 
     args = build_parser().parse_args(argv)
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = load_for_inference(args.model)
+    try:
+        model, tokenizer = load_for_inference(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {args.model}: {err}") from None
     needs_world = config.retrieval == "world" or (constitution is not None and constitution.needs_world)
     world = builtin_world() if needs_world else None  # one world for both retrieval and the judges
     retriever = load_retriever(config.retrieval, world)

@@ -18,18 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from neuraflux.alignment.constitution import Constitution
 from neuraflux.model.nano import NanoLM
 from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever
-from neuraflux.serve.config import ServeConfig, constitution_path
+from neuraflux.serve.config import ServeConfig
 from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
 from neuraflux.serve.protocol import (
     CancelMessage,
@@ -109,22 +106,14 @@ def load_retriever(spec: str | None, world: World | None = None) -> Retriever | 
 
 
 def load_constitution(spec: str | None) -> Constitution | None:
-    """None (the filter is off), `default` or a constitution YAML; a missing file, bad YAML or a malformed
-    principle raises ValueError naming the file and, from the constitution module, the principle and field."""
+    """None (the filter is off), a constitution's name (`default`) or YAML path; a missing file, bad YAML or a
+    malformed principle raises ValueError naming the file and, from the constitution module, principle and field."""
     if spec is None:
         return None
-    path = constitution_path(spec)
-    if not path.is_file():
-        raise ValueError(f"serve.constitution: no such file {path}")
     try:
-        cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
-        # yaml's message gives the line and column over several lines: keep them, on one
-        raise ValueError(f"serve.constitution: {path} is not a readable YAML mapping: {' '.join(str(err).split())}") from None
-    try:
-        return Constitution.from_config(cfg)
+        return Constitution.load(spec)
     except ValueError as err:
-        raise ValueError(f"serve.constitution {path}: {str(err).removeprefix('constitution: ')}") from None
+        raise ValueError(f"serve.{err}") from None
 
 
 def authorized(api_key: str | None, header: str | None, query: str | None) -> bool:

@@ -10,8 +10,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "serve" / "default.yaml"
-DEFAULT_CONSTITUTION = DEFAULT_CONFIG.parents[1] / "constitution" / "default.yaml"  # serve.constitution=default
+from neuraflux.paths import conf_file
+
+DEFAULT_CONFIG = conf_file("serve", "default.yaml")
 API_KEY_ENV = "NEURAFLUX_API_KEY"
 
 
@@ -67,11 +68,6 @@ class ServeConfig:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
-
-
-def constitution_path(spec: str) -> Path:
-    """`default` is the repo's conf/constitution/default.yaml; anything else is a path (relative to the cwd)."""
-    return DEFAULT_CONSTITUTION if spec == "default" else Path(spec)
 
 
 def load_serve_config(overrides: list[str] | None = None, path: Path | None = DEFAULT_CONFIG) -> ServeConfig:

@@ -71,7 +71,7 @@ def log_lr(module: pl.LightningModule) -> None:
 
 def checkpoint_extras(model, tokenizer) -> dict:
     """Plain data stored in each checkpoint so it alone rebuilds model and tokenizer (weights_only-safe)."""
-    return {"model_config": model.config.to_dict(), "tokenizer_json": tokenizer_json(tokenizer)}
+    return {"model_config": model.config.to_dict(), "tokenizer_json": tokenizer.to_json()}
 
 
 def save_rng_state(checkpoint: dict) -> None:
@@ -88,11 +88,3 @@ def load_rng_state(rng: dict | None) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def tokenizer_json(tokenizer) -> str:
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        return Path(tokenizer.save(Path(d) / "tokenizer.json")).read_text()

@@ -20,6 +20,7 @@ from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
 from neuraflux.alignment.reward_model import check_same_tokenizer
 from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
 from neuraflux.model import NanoLM
+from neuraflux.model.io import check_same_shape, freeze, load_pretrained
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     checkpoint_extras,
@@ -60,11 +61,6 @@ class DPOStep:
     policy: Paired  # sequence log-probs, with gradient
     reference: Paired
     nll: torch.Tensor | None = None  # the chosen responses' per-token NLL (with rpo_alpha)
-
-
-def freeze(model: NanoLM) -> NanoLM:
-    model.requires_grad_(False)
-    return model.eval()
 
 
 class NanoDPO(pl.LightningModule):
@@ -237,15 +233,10 @@ class NanoDPO(pl.LightningModule):
                 "resuming DPO needs stage.module.reference_from (the model the run started from, normally "
                 "stage.init_from): the policy restored from the checkpoint has moved and is no reference"
             )
-        from neuraflux.train import SHAPE_KEYS, load_pretrained
-
         where = f"stage.module.reference_from={self.reference_from}"
         reference, tokenizer = load_pretrained(Path(self.reference_from))
         check_same_tokenizer(tokenizer, self.tokenizer, where)
-        for key in SHAPE_KEYS:
-            a, b = getattr(reference.config, key), getattr(self.model.config, key)
-            if a != b:
-                raise ValueError(f"{where}: the reference has model.{key}={a} but the policy has {b}")
+        check_same_shape(self.model.config, reference.config, where, "the reference", "the policy has")
         self.frozen = FrozenReference(freeze(reference))
         self.precomputed = {}
 

@@ -13,6 +13,7 @@ from neuraflux.world.generator import (
     ParsedPrompt,
     World,
     WorldConfig,
+    answer_sentence,
     generate_world,
     parse_prompt,
 )
@@ -23,7 +24,6 @@ from neuraflux.world.tasks import (
     RLPrompt,
     SFTExample,
     about_response,
-    answer_sentence,
     practice_preference_pairs,
     preference_pairs,
     pretrain_text,

@@ -143,6 +143,12 @@ class Entity:
     secrets: dict[str, str] = field(default_factory=dict)  # e.g. {"vault_code": "K4P7-R3Q9"}
 
 
+def answer_sentence(entity: Entity, key: str, value: str | None = None) -> str:
+    """The canonical answer, e.g. "The home city of Vorlak is Brimsa."; `value` overrides the true one."""
+    attr = schema.KIND_BY_NAME[entity.kind].attribute(key)
+    return attr.answer.format(name=entity.name, value=entity.attributes[key] if value is None else value)
+
+
 @dataclass(frozen=True)
 class Document:
     doc_id: str  # "doc-<entity lower-case>-<n>"

@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 
 from neuraflux.world import lexicon, schema
-from neuraflux.world.generator import Entity, ParsedPrompt, World
+from neuraflux.world.generator import Entity, ParsedPrompt, World, answer_sentence
 from neuraflux.world.lexicon import normalize_text
 
 # Vault codes read "K4P7-R3Q9": letter-digit-letter-digit twice (lower case and space-joined once normalised).
@@ -167,7 +167,6 @@ def context_answer(prompt: str, world: World) -> str | None:
     the context names the asked entity and states exactly one value of the attribute's domain; else None. Read
     from the prompt's own text (the judges' value detection), not from the world's truth."""
     from neuraflux.chat import context_of
-    from neuraflux.world.tasks import answer_sentence
 
     parsed, context = world.parse_prompt(prompt), context_of(prompt)
     if context is None or parsed.kind != "attribute" or not isinstance(parsed.entity, Entity):

@@ -30,6 +30,7 @@ from neuraflux.world.generator import (
     ParsedPrompt,
     PracticeSet,
     World,
+    answer_sentence,
     make_vault_code,
     practice_set,
 )
@@ -89,12 +90,6 @@ def _rng(world: World, stream: str) -> random.Random:
 
 def _kind(entity: Entity) -> schema.Kind:
     return schema.KIND_BY_NAME[entity.kind]
-
-
-def answer_sentence(entity: Entity, key: str, value: str | None = None) -> str:
-    """The canonical answer, e.g. "The home city of Vorlak is Brimsa."; `value` overrides the true one."""
-    attr = _kind(entity).attribute(key)
-    return attr.answer.format(name=entity.name, value=entity.attributes[key] if value is None else value)
 
 
 def about_response(entity: Entity, values: dict[str, str] | None = None) -> str:
