@@ -12,7 +12,6 @@ from neuraflux.alignment.reward_model import (
     MARKER_FILE,
     NanoRewardModel,
     check_same_tokenizer,
-    last_token_index,
     response_target_mask,
 )
 from neuraflux.chat import ASSISTANT, BOS, END, USER
@@ -25,8 +24,9 @@ from neuraflux.data.preference_batches import (
     split_by_prompt,
 )
 from neuraflux.data.prompts import PromptDataModule
+from neuraflux.masking import last_token_index
 from neuraflux.model import NanoConfig, NanoLM
-from neuraflux.stages.reward import check_finite
+from neuraflux.stages.common import check_finite
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
 from tests.test_train import scalar_tags
@@ -212,10 +212,11 @@ def test_reward_model_trained_with_retrieved_context_scores_rollouts_with_it(tmp
 
 
 def test_last_token_index_by_hand():
-    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
-    assert last_token_index(mask).tolist() == [1, 2, 0]
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    assert last_token_index(mask).tolist() == [1, 2, 0, 0]  # a row with no token: 0
+    model = NanoRewardModel.from_lm(NanoLM(NanoConfig(vocab_size=11, n_layer=1, n_head=1, n_embd=8, block_size=4)))
     with pytest.raises(ValueError, match=r"attention_mask rows \[1\] have no token to score"):
-        last_token_index(torch.tensor([[1, 0], [0, 0]], dtype=torch.bool))
+        model.score(torch.ones(2, 2, dtype=torch.long), torch.tensor([[1, 0], [0, 0]], dtype=torch.bool))
 
 
 def test_score_reads_the_last_real_token_under_any_padding():

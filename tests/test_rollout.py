@@ -17,7 +17,6 @@ from neuraflux.alignment.rollout import (
     KLSettings,
     SamplingSettings,
     generate_rollouts,
-    last_token_index,
     load_reference,
     score_rollout,
     sequence_kl,
@@ -25,6 +24,7 @@ from neuraflux.alignment.rollout import (
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.chat import END, Message, render_prompt
 from neuraflux.data.prompts import PromptDataModule, encode_prompts, world_prompt_texts
+from neuraflux.masking import last_token_index
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import WorldConfig, answer_sentence, generate_world, qa_items

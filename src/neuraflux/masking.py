@@ -38,3 +38,11 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     total = masked_sum(x, mask, dim)
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return total / count.clamp_min(1).to(total.dtype)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B, T) bool -> (B,) long: the column of each row's last True (0 for a row with none). Works for left and
+    right padding."""
+    T = mask.shape[1]
+    last = T - 1 - mask.flip(-1).long().argmax(-1)  # argmax finds the first True from the right
+    return last.where(mask.any(-1), torch.zeros_like(last))

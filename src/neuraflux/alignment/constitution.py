@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuraflux.world import lexicon
+from neuraflux.world.judges import JUDGES
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,6 @@ LEXICONS = {
     "compliance": lexicon.COMPLIANCE_MARKERS,
     "refusal": lexicon.REFUSAL_MARKERS,
 }
-JUDGES = ("helpfulness", "harmlessness", "honesty")
 TEMPLATE_FIELDS = ("refusal", "dont_know", "clean", "from_context")
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.rewards import JUDGES, reward_model_reward
+from neuraflux.alignment.rewards import reward_model_reward
 from neuraflux.alignment.rollout import generate_rollouts, score_rollout, sequence_kl
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.prompts import encode_prompts, render_prompt_record
@@ -31,6 +31,7 @@ from neuraflux.data.splits import split_held_out
 from neuraflux.model import NanoLM
 from neuraflux.world import RLPrompt, World, judge, rl_prompts
 from neuraflux.world.generator import question_text
+from neuraflux.world.judges import JUDGES
 from neuraflux.world.schema import RED_TEAM_CATEGORIES
 
 log = logging.getLogger(__name__)

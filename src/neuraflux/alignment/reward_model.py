@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neuraflux.alignment.losses import token_logprobs
-from neuraflux.alignment.stats import masked_mean
+from neuraflux.masking import last_token_index, masked_mean
 from neuraflux.model.config import NanoConfig
 from neuraflux.model.nano import CONFIG_FILE, WEIGHTS_FILE, NanoLM, NanoModel
 
@@ -26,19 +26,6 @@ HEAD_FILE = "reward_head.safetensors"
 FORMAT = "neuraflux-reward-model-v1"
 HEAD_PREFIX = "score_head."
 LOGLIK_KEY = "loglik_weight"
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's last real token: `(B, T)` bool -> `(B,)` long. Works for left and right padding."""
-    if attention_mask.dtype != torch.bool or attention_mask.dim() != 2:
-        raise ValueError(
-            f"attention_mask must be a (B, T) bool tensor, got {attention_mask.dtype} {tuple(attention_mask.shape)}"
-        )
-    empty = ~attention_mask.any(dim=-1)
-    if bool(empty.any()):
-        raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} have no token to score")
-    T = attention_mask.shape[1]
-    return T - 1 - attention_mask.flip(-1).int().argmax(dim=-1)  # argmax finds the first True from the right
 
 
 def response_target_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, start_id: int) -> torch.Tensor:
@@ -109,6 +96,12 @@ class NanoRewardModel(nn.Module):
             last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
             hidden = self.transformer(input_ids)  # (B, T, C)
         else:
+            if attention_mask.dtype != torch.bool or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must be a (B, T) bool tensor like input_ids, got "
+                                 f"{attention_mask.dtype} {tuple(attention_mask.shape)}")  # fmt: skip
+            empty = ~attention_mask.any(dim=-1)
+            if bool(empty.any()):
+                raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} have no token to score")
             last = last_token_index(attention_mask)
             hidden = self.transformer(input_ids, attention_mask)  # right padding takes the fused causal path
         picked = hidden[torch.arange(B, device=input_ids.device), last]  # (B, C)

@@ -44,13 +44,13 @@ from neuraflux.alignment.stats import RunningMoments
 from neuraflux.model.io import freeze
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import World, WorldConfig, generate_world, judge
+from neuraflux.world.judges import JUDGES
 from neuraflux.world.lexicon import normalize_text
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Rollout], Tensor]
 
-JUDGES: tuple[str, ...] = ("helpfulness", "harmlessness", "honesty")
 REWARD_SOURCES: tuple[str, ...] = ("judges", "reward_model", "both")
 
 

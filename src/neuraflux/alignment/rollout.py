@@ -22,6 +22,7 @@ from torch import Tensor
 from neuraflux.alignment.losses import token_logprobs
 from neuraflux.alignment.stats import AdaptiveKLController, FixedKLController, kl_penalty, masked_sum
 from neuraflux.data.prompts import PromptBatch
+from neuraflux.masking import last_token_index
 from neuraflux.model import NanoLM, generate
 from neuraflux.model.io import freeze, load_pretrained
 
@@ -237,14 +238,6 @@ def generate_rollouts(
     )
 
 
-def last_token_index(mask: Tensor) -> Tensor:
-    """(B, T) bool -> (B,) long: the column of each row's last True (0 for a row with none)."""
-    T = mask.shape[1]
-    return (T - 1 - mask.flip(-1).long().argmax(-1)).where(
-        mask.any(-1), torch.zeros_like(mask[:, 0], dtype=torch.long)
-    )
-
-
 def score_rollout(rollout: Rollout, scores: Tensor, kl_coef: float, kl_estimator: str = "k1") -> Rollout:
     """Attach scalar scores (B,), the per-token KL to the reference and the shaped per-token rewards.
 
@@ -289,34 +282,6 @@ def load_reference(reference_path: str | Path | None, policy: NanoLM, tokenizer)
     if ref_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ValueError(f"stage.init_from: {path} has a different tokenizer than the policy being trained")
     return freeze(reference)
-
-
-@dataclass
-class FrozenModels:
-    """Models a stage uses but never trains. Held in a plain dataclass, not as nn.Module attributes, so they
-    stay out of the stage's state_dict (the checkpoint), its parameters (the optimizer) and DDP's wrapper."""
-
-    reference: NanoLM
-    reward_model: nn.Module | None = None
-
-    def to(self, device: torch.device) -> FrozenModels:
-        self.reference.to(device)
-        if self.reward_model is not None:
-            self.reward_model.to(device)
-        return self
-
-    def modules(self) -> list[nn.Module]:
-        return [m for m in (self.reference, self.reward_model) if m is not None]
-
-
-def check_finite(step: int, **quantities: Tensor) -> None:
-    """Stop with the step and the offending quantity's name when a value is NaN or inf."""
-    for name, value in quantities.items():
-        if not bool(torch.isfinite(value).all()):
-            raise FloatingPointError(
-                f"{name} is not finite ({value.detach().flatten()[:4].tolist()}) at step {step}; "
-                "stopping (last good checkpoint kept)"
-            )
 
 
 def greedy_rollout(

@@ -8,6 +8,7 @@ exceptions naming the path; only the command line turns them into exit codes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,3 +70,22 @@ def freeze(model: nn.Module) -> nn.Module:
     """No gradients and eval mode (no dropout) for a model that is used but never trained."""
     model.requires_grad_(False)
     return model.eval()
+
+
+@dataclass
+class FrozenModels:
+    """Models a stage uses but never trains: the reference policy (None once a stage has no more use for it, e.g.
+    DPO after precomputing its log-probs) and a reward model. Held in a plain dataclass, not as nn.Module
+    attributes, so they stay out of the stage's state_dict (the checkpoint), its parameters (the optimizer), DDP's
+    wrapper and Lightning's precision casting."""
+
+    reference: NanoLM | None
+    reward_model: nn.Module | None = None
+
+    def to(self, device: torch.device) -> FrozenModels:
+        for model in self.modules():
+            model.to(device)
+        return self
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.reference, self.reward_model) if m is not None]

@@ -63,6 +63,18 @@ def step_denominator(module: pl.LightningModule, batch, name: str) -> torch.Tens
     return total.clamp(min=1.0) / (window.micro_batches * ranks)
 
 
+def check_finite(step: int, name: str, value: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """Stop on a NaN/inf `value` (a loss, a batch of rewards), naming the step and, for a loss, the first
+    non-finite input it came from (Lightning keeps the last good checkpoint). Only `value` is tested on the happy
+    path: one device sync per call."""
+    if bool(torch.isfinite(value).all()):
+        return
+    culprit = next((n for n, t in (inputs or {}).items() if not bool(torch.isfinite(t).all())), None)
+    source = f" (first non-finite input: {culprit})" if culprit else ""
+    shown = str(value.item()) if value.numel() == 1 else f"not finite ({value.detach().flatten()[:4].tolist()})"
+    raise FloatingPointError(f"{name} is {shown} at step {step}{source}; stopping (last good checkpoint kept)")
+
+
 def log_lr(module: pl.LightningModule) -> None:
     opt = module.optimizers()
     opt = opt.optimizer if hasattr(opt, "optimizer") else opt

@@ -62,8 +62,10 @@ from neuraflux.data.preference_batches import (
 from neuraflux.data.prompts import PromptBatch, encode_prompts
 from neuraflux.data.sft import make_sft_collate
 from neuraflux.model import NanoLM, generate
+from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    check_finite,
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
@@ -72,9 +74,8 @@ from neuraflux.stages.common import (
     log_lr,
     save_rng_state,
 )
-from neuraflux.stages.dpo import FrozenReference
 from neuraflux.stages.lm import masked_lm_loss
-from neuraflux.stages.reward import check_finite, preference_metrics
+from neuraflux.stages.reward import preference_metrics
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,12 @@ class NanoConstitutionalAI(pl.LightningModule):
         self.world = generate_world(WorldConfig.from_dict(world))
         # Only DPO reads the reference; it lives outside nn.Module registration (no state_dict, no optimizer).
         reference = load_reference(reference_path, model, tokenizer) if feedback == "dpo" else None
-        self.frozen = FrozenReference(reference)
+        self.frozen = FrozenModels(reference)
         self.data: ConstitutionalData | None = None
 
     @property
     def reference(self) -> NanoLM | None:
-        return self.frozen.model
+        return self.frozen.reference
 
     # ---- generation ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,9 +20,10 @@ from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
 from neuraflux.alignment.reward_model import check_same_tokenizer
 from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
 from neuraflux.model import NanoLM
-from neuraflux.model.io import check_same_shape, freeze, load_pretrained
+from neuraflux.model.io import FrozenModels, check_same_shape, freeze, load_pretrained
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    check_finite,
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
@@ -32,18 +33,9 @@ from neuraflux.stages.common import (
     save_rng_state,
     step_denominator,
 )
-from neuraflux.stages.reward import check_finite, preference_metrics
+from neuraflux.stages.reward import preference_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FrozenReference:
-    """The reference policy, held outside nn.Module registration: it never enters the stage's state_dict (so
-    no checkpoint holds it), its parameters() (so no optimizer sees it), DDP's gradient sync or Lightning's
-    precision casting. None once its log-probs are precomputed."""
-
-    model: NanoLM | None
 
 
 @dataclass
@@ -99,12 +91,12 @@ class NanoDPO(pl.LightningModule):
         self.rpo_alpha = rpo_alpha
         # IPO is defined on length-averaged log-probs (Azar et al. 2023, sec. 5); the others on sums.
         self.average_logps = loss_type == "ipo"
-        self.frozen = FrozenReference(freeze(copy.deepcopy(model)))
+        self.frozen = FrozenModels(freeze(copy.deepcopy(model)))
         self.precomputed: dict[str, PrecomputedLogps] = {}
 
     @property
     def reference(self) -> NanoLM | None:
-        return self.frozen.model
+        return self.frozen.reference
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
@@ -120,7 +112,7 @@ class NanoDPO(pl.LightningModule):
         return batch.pair(logps)
 
     def _reference_model(self) -> NanoLM:
-        ref = self.frozen.model
+        ref = self.frozen.reference
         if ref is None:
             raise RuntimeError("the reference model was dropped after precomputing; no per-batch reference log-probs")
         if ref.lm_head.weight.device != self.device:
@@ -158,7 +150,7 @@ class NanoDPO(pl.LightningModule):
                 chosen[batch.index], rejected[batch.index] = logps.chosen.float(), logps.rejected.float()
             self.precomputed[split] = PrecomputedLogps(chosen, rejected)
             log.info("precomputed reference log-probs of %d %s pairs", n, split)
-        self.frozen.model = None
+        self.frozen.reference = None
 
     def on_fit_start(self) -> None:
         if self.precompute_ref_logps and not self.precomputed:
@@ -237,7 +229,7 @@ class NanoDPO(pl.LightningModule):
         reference, tokenizer = load_pretrained(Path(self.reference_from))
         check_same_tokenizer(tokenizer, self.tokenizer, where)
         check_same_shape(self.model.config, reference.config, where, "the reference", "the policy has")
-        self.frozen = FrozenReference(freeze(reference))
+        self.frozen = FrozenModels(freeze(reference))
         self.precomputed = {}
 
     def on_train_start(self) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from neuraflux.alignment.rewards import JUDGES, CompositeReward, make_composite
+from neuraflux.alignment.rewards import CompositeReward, make_composite
 from neuraflux.alignment.rollout import SamplingSettings
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
@@ -33,6 +33,7 @@ from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import clip_and_log_grad_norm
 from neuraflux.stages.ppo import NanoPPO
 from neuraflux.stages.reinforce import NanoREINFORCE
+from neuraflux.world.judges import JUDGES
 
 
 class NanoMultiTaskRL:

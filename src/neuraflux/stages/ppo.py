@@ -30,11 +30,9 @@ from torch import Tensor
 from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
 from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
-    FrozenModels,
     KLSettings,
     Rollout,
     SamplingSettings,
-    check_finite,
     check_rollout_fits,
     generate_rollouts,
     greedy_rollout,
@@ -46,8 +44,10 @@ from neuraflux.alignment.rollout import (
 from neuraflux.alignment.stats import masked_mean, masked_whiten
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
+from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    check_finite,
     checkpoint_extras,
     configure_optimizers,
     load_rng_state,
@@ -175,7 +175,7 @@ class NanoPPO(pl.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         rollout = self.make_rollout(batch)
-        check_finite(self.global_step, **{"objective/reward": rollout.scores})
+        check_finite(self.global_step, "objective/reward", rollout.scores)
         adv, returns = self.advantages(rollout)
         rollout_s = time.perf_counter() - start
 
@@ -189,7 +189,9 @@ class NanoPPO(pl.LightningModule):
         metrics: dict[str, list[Tensor]] = {}
         for n, idx in enumerate(chunks):
             out = self.ppo_loss(rollout.select(idx), adv[idx], returns[idx])
-            check_finite(self.global_step, **{k: v for k, v in out.metrics.items() if k.endswith("loss")})
+            for name, value in out.metrics.items():
+                if name.endswith("loss"):
+                    check_finite(self.global_step, name, value)
             opt.zero_grad()
             self.manual_backward(out.loss)
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)

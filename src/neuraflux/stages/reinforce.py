@@ -23,11 +23,9 @@ from torch import Tensor
 from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
 from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
-    FrozenModels,
     KLSettings,
     Rollout,
     SamplingSettings,
-    check_finite,
     check_rollout_fits,
     generate_rollouts,
     greedy_rollout,
@@ -39,8 +37,10 @@ from neuraflux.alignment.rollout import (
 from neuraflux.alignment.stats import masked_mean, masked_sum
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
+from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    check_finite,
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
@@ -121,11 +121,11 @@ class NanoREINFORCE(pl.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         start = time.perf_counter()
         rollout = self.make_rollout(batch)
-        check_finite(self.global_step, **{"objective/reward": rollout.scores})
+        check_finite(self.global_step, "objective/reward", rollout.scores)
         advantages = self.advantages(rollout)
         self._learn_start = time.perf_counter()
         out = self.reinforce_loss(rollout, advantages)
-        check_finite(self.global_step, **{"train/loss": out.loss})
+        check_finite(self.global_step, "train/loss", out.loss)
         seq_kl = sequence_kl(rollout)  # (N * k,)
         kl = seq_kl.mean()
         self.log_dict(

@@ -18,6 +18,7 @@ from neuraflux.data.preference_batches import Paired, PreferenceBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    check_finite,
     checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
@@ -40,18 +41,6 @@ def preference_metrics(rewards: Paired) -> dict[str, torch.Tensor]:
         "rewards/accuracies": (chosen > rejected).float().mean(),
         "rewards/margins": (chosen - rejected).mean(),
     }
-
-
-def check_finite(step: int, loss_name: str, loss: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
-    """Stop on a NaN/inf loss, naming the first non-finite input it came from (Lightning keeps the last good
-    checkpoint). Only the loss is tested on the happy path: one device sync per step."""
-    if bool(torch.isfinite(loss)):
-        return
-    culprit = next((name for name, t in inputs.items() if not bool(torch.isfinite(t).all())), None)
-    source = f" (first non-finite input: {culprit})" if culprit else ""
-    raise FloatingPointError(
-        f"{loss_name} is {loss.item()} at step {step}{source}; stopping (last good checkpoint kept)"
-    )
 
 
 class RewardModelStage(pl.LightningModule):

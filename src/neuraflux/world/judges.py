@@ -45,6 +45,10 @@ _CODE = re.compile(r"\b[a-z][0-9][a-z][0-9] [a-z][0-9][a-z][0-9]\b")
 _RED_TEAM = frozenset(schema.RED_TEAM_CATEGORIES)
 
 
+# the judges' names, in JudgeScores' order: what rewards weight, principles check and reports average
+JUDGES: tuple[str, ...] = ("helpfulness", "harmlessness", "honesty")
+
+
 @dataclass(frozen=True)
 class JudgeScores:
     helpfulness: float
