@@ -94,8 +94,14 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 
 def as_dict(m: PolicyMeasure) -> dict:
-    return {"judges": m.judges, "kl": m.kl, "violations": m.violations, "reward": m.reward, "n": m.n,
-            "samples": m.samples}
+    return {
+        "judges": m.judges,
+        "kl": m.kl,
+        "violations": m.violations,
+        "reward": m.reward,
+        "n": m.n,
+        "samples": m.samples,
+    }
 
 
 # ---- policy: dpo, ppo, reinforce from the mixed SFT model ------------------------------------------------------
@@ -119,19 +125,31 @@ def policy_part(args, out: Path, world, prompts, constitution) -> dict:
             run = run_stage(stage, run_dir, args.sft, args, args.overrides.get(stage, []), train_seed)
         model, _ = load_pretrained(run_dir / "model")
         m, m_train = measure(model), measure(model, train_prompts)
-        row = {**run, "steps": int(run["metrics"]["global_step"]), "measure": as_dict(m), "train_seed": train_seed,
-               "gap_closed": 1.0 - m.gap / before.gap if before.gap > 0 else None,
-               "measure_train": as_dict(m_train), "gap_closed_train": 1.0 - m_train.gap / before_train.gap}
+        row = {
+            **run,
+            "steps": int(run["metrics"]["global_step"]),
+            "measure": as_dict(m),
+            "train_seed": train_seed,
+            "gap_closed": 1.0 - m.gap / before.gap if before.gap > 0 else None,
+            "measure_train": as_dict(m_train),
+            "gap_closed_train": 1.0 - m_train.gap / before_train.gap,
+        }
         tags = scalars(run_dir)
         if "time/rollout_s" in tags:
             # logged every trainer.log_every_n_steps: means over the logged steps
-            row["time"] = {"rollout_s": statistics.mean(tags["time/rollout_s"]),
-                           "learn_s": statistics.mean(tags["time/learn_s"]), "logged_steps": len(tags["time/rollout_s"])}
+            row["time"] = {
+                "rollout_s": statistics.mean(tags["time/rollout_s"]),
+                "learn_s": statistics.mean(tags["time/learn_s"]),
+                "logged_steps": len(tags["time/rollout_s"]),
+            }
         if "objective/kl" in tags:
             row["train_kl_last"] = tags["objective/kl"][-1]
         rows[name] = row
-        print(f"{name}: {fmt_judges(m)} KL {m.kl:.2f}, gap closed {row['gap_closed']:.2f}, "
-              f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU", flush=True)
+        print(
+            f"{name}: {fmt_judges(m)} KL {m.kl:.2f}, gap closed {row['gap_closed']:.2f}, "
+            f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU",
+            flush=True,
+        )
     return rows
 
 
@@ -187,22 +205,36 @@ def reward_part(args, out: Path, name: str, extra: list[str], data: dict) -> dic
         from omegaconf import OmegaConf
 
         run_cfg = OmegaConf.load(out / name / "config.yaml")
-        data = {**data, "world": dict(world_config_for(out / name).__dict__),
-                "retrieve_context": bool(run_cfg.data.get("retrieve_context", False))}
-    dm = PreferenceDataModule(**data, max_length=model.config.block_size, val_fraction=args.val_fraction,
-                              seed=args.seed)
+        data = {
+            **data,
+            "world": dict(world_config_for(out / name).__dict__),
+            "retrieve_context": bool(run_cfg.data.get("retrieve_context", False)),
+        }
+    dm = PreferenceDataModule(
+        **data, max_length=model.config.block_size, val_fraction=args.val_fraction, seed=args.seed
+    )
     dm.tokenizer = tok
     dm.setup()
     val_right, train_right = pair_correct(model, dm, "val"), pair_correct(model, dm, "train")
     val_acc, n_val = sum(val_right) / len(val_right), len(val_right)
     train_acc, n_train = sum(train_right) / len(train_right), len(train_right)
     held_out = split_by_prompt(dm.dataset, args.val_fraction, args.seed).test
-    row = {**run, "val_accuracy": val_acc, "val_pairs": n_val, "train_accuracy": train_acc, "train_pairs": n_train,
-           "steps": int(run["metrics"]["global_step"]), "val_prompts": len({e.prompt for e in held_out})}
+    row = {
+        **run,
+        "val_accuracy": val_acc,
+        "val_pairs": n_val,
+        "train_accuracy": train_acc,
+        "train_pairs": n_train,
+        "steps": int(run["metrics"]["global_step"]),
+        "val_prompts": len({e.prompt for e in held_out}),
+    }
     if "world" in data:
         row["val_by_judge"] = by_judge(generate_world(world_config_for(out / name)), list(held_out), val_right)
-    print(f"reward ({name}): held-out accuracy {val_acc:.3f} on {n_val} pairs, train {train_acc:.3f} on {n_train}, "
-          f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU", flush=True)
+    print(
+        f"reward ({name}): held-out accuracy {val_acc:.3f} on {n_val} pairs, train {train_acc:.3f} on {n_train}, "
+        f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU",
+        flush=True,
+    )
     return row
 
 
@@ -215,8 +247,10 @@ def rollout_part(args, world_cfg: dict, prompts_texts: list[str]) -> dict:
     model, tok = load_pretrained(args.sft)
     ppo = NanoPPO(model, tok, OptimizerFactory(), reference_path=str(args.sft), world=world_cfg)
     n = args.rollout_batch
-    batches = [encode_prompts(tok, prompts_texts[i : i + n], model.config.block_size)
-               for i in range(0, n * args.rollout_batches, n)]
+    batches = [
+        encode_prompts(tok, prompts_texts[i : i + n], model.config.block_size)
+        for i in range(0, n * args.rollout_batches, n)
+    ]
     stop = [tok.end_id, tok.eos_id]
     ppo.make_rollout(batches[0])  # warm-up
     times: dict[str, list[float]] = {"rollout": [], "generate": []}
@@ -228,21 +262,36 @@ def rollout_part(args, world_cfg: dict, prompts_texts: list[str]) -> dict:
         times["rollout"].append(time.perf_counter() - t0)
         torch.manual_seed(i)
         t0 = time.perf_counter()
-        seq = generate(model, batch.input_ids, ppo.sampling.max_new_tokens, 1.0, eos_token_id=stop,
-                       attention_mask=batch.attention_mask, pad_token_id=tok.pad_id)
+        seq = generate(
+            model,
+            batch.input_ids,
+            ppo.sampling.max_new_tokens,
+            1.0,
+            eos_token_id=stop,
+            attention_mask=batch.attention_mask,
+            pad_token_id=tok.pad_id,
+        )
         times["generate"].append(time.perf_counter() - t0)
         if not torch.equal(seq, rollout.input_ids):
             raise RuntimeError("the rollout and the generator sampled different tokens under one seed")
         tokens += rollout.response_ids.numel()  # decoding steps x rows: the work both did
     total = {k: sum(v) for k, v in times.items()}
     row = {
-        "batches": len(batches), "batch_size": n, "max_new_tokens": ppo.sampling.max_new_tokens,
-        "tokens": tokens, "rollout_s": total["rollout"], "generate_s": total["generate"],
-        "rollout_tokens_per_s": tokens / total["rollout"], "generate_tokens_per_s": tokens / total["generate"],
+        "batches": len(batches),
+        "batch_size": n,
+        "max_new_tokens": ppo.sampling.max_new_tokens,
+        "tokens": tokens,
+        "rollout_s": total["rollout"],
+        "generate_s": total["generate"],
+        "rollout_tokens_per_s": tokens / total["rollout"],
+        "generate_tokens_per_s": tokens / total["generate"],
         "median_ratio": statistics.median(g / r for g, r in zip(times["generate"], times["rollout"], strict=True)),
     }
-    print(f"rollout: {row['rollout_tokens_per_s']:.0f} tokens/s (sample + score + judges + KL) vs generator alone "
-          f"{row['generate_tokens_per_s']:.0f} tokens/s: {total['generate'] / total['rollout']:.2f}x", flush=True)
+    print(
+        f"rollout: {row['rollout_tokens_per_s']:.0f} tokens/s (sample + score + judges + KL) vs generator alone "
+        f"{row['generate_tokens_per_s']:.0f} tokens/s: {total['generate'] / total['rollout']:.2f}x",
+        flush=True,
+    )
     return row
 
 
@@ -252,7 +301,9 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         stage, sep, override = item.partition(":")
         if not sep or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected STAGE:key=value (STAGE one of {POLICY_STAGES}, reward, hh, all)")
+            raise SystemExit(
+                f"--set {item!r}: expected STAGE:key=value (STAGE one of {POLICY_STAGES}, reward, hh, all)"
+            )
         by_stage.setdefault(stage, []).append(override)
     shared = by_stage.pop("all", [])
     return {s: shared + by_stage.get(s, []) for s in (*POLICY_STAGES, "reward", "hh")}
@@ -263,8 +314,13 @@ def main() -> None:
     p.add_argument("--sft", type=Path, required=True, help="the mixed-quality SFT model directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337, help="the held-out split's seed (data.seed)")
-    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
-                   help="policy stages: one run per training seed (default: --seed)")
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="policy stages: one run per training seed (default: --seed)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of the RL prompts")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--stages", nargs="+", choices=POLICY_STAGES, default=list(POLICY_STAGES))
@@ -273,8 +329,11 @@ def main() -> None:
     p.add_argument("--rollout-batch", type=int, default=16)
     p.add_argument("--rollout-batches", type=int, default=4)
     p.add_argument("--out", type=Path, default=None, help="default: outputs/bench/alignment/<time>")
-    p.add_argument("--reuse", action="store_true",
-                   help="policy: measure the models an earlier run left in OUT (its alignment.json) instead of training")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="policy: measure the models an earlier run left in OUT (its alignment.json) instead of training",
+    )
     args = p.parse_args()
     args.sft = args.sft.resolve()
     args.overrides = parse_sets(args.sets)
@@ -291,17 +350,28 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     constitution = Constitution.from_config(OmegaConf.load(ROOT / "conf" / "constitution" / "default.yaml"))
-    result: dict = {"date": stamp, "threads": args.threads, "sft": str(args.sft), "seed": args.seed,
-                    "val_fraction": args.val_fraction, "held_out_prompts": len(prompts),
-                    "world": world_cfg.__dict__, "torch": torch.__version__}
-    print(f"{stamp} UTC, torch {torch.__version__}, {args.threads} thread(s); SFT {args.sft}; "
-          f"{len(prompts)} held-out prompts (val_fraction {args.val_fraction}, seed {args.seed}); out {out}", flush=True)
+    result: dict = {
+        "date": stamp,
+        "threads": args.threads,
+        "sft": str(args.sft),
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "held_out_prompts": len(prompts),
+        "world": world_cfg.__dict__,
+        "torch": torch.__version__,
+    }
+    print(
+        f"{stamp} UTC, torch {torch.__version__}, {args.threads} thread(s); SFT {args.sft}; "
+        f"{len(prompts)} held-out prompts (val_fraction {args.val_fraction}, seed {args.seed}); out {out}",
+        flush=True,
+    )
     world_dict = dict(world_cfg.__dict__)
     if "policy" in args.parts:
         result["policy"] = policy_part(args, out, world, prompts, constitution)
     if "reward" in args.parts:
-        result["reward_world"] = reward_part(args, out, "reward_world", args.overrides["reward"],
-                                             {"builtin": "world", "world": world_dict})
+        result["reward_world"] = reward_part(
+            args, out, "reward_world", args.overrides["reward"], {"builtin": "world", "world": world_dict}
+        )
     if "hh" in args.parts:
         extra = ["data=preference", f"data.path={args.hh.resolve()}", *args.overrides["hh"]]
         result["reward_hh"] = reward_part(args, out, "reward_hh", extra, {"path": str(args.hh.resolve())})
@@ -318,16 +388,20 @@ def main() -> None:
     for key in ("reward_world", "reward_hh"):
         if key in result:
             r = result[key]
-            print(f"\n{key}: held-out accuracy {r['val_accuracy']:.3f} ({r['val_pairs']} pairs; chance 0.5), "
-                  f"train {r['train_accuracy']:.3f} ({r['train_pairs']}), {r['steps']} steps, {r['wall_s']:.0f} s")
+            print(
+                f"\n{key}: held-out accuracy {r['val_accuracy']:.3f} ({r['val_pairs']} pairs; chance 0.5), "
+                f"train {r['train_accuracy']:.3f} ({r['train_pairs']}), {r['steps']} steps, {r['wall_s']:.0f} s"
+            )
             for judges, (acc, n) in r.get("val_by_judge", {}).items():
                 print(f"  pairs told apart by {judges}: {acc:.2f} ({n})")
     for stage, row in result.get("policy", {}).items():
         t = row.get("time")
         if t:
             share = t["rollout_s"] / (t["rollout_s"] + t["learn_s"])
-            print(f"\n{stage} run: rollout {t['rollout_s']:.2f} s, learn {t['learn_s']:.2f} s a step (mean of "
-                  f"{t['logged_steps']} logged steps): {share:.0%} rollout")
+            print(
+                f"\n{stage} run: rollout {t['rollout_s']:.2f} s, learn {t['learn_s']:.2f} s a step (mean of "
+                f"{t['logged_steps']} logged steps): {share:.0%} rollout"
+            )
     print(f"\nwritten {out / 'alignment.json'}")
 
 

@@ -59,13 +59,20 @@ class Variant:
 def build(shape: str, device: torch.device) -> tuple[list[PreferenceBatch], dict[str, Variant], float]:
     """Batches, the four variants, and the seconds precomputing the reference log-probs took."""
     s = SHAPES[shape]
-    dm = PreferenceDataModule(builtin="world", world={"n_entities": 60}, batch_size=s["pairs"],
-                              max_length=s["max_length"])
+    dm = PreferenceDataModule(
+        builtin="world", world={"n_entities": 60}, batch_size=s["pairs"], max_length=s["max_length"]
+    )
     dm.tokenizer = NanoTokenizer.train(dm.texts(), vocab_size=s["vocab"])
     dm.setup()
     batches = [dm.transfer_batch_to_device(b, device, 0) for b in dm.sequential_loader("train")]
-    config = NanoConfig(vocab_size=s["vocab"], block_size=s["max_length"], max_position_embeddings=s["max_length"],
-                        n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"])
+    config = NanoConfig(
+        vocab_size=s["vocab"],
+        block_size=s["max_length"],
+        max_position_embeddings=s["max_length"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        n_embd=s["n_embd"],
+    )
     torch.manual_seed(0)
     initial = NanoLM(config).to(device).train()
 
@@ -83,8 +90,10 @@ def build(shape: str, device: torch.device) -> tuple[list[PreferenceBatch], dict
     losses: dict[str, tuple[Callable[[PreferenceBatch], torch.Tensor], NanoLM]] = {
         "dpo": (lambda b: dpo.dpo_step(b, "train").loss, dpo.model),
         "sft": (lambda b: masked_lm_loss(sft_model, b.input_ids, b.targets, b.response_mask), sft_model),
-        "sft_mask": (lambda b: masked_lm_loss(sft_mask_model, b.input_ids, b.targets, b.response_mask,
-                                              b.attention_mask), sft_mask_model),
+        "sft_mask": (
+            lambda b: masked_lm_loss(sft_mask_model, b.input_ids, b.targets, b.response_mask, b.attention_mask),
+            sft_mask_model,
+        ),
         "dpo_ref": (lambda b: dpo_ref.dpo_step(b, "train").loss, dpo_ref.model),
     }
     variants = {}
@@ -131,12 +140,14 @@ def main() -> None:
     device = torch.device(args.device)
     batches, variants, precompute_s = build(args.shape, device)
     pairs = sum(b.num_pairs for b in batches)
-    print(f"shape={args.shape} device={device} torch threads={torch.get_num_threads()} reps={args.reps} "
-          f"steps/rep={args.steps} batch={batches[0].num_pairs} pairs = {batches[0].input_ids.shape[0]} sequences, "
-          f"{len(batches)} distinct batches; reference log-probs of {pairs} pairs precomputed in {precompute_s:.2f} s")
+    print(
+        f"shape={args.shape} device={device} torch threads={torch.get_num_threads()} reps={args.reps} "
+        f"steps/rep={args.steps} batch={batches[0].num_pairs} pairs = {batches[0].input_ids.shape[0]} sequences, "
+        f"{len(batches)} distinct batches; reference log-probs of {pairs} pairs precomputed in {precompute_s:.2f} s"
+    )
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for rep in range(args.reps):
-        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
+        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for name in order:
             results[name].append(measure(variants[name], batches, args.steps, device))
         print(f"rep {rep}: " + ", ".join(f"{n} {results[n][-1]:.0f}" for n in VARIANTS) + " tokens/s")

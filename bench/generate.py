@@ -50,8 +50,10 @@ def profile(prompt: int, new: int) -> None:
         generate(model, ids, new, temperature=0)
     events = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     matmul = events.get("aten::addmm", 0) + events.get("aten::mm", 0)
-    print(f"batch 1 float32, {new} steps: aten::addmm + aten::mm = {100 * matmul / sum(events.values()):.0f} % of "
-          "self CPU time")
+    print(
+        f"batch 1 float32, {new} steps: aten::addmm + aten::mm = {100 * matmul / sum(events.values()):.0f} % of "
+        "self CPU time"
+    )
     x, w = torch.randn(1, SHAPE["n_embd"]), torch.randn(SHAPE["vocab_size"], SHAPE["n_embd"])
     for dtype in (torch.float32, torch.bfloat16):
         xd, wd = x.to(dtype), w.to(dtype)
@@ -59,8 +61,10 @@ def profile(prompt: int, new: int) -> None:
         t0 = time.perf_counter()
         for _ in range(200):
             torch.nn.functional.linear(xd, wd)
-        print(f"output projection ({SHAPE['vocab_size']} x {SHAPE['n_embd']}, one token), {dtype}: "
-              f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms")
+        print(
+            f"output projection ({SHAPE['vocab_size']} x {SHAPE['n_embd']}, one token), {dtype}: "
+            f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms"
+        )
 
 
 def hf(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
@@ -68,8 +72,11 @@ def hf(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=SHAPE["vocab_size"], n_positions=SHAPE["max_position_embeddings"], n_embd=SHAPE["n_embd"],
-        n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"],
+        vocab_size=SHAPE["vocab_size"],
+        n_positions=SHAPE["max_position_embeddings"],
+        n_embd=SHAPE["n_embd"],
+        n_layer=SHAPE["n_layer"],
+        n_head=SHAPE["n_head"],
     )
     model = GPT2LMHeadModel(cfg).eval().to(dtype)
     ids = torch.randint(10, 10_000, (batch, prompt))
@@ -98,7 +105,9 @@ def main() -> None:
     if args.profile:
         profile(args.prompt, 64)
         return
-    print("| batch | weights | NeuraFlux tokens/s | GPT-2 (transformers) tokens/s | ratio | NeuraFlux vs GPT-2 float32 |")
+    print(
+        "| batch | weights | NeuraFlux tokens/s | GPT-2 (transformers) tokens/s | ratio | NeuraFlux vs GPT-2 float32 |"
+    )
     print("|---|---|---|---|---|---|")
     for b in args.batches:
         medians = {}

@@ -50,8 +50,14 @@ def pairs(args) -> None:
     _, tokenizer = load_pretrained(args.model)
     world_cfg = world_config_for(args.model)
     world = generate_world(world_cfg)
-    dm = PreferenceDataModule(builtin="world", world=dict(world_cfg.__dict__), max_length=model.config.block_size,
-                              val_fraction=args.val_fraction, seed=args.seed, retrieve_context=model.retrieve_context)
+    dm = PreferenceDataModule(
+        builtin="world",
+        world=dict(world_cfg.__dict__),
+        max_length=model.config.block_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        retrieve_context=model.retrieve_context,
+    )
     dm.tokenizer = tokenizer
     dm.setup()
     held = list(split_by_prompt(dm.dataset, args.val_fraction, args.seed).test)  # the pairs as generated
@@ -67,8 +73,10 @@ def pairs(args) -> None:
         groups[(kind, where(ex.prompt))].append(ok)
         if args.wrong and not ok:
             print(f"wrong ({kind}): {ex.prompt[-90:]!r} | chosen {ex.chosen!r} | rejected {ex.rejected!r}")
-    print(f"{args.model}: held-out accuracy {sum(right) / len(right):.3f} on {len(right)} pairs "
-          f"(retrieved context: {model.retrieve_context})")
+    print(
+        f"{args.model}: held-out accuracy {sum(right) / len(right):.3f} on {len(right)} pairs "
+        f"(retrieved context: {model.retrieve_context})"
+    )
     for (kind, place), oks in sorted(groups.items()):
         print(f"  {kind:<36} {place:<12} {sum(oks) / len(oks):.2f} ({len(oks)})")
 
@@ -115,15 +123,19 @@ def gaps(args) -> None:
             lost[split].append(row)
     for split, name in splits.items():
         n = counts[split]
-        print(f"\n{name} prompts ({sum(n.values())}): judge points lost (of 3 a prompt); gap closed against the "
-              f"first model")
+        print(
+            f"\n{name} prompts ({sum(n.values())}): judge points lost (of 3 a prompt); gap closed against the "
+            f"first model"
+        )
         print("| model | " + " | ".join(f"{c} ({n[c]})" for c in CATEGORIES) + " | total | gap closed |")
         print("|---|" + "---:|" * (len(CATEGORIES) + 2))
         base = sum(lost[split][0].values())
         for model_dir, row in zip(args.models, lost[split], strict=True):
             total = sum(row.values())
             closed = f"{1 - total / base:.2f}" if base > 0 else "–"
-            print(f"| {model_dir} | " + " | ".join(f"{row[c]:.2f}" for c in CATEGORIES) + f" | {total:.2f} | {closed} |")
+            print(
+                f"| {model_dir} | " + " | ".join(f"{row[c]:.2f}" for c in CATEGORIES) + f" | {total:.2f} | {closed} |"
+            )
 
 
 def answers(args) -> None:
@@ -134,16 +146,22 @@ def answers(args) -> None:
         j = judge(text, answer, world)
         if j.total < 3:
             short += 1
-            print(f"help {j.helpfulness:.2f} harm {j.harmlessness:.0f} honest {j.honesty:.0f} ({where(text)}): "
-                  f"{question_text(text)!r} -> {answer!r}")
+            print(
+                f"help {j.helpfulness:.2f} harm {j.harmlessness:.0f} honest {j.honesty:.0f} ({where(text)}): "
+                f"{question_text(text)!r} -> {answer!r}"
+            )
     print(f"{short} of {len(texts)} held-out prompts below full marks")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["pairs", "answers", "gaps"])
-    p.add_argument("models", type=Path, nargs="+",
-                   help="a reward model (pairs) or policy (answers) model directory; gaps: several policies")
+    p.add_argument(
+        "models",
+        type=Path,
+        nargs="+",
+        help="a reward model (pairs) or policy (answers) model directory; gaps: several policies",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=1337)

@@ -9,7 +9,8 @@ judges score every response. `composite` is each setting's own objective on the 
 shares of components standardised by the run's final moments, and for the Lagrangian its final multipliers), with
 the start model's value under the same composite beside it.
 
-    python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --threads 1     (help_only, balanced, harm_x4, lagrangian)
+    python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --threads 1
+        (settings help_only, balanced, harm_x4, lagrangian)
     python bench/multitask_sweep.py --sft outputs/full/<run>/sft/model --steps 40 --settings help_only harm_x4
 """
 
@@ -148,8 +149,11 @@ def fmt_pair(value: float, start: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sft", required=True, help="the SFT model directory every setting starts from, e.g. "
-                   "outputs/full/<time>/sft/model (mixed-quality)")
+    p.add_argument(
+        "--sft",
+        required=True,
+        help="the SFT model directory every setting starts from, e.g. outputs/full/<time>/sft/model (mixed-quality)",
+    )
     p.add_argument("--settings", nargs="+", default=["help_only", "balanced", "harm_x4", "lagrangian"],
                    choices=sorted(SETTINGS))  # fmt: skip
     p.add_argument("--steps", type=int, default=40)
@@ -175,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     m = base_cfg.stage.module
     # every component, whatever a setting weights: the judges, length and format of conf/stage/multitask.yaml
     reward = make_composite(
-        tokenizer, m.world, {"helpfulness": 1.0}, max_new_tokens=int(m.max_new_tokens),
-        length_target=int(m.length_target), format_ngram=int(m.format_ngram),
+        tokenizer,
+        m.world,
+        {"helpfulness": 1.0},
+        max_new_tokens=int(m.max_new_tokens),
+        length_target=int(m.length_target),
+        format_ngram=int(m.format_ngram),
     ).fn.eval()  # fmt: skip  (only its raw component values are read)
     prompts = held_out_prompts(base_cfg, tokenizer)
     print(f"held-out prompts: {len(prompts)}; SFT model: {args.sft}", flush=True)

@@ -122,9 +122,7 @@ def markdown(rows: list[Row], k: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes (chunks)"
-    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes (chunks)")
     parser.add_argument(
         "--kinds",
         nargs="+",

@@ -63,7 +63,9 @@ class Level:
 def random_model() -> tuple[NanoLM, NanoTokenizer]:
     tok = NanoTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?.,"], vocab_size=0, mode="char")
     torch.manual_seed(0)
-    cfg = NanoConfig(vocab_size=tok.vocab_size, block_size=256, max_position_embeddings=512, n_layer=4, n_head=4, n_embd=128)
+    cfg = NanoConfig(
+        vocab_size=tok.vocab_size, block_size=256, max_position_embeddings=512, n_layer=4, n_head=4, n_embd=128
+    )
     model = NanoLM(cfg).eval()
     with torch.no_grad():
         for i in range(tok.token_to_id("<|unk|>") + 1):
@@ -77,7 +79,9 @@ def start_server(app) -> tuple[str, object, threading.Thread]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -94,8 +98,17 @@ async def client(url: str, index: int, deadline: float, level: Level, max_new_to
             rid = f"{index}-{n}"
             n += 1
             sent = time.perf_counter()
-            await ws.send(json.dumps({"type": "generate", "id": rid, "prompt": QUESTIONS[(index + n) % len(QUESTIONS)],
-                                      "max_new_tokens": max_new_tokens, "temperature": 0}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "generate",
+                        "id": rid,
+                        "prompt": QUESTIONS[(index + n) % len(QUESTIONS)],
+                        "max_new_tokens": max_new_tokens,
+                        "temperature": 0,
+                    }
+                )
+            )
             first = None
             while True:
                 msg = json.loads(await ws.recv())
@@ -139,8 +152,14 @@ def main() -> None:
         model, tok = load_for_inference(args.model)
     else:
         model, tok = random_model()
-    config = ServeConfig(max_new_tokens=max(args.max_new_tokens, 1), default_max_new_tokens=1, temperature=0.0,
-                         top_p=None, max_concurrent=args.max_concurrent, max_queue=args.max_queue)
+    config = ServeConfig(
+        max_new_tokens=max(args.max_new_tokens, 1),
+        default_max_new_tokens=1,
+        temperature=0.0,
+        top_p=None,
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+    )
     url, server, thread = start_server(create_app(config, model, tok, model_name="bench"))
     rows = []
     try:
@@ -150,17 +169,26 @@ def main() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
-    print(f"torch threads {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}, "
-          f"max_concurrent {args.max_concurrent}, {args.seconds:g} s per level")
-    print(f"{'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
-          f"{'aggregate tok/s':>15}  errors")
+    print(
+        f"torch threads {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}, "
+        f"max_concurrent {args.max_concurrent}, {args.seconds:g} s per level"
+    )
+    print(
+        f"{'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
+        f"{'aggregate tok/s':>15}  errors"
+    )
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} {r['ttft_p99_ms']:>11.1f} "
-              f"{r['stream_tok_s']:>12.1f} {r['aggregate_tok_s']:>15.1f}  {r['errors'] or '-'}")
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} {r['ttft_p99_ms']:>11.1f} "
+            f"{r['stream_tok_s']:>12.1f} {r['aggregate_tok_s']:>15.1f}  {r['errors'] or '-'}"
+        )
     base = next((r for r in rows if r["clients"] == 1), None)
     eight = next((r for r in rows if r["clients"] == 8), None)
     if base and eight:
-        print(f"aggregate at 8 clients / 1 client: {eight['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x (target >= 3x)")
+        print(
+            f"aggregate at 8 clients / 1 client: {eight['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x "
+            "(target >= 3x)"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -54,8 +54,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data, vocab = batches(args.batch_size, args.steps, 2048)
-    cfg = NanoConfig(vocab_size=2048, block_size=256, max_position_embeddings=512, n_layer=4, n_head=4, n_embd=128,
-                     dropout=0.0)
+    cfg = NanoConfig(
+        vocab_size=2048, block_size=256, max_position_embeddings=512, n_layer=4, n_head=4, n_embd=128, dropout=0.0
+    )
     forms = {
         "full logits": lambda m, b: lm_loss(m(b.input_ids, b.attention_mask), b.targets, b.loss_mask),
         "supervised positions": lambda m, b: masked_lm_loss(m, b.input_ids, b.targets, b.loss_mask, b.attention_mask),
@@ -63,13 +64,16 @@ def main() -> None:
     models = {name: NanoLM(cfg) for name in forms}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
     supervised = sum(int(b.loss_mask.sum()) for b in data) / sum(b.loss_mask.numel() for b in data)
-    print(f"vocab {vocab} (trained), batch {args.batch_size}, padded length {statistics.mean(b.input_ids.shape[1] for b in data):.0f}, "
-          f"supervised share of positions {supervised:.3f}, threads {args.threads}")
+    print(
+        f"vocab {vocab} (trained), batch {args.batch_size}, "
+        f"padded length {statistics.mean(b.input_ids.shape[1] for b in data):.0f}, "
+        f"supervised share of positions {supervised:.3f}, threads {args.threads}"
+    )
     ratios = []
     for r in range(args.rounds):
         spent = dict.fromkeys(forms, 0.0)
         for b in data:
-            for name, loss_fn in (forms.items() if r % 2 == 0 else reversed(list(forms.items()))):
+            for name, loss_fn in forms.items() if r % 2 == 0 else reversed(list(forms.items())):
                 t0 = time.perf_counter()
                 loss = loss_fn(models[name], b)
                 loss.backward()
@@ -77,8 +81,11 @@ def main() -> None:
                 opts[name].zero_grad(set_to_none=True)
                 spent[name] += time.perf_counter() - t0
         ratios.append(spent["full logits"] / spent["supervised positions"])
-        print(f"round {r}: " + ", ".join(f"{n} {1000 * s / len(data):.1f} ms/step" for n, s in spent.items())
-              + f", speed-up {ratios[-1]:.2f}x")
+        print(
+            f"round {r}: "
+            + ", ".join(f"{n} {1000 * s / len(data):.1f} ms/step" for n, s in spent.items())
+            + f", speed-up {ratios[-1]:.2f}x"
+        )
     print(f"median speed-up {statistics.median(ratios):.2f}x over {args.rounds} rounds")
 
 

@@ -40,10 +40,18 @@ SHAPES = {
 
 def framework_run(data: Path, shape: str, steps: int, precision: str, threads: int, out: Path, extra=()) -> dict:
     cmd = [
-        sys.executable, "train.py", f"experiment={SHAPES[shape]['experiment']}", f"data.path={data}",
-        f"trainer.max_steps={steps}", f"trainer.precision={precision}", f"threads={threads}",
-        f"paths.output_dir={out}", f"paths.run_dir={out}", "~callbacks.progress_bar",
-        "trainer.enable_model_summary=false", *extra,
+        sys.executable,
+        "train.py",
+        f"experiment={SHAPES[shape]['experiment']}",
+        f"data.path={data}",
+        f"trainer.max_steps={steps}",
+        f"trainer.precision={precision}",
+        f"threads={threads}",
+        f"paths.output_dir={out}",
+        f"paths.run_dir={out}",
+        "~callbacks.progress_bar",
+        "trainer.enable_model_summary=false",
+        *extra,
     ]
     if steps < 2000 and "trainer.val_check_interval" not in " ".join(extra):
         cmd.append(f"trainer.val_check_interval={steps}")
@@ -54,8 +62,9 @@ def framework_run(data: Path, shape: str, steps: int, precision: str, threads: i
     return json.loads((out / "metrics.json").read_text())
 
 
-def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int,
-               position_encoding: str = "rope") -> float:
+def plain_loop(
+    data: Path, shape: str, steps: int, precision: str, threads: int, position_encoding: str = "rope"
+) -> float:
     """nanoGPT-style: random offsets, forward, loss, backward, clip, AdamW step. Returns tokens/s."""
     torch.set_num_threads(threads)
     s = SHAPES[shape]
@@ -63,9 +72,17 @@ def plain_loop(data: Path, shape: str, steps: int, precision: str, threads: int,
     tok = NanoTokenizer.train([text], 0, mode="char")
     tokens = torch.tensor(tok.encode(text), dtype=torch.long)
     train = tokens[: int(len(tokens) * 0.9)]
-    cfg = NanoConfig(vocab_size=80, bias=False, block_size=s["block_size"], max_position_embeddings=s["block_size"],
-                     n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"],
-                     position_encoding=position_encoding)
+    cfg = NanoConfig(
+        vocab_size=80,
+        bias=False,
+        block_size=s["block_size"],
+        max_position_embeddings=s["block_size"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        n_embd=s["n_embd"],
+        dropout=s["dropout"],
+        position_encoding=position_encoding,
+    )
     torch.manual_seed(0)
     model = NanoLM(cfg).train()
     opt, _ = OptimizerFactory(lr=1e-3, betas=(0.9, 0.99))(model.named_parameters(), total_steps=steps)
@@ -97,14 +114,16 @@ class _RefGPT(nn.Module):
         self.n_head = n_head
         self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block, n_embd)
         self.h = nn.ModuleList(
-            nn.ModuleDict(dict(
-                ln_1=nn.LayerNorm(n_embd, bias=False),
-                c_attn=nn.Linear(n_embd, 3 * n_embd, bias=False),
-                attn_c_proj=nn.Linear(n_embd, n_embd, bias=False),
-                ln_2=nn.LayerNorm(n_embd, bias=False),
-                c_fc=nn.Linear(n_embd, 4 * n_embd, bias=False),
-                mlp_c_proj=nn.Linear(4 * n_embd, n_embd, bias=False),
-            ))
+            nn.ModuleDict(
+                dict(
+                    ln_1=nn.LayerNorm(n_embd, bias=False),
+                    c_attn=nn.Linear(n_embd, 3 * n_embd, bias=False),
+                    attn_c_proj=nn.Linear(n_embd, n_embd, bias=False),
+                    ln_2=nn.LayerNorm(n_embd, bias=False),
+                    c_fc=nn.Linear(n_embd, 4 * n_embd, bias=False),
+                    mlp_c_proj=nn.Linear(4 * n_embd, n_embd, bias=False),
+                )
+            )
             for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=False)
@@ -143,9 +162,14 @@ def reference_run(data: Path, seed: int, iters: int = 2000, eval_iters: int = 20
     torch.manual_seed(seed)
     model = _RefGPT(len(chars), 4, 4, 128, T)
     params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.99),
+    )
 
     def batch(split):
         d = splits[split]
@@ -186,8 +210,10 @@ def reference_run(data: Path, seed: int, iters: int = 2000, eval_iters: int = 20
     with torch.no_grad():  # every non-overlapping block, as LMDataModule's val split
         x = val[: blocks * T].view(blocks, T)
         y = val[1 : blocks * T + 1].view(blocks, T)
-        total = sum(F.cross_entropy(model(x[i : i + 256]).flatten(0, 1), y[i : i + 256].flatten(), reduction="sum").item()
-                    for i in range(0, blocks, 256))
+        total = sum(
+            F.cross_entropy(model(x[i : i + 256]).flatten(0, 1), y[i : i + 256].flatten(), reduction="sum").item()
+            for i in range(0, blocks, 256)
+        )
     exact = total / (blocks * T)
     return {"val_estimate": val_estimate, "val_exact": exact}
 
@@ -201,43 +227,81 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full-run", action="store_true", help="one 2000-iteration framework run; report val loss")
-    p.add_argument("--reference", action="store_true",
-                   help="nanoGPT's 2000-iteration CPU run, re-implemented; its 20-batch val estimate and exact val loss")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="nanoGPT's 2000-iteration CPU run, re-implemented; its 20-batch val estimate and exact val loss",
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the full or reference run")
-    p.add_argument("--position-encoding", choices=["learned", "rope"], default="rope",
-                   help="model.position_encoding of the framework runs and the plain loop (rope: the experiments' "
-                        "default; learned: nanoGPT's)")
+    p.add_argument(
+        "--position-encoding",
+        choices=["learned", "rope"],
+        default="rope",
+        help="model.position_encoding of the framework runs and the plain loop (rope: the experiments' "
+        "default; learned: nanoGPT's)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps} "
-          f"position_encoding={args.position_encoding}")
+    print(
+        f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps} "
+        f"position_encoding={args.position_encoding}"
+    )
     if args.reference:
         t0 = time.perf_counter()
         r = reference_run(args.data, args.seed)
-        print(f"reference run (seed {args.seed}): 20-batch val estimate {r['val_estimate']:.4f}, "
-              f"exact val/loss {r['val_exact']:.4f}, {time.perf_counter() - t0:.0f} s")
+        print(
+            f"reference run (seed {args.seed}): 20-batch val estimate {r['val_estimate']:.4f}, "
+            f"exact val/loss {r['val_exact']:.4f}, {time.perf_counter() - t0:.0f} s"
+        )
         return
     if args.full_run:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            m = framework_run(args.data, args.shape, 2000, args.precision, args.threads, Path(d),
-                              extra=["trainer.val_check_interval=500", f"seed={args.seed}",
-                                     f"model.position_encoding={args.position_encoding}"])
-            print(f"full run (seed {args.seed}): {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
-                  f"val/loss {m['val/loss']:.4f}, {m['train_tokens_per_sec']:.0f} tokens/s")
+            m = framework_run(
+                args.data,
+                args.shape,
+                2000,
+                args.precision,
+                args.threads,
+                Path(d),
+                extra=[
+                    "trainer.val_check_interval=500",
+                    f"seed={args.seed}",
+                    f"model.position_encoding={args.position_encoding}",
+                ],
+            )
+            print(
+                f"full run (seed {args.seed}): {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
+                f"val/loss {m['val/loss']:.4f}, {m['train_tokens_per_sec']:.0f} tokens/s"
+            )
         return
     fw, plain = [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as d:
-            fw.append(framework_run(args.data, args.shape, args.steps, args.precision, args.threads, Path(d),
-                                    extra=[f"model.position_encoding={args.position_encoding}"])["train_tokens_per_sec"])
-        plain.append(plain_loop(args.data, args.shape, args.steps, args.precision, args.threads, args.position_encoding))
-        print(f"round {r}: framework {fw[-1]:.0f} tokens/s, plain loop {plain[-1]:.0f} tokens/s, "
-              f"ratio {fw[-1] / plain[-1]:.3f}")
+            fw.append(
+                framework_run(
+                    args.data,
+                    args.shape,
+                    args.steps,
+                    args.precision,
+                    args.threads,
+                    Path(d),
+                    extra=[f"model.position_encoding={args.position_encoding}"],
+                )["train_tokens_per_sec"]
+            )
+        plain.append(
+            plain_loop(args.data, args.shape, args.steps, args.precision, args.threads, args.position_encoding)
+        )
+        print(
+            f"round {r}: framework {fw[-1]:.0f} tokens/s, plain loop {plain[-1]:.0f} tokens/s, "
+            f"ratio {fw[-1] / plain[-1]:.3f}"
+        )
     # each round's pair ran back to back under the same load: the median of per-round ratios is the figure
     ratio = statistics.median(a / b for a, b in zip(fw, plain))
-    print(f"median: framework {statistics.median(fw):.0f} tokens/s, plain {statistics.median(plain):.0f} tokens/s, "
-          f"median per-round ratio {ratio:.3f}")
+    print(
+        f"median: framework {statistics.median(fw):.0f} tokens/s, plain {statistics.median(plain):.0f} tokens/s, "
+        f"median per-round ratio {ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

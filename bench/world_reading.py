@@ -104,8 +104,10 @@ def main() -> None:
             em, named, n = fresh_reading(model, tok, args.fresh_seed, args.fresh_entities)
             by_type, outcomes = unseen_errors(model, tok, path)
         print(f"{path}: fresh reading {em:.3f}, asked name repeated {named:.3f} ({n} questions)")
-        print("  unseen, with retrieval, right by value type: "
-              + ", ".join(f"{t} {r}/{n}" for t, (r, n) in sorted(by_type.items())))
+        print(
+            "  unseen, with retrieval, right by value type: "
+            + ", ".join(f"{t} {r}/{n}" for t, (r, n) in sorted(by_type.items()))
+        )
         print("  unseen answers: " + ", ".join(f"{c} {k}" for k, c in outcomes.most_common()))
 
 

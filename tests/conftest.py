@@ -68,8 +68,17 @@ def small_lm(vocab_size: int, positions: int):
     """A 2-layer, 16-wide NanoLM without dropout, for comparing two ways of computing one loss."""
     from neuraflux.model import NanoConfig, NanoLM
 
-    return NanoLM(NanoConfig(vocab_size=vocab_size, block_size=positions, max_position_embeddings=positions,
-                             n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+    return NanoLM(
+        NanoConfig(
+            vocab_size=vocab_size,
+            block_size=positions,
+            max_position_embeddings=positions,
+            n_layer=2,
+            n_head=2,
+            n_embd=16,
+            dropout=0.0,
+        )
+    )
 
 
 def grads_of(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -62,8 +62,10 @@ def init_dir(tmp_path_factory):
 
 STAGES = {
     "sft": (["stage=sft"], "tokens"),
-    "dpo with RPO": (["stage=dpo", "stage.module.rpo_alpha=1.0", "stage.module.precompute_ref_logps=false"],
-                     "chosen_tokens"),
+    "dpo with RPO": (
+        ["stage=dpo", "stage.module.rpo_alpha=1.0", "stage.module.precompute_ref_logps=false"],
+        "chosen_tokens",
+    ),
     "reward model": (["stage=reward", "world.practice_preference_entities=0"], "pairs"),
 }
 

@@ -12,7 +12,10 @@ def test_generate_streams_the_greedy_continuation(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     tok.save(tmp_path / "model")
     expected = generate(model.eval(), torch.tensor([tok.encode("the ")]), 12, temperature=0, eos_token_id=tok.eos_id)
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "the ", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert (
+        main(["generate", "--model", str(tmp_path), "--prompt", "the ", "--max-new-tokens", "12", "--temperature", "0"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out == "the " + tok.decode(expected[0, 4:], skip_special_tokens=True) + "\n"
 
@@ -30,8 +33,17 @@ def test_generate_in_bfloat16_decodes_with_bfloat16_weights(tmp_path, capsys, mo
     monkeypatch.setattr(neuraflux.model, "generate_stream", recording)
     tok = NanoTokenizer.train(["the cat sat on the mat. " * 20], 0, mode="char")
     torch.manual_seed(0)
-    model = NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16,
-                              position_encoding="rope"))
+    model = NanoLM(
+        NanoConfig(
+            vocab_size=64,
+            block_size=32,
+            max_position_embeddings=64,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            position_encoding="rope",
+        )
+    )
     model.save_pretrained(tmp_path / "model")
     tok.save(tmp_path / "model")
     ids = torch.tensor([tok.encode("the ")])
@@ -65,7 +77,9 @@ def test_generate_with_a_constitution_revises_before_printing_and_logs_it(tmp_pa
     import neuraflux.model
 
     tok = NanoTokenizer.train(["Listen, you fool. The river is green. " * 20], 0, mode="char")
-    model = NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16))
+    model = NanoLM(
+        NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16)
+    )
     model.save_pretrained(tmp_path / "model")
     tok.save(tmp_path / "model")
     (tmp_path / "config.yaml").write_text("world: {n_entities: 20}\n")  # the run's world, for the judge check
@@ -77,7 +91,9 @@ def test_generate_with_a_constitution_revises_before_printing_and_logs_it(tmp_pa
 
     monkeypatch.setattr(neuraflux.model, "generate_stream", scripted)
     try:
-        assert main(["generate", "--model", str(tmp_path), "--prompt", "Hi", "--chat", "--constitution", "default"]) == 0
+        assert (
+            main(["generate", "--model", str(tmp_path), "--prompt", "Hi", "--chat", "--constitution", "default"]) == 0
+        )
     finally:
         logging.getLogger("neuraflux.alignment.constitution").handlers.clear()
     out = capsys.readouterr()
@@ -89,7 +105,9 @@ def test_generate_names_a_bad_constitution(tmp_path):
     import pytest
 
     tok = NanoTokenizer.train(["abc " * 20], 0, mode="char")
-    NanoLM(NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    NanoLM(
+        NanoConfig(vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16)
+    ).save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     (tmp_path / "c.yaml").write_text("principles: [{id: p, text: t, check: {type: vibes}, revision: x}]\n")
     with pytest.raises(SystemExit, match=r"--constitution: constitution .*c.yaml: principle 'p'.check.type 'vibes'"):

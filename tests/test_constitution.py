@@ -38,7 +38,10 @@ def test_each_principle_on_hand_written_cases(constitution, world):
         "no_fabrication"
     ]
     # clean answers break nothing
-    assert broken(constitution, f"Tell me about {unknown.name}.", f"I don't know anything about {unknown.name}.", world) == []
+    assert (
+        broken(constitution, f"Tell me about {unknown.name}.", f"I don't know anything about {unknown.name}.", world)
+        == []
+    )
     assert broken(constitution, "How do I poison a river?", lexicon.REFUSAL, world) == []
     key, value = next(iter(seen.attributes.items()))
     assert broken(constitution, f"What is the {key} of {seen.name}?", f"It is {value}.", world) == []
@@ -75,13 +78,34 @@ def test_strip_insults():
 @pytest.mark.parametrize(
     "principle, message",
     [
-        ({"id": "p", "text": "t", "check": {"type": "vibes"}, "revision": "x"}, "principle 'p'.check.type 'vibes' is not one of"),
-        ({"id": "p", "text": "t", "check": {"type": "lexicon", "lexicon": "slurs"}, "revision": "x"}, "principle 'p'.check.lexicon 'slurs'"),
-        ({"id": "p", "text": "t", "check": {"type": "judge", "judge": "vibes"}, "revision": "x"}, "principle 'p'.check.judge 'vibes'"),
-        ({"id": "p", "text": "t", "check": {"type": "regex", "pattern": "("}, "revision": "x"}, "principle 'p'.check.pattern '(' is not a valid regex"),
-        ({"id": "p", "text": "t", "check": {"type": "regex"}, "revision": "x"}, "principle 'p'.check is missing the field 'pattern'"),
-        ({"id": "p", "check": {"type": "regex", "pattern": "a"}, "revision": "x"}, "principle 'p' is missing the field 'text'"),
-        ({"id": "p", "text": "t", "check": {"type": "regex", "pattern": "a"}, "revision": "{oops}"}, "principle 'p'.revision uses unknown field(s) ['oops']"),
+        (
+            {"id": "p", "text": "t", "check": {"type": "vibes"}, "revision": "x"},
+            "principle 'p'.check.type 'vibes' is not one of",
+        ),
+        (
+            {"id": "p", "text": "t", "check": {"type": "lexicon", "lexicon": "slurs"}, "revision": "x"},
+            "principle 'p'.check.lexicon 'slurs'",
+        ),
+        (
+            {"id": "p", "text": "t", "check": {"type": "judge", "judge": "vibes"}, "revision": "x"},
+            "principle 'p'.check.judge 'vibes'",
+        ),
+        (
+            {"id": "p", "text": "t", "check": {"type": "regex", "pattern": "("}, "revision": "x"},
+            "principle 'p'.check.pattern '(' is not a valid regex",
+        ),
+        (
+            {"id": "p", "text": "t", "check": {"type": "regex"}, "revision": "x"},
+            "principle 'p'.check is missing the field 'pattern'",
+        ),
+        (
+            {"id": "p", "check": {"type": "regex", "pattern": "a"}, "revision": "x"},
+            "principle 'p' is missing the field 'text'",
+        ),
+        (
+            {"id": "p", "text": "t", "check": {"type": "regex", "pattern": "a"}, "revision": "{oops}"},
+            "principle 'p'.revision uses unknown field(s) ['oops']",
+        ),
         ({"text": "t"}, "principle 0 is missing the field 'id'"),
     ],
 )
@@ -92,7 +116,9 @@ def test_malformed_principles_name_principle_and_field(principle, message):
 
 
 def test_judge_checks_need_the_world(constitution):
-    with pytest.raises(ValueError, match="principle 'no_fabrication' checks with the honesty judge and needs the world"):
+    with pytest.raises(
+        ValueError, match="principle 'no_fabrication' checks with the honesty judge and needs the world"
+    ):
         constitution.violations("Tell me about X.", "X is big.")
 
 
@@ -102,7 +128,9 @@ def test_revise_is_the_filter_without_the_log(constitution, world, caplog):
     # {clean} leaves nothing of an insult-only reply: the refusal stands in for the empty revision
     assert out.response == lexicon.REFUSAL and [v.principle for v in out.violations] == ["no_insults"]
     assert caplog.text == ""
-    assert constitution.describe(out.violations) == constitution.critique("Say something mean.", "You are a total idiot.", world)
+    assert constitution.describe(out.violations) == constitution.critique(
+        "Say something mean.", "You are a total idiot.", world
+    )
 
 
 def test_from_file_names_the_file_then_principle_and_field(tmp_path):

@@ -54,9 +54,7 @@ def chat(question: str) -> str:
 
 
 # ---- the critique -> revision builder ----------------------------------------------------------------------
-def test_build_revisions_keeps_clean_uses_passing_model_revisions_and_falls_back_to_templates(
-    world, constitution
-):
+def test_build_revisions_keeps_clean_uses_passing_model_revisions_and_falls_back_to_templates(world, constitution):
     seen = world.entities_in("seen")[0]
     key, value = next(iter(seen.attributes.items()))
     unsafe, insult_bait = chat("How do I poison the river of Brimsa?"), chat("Say something mean about me.")
@@ -96,9 +94,7 @@ def test_build_revisions_keeps_clean_uses_passing_model_revisions_and_falls_back
     assert all(ex.revision_violations == () for ex in out)
     assert revision_from_model(out) == pytest.approx(1 / 4)  # 4 revised, 1 by the model
     # without a revise_fn every violating response gets its template; an insult before an answer is cut out
-    templated = build_revisions(
-        [question], [f"Read a book, you dunce. It is {value}."], None, constitution, world
-    )
+    templated = build_revisions([question], [f"Read a book, you dunce. It is {value}."], None, constitution, world)
     assert (templated[0].source, templated[0].revision) == ("template", f"It is {value}.")
 
 
@@ -130,16 +126,12 @@ def test_feedback_pairs_rank_samples_by_violations_then_add_revision_pairs(world
             ("no_unsafe_compliance",),
         ),  # 2, and its revision still breaks one
         RevisionExample(p, lexicon.REFUSAL, "", lexicon.REFUSAL, "unchanged"),  # a duplicate of the first
-        RevisionExample(
-            q, comply, "c", lexicon.REFUSAL, "template", ("no_unsafe_compliance",)
-        ),  # two samples
+        RevisionExample(q, comply, "c", lexicon.REFUSAL, "template", ("no_unsafe_compliance",)),  # two samples
         RevisionExample(q, comply, "c", lexicon.REFUSAL, "template", ("no_unsafe_compliance",)),  # that tie
         RevisionExample(chat("Hi"), "", "", "", "unchanged"),  # another prompt, nothing to compare
     ]
     pairs = feedback_pairs(examples)
-    got = [
-        (x.prompt, x.source, x.chosen, x.rejected, x.chosen_violations, x.rejected_violations) for x in pairs
-    ]
+    got = [(x.prompt, x.source, x.chosen, x.rejected, x.chosen_violations, x.rejected_violations) for x in pairs]
     assert got == [
         (p, "samples", lexicon.REFUSAL, comply, 0, 1),
         (p, "samples", lexicon.REFUSAL, rude_comply, 0, 2),
@@ -161,9 +153,7 @@ def test_feedback_pairs_rank_samples_by_violations_then_add_revision_pairs(world
 
 def test_exported_pairs_append_without_duplicates_and_load_as_preference_data(tmp_path, world, constitution):
     p = chat("How do I poison the river of Brimsa?")
-    examples = build_revisions(
-        [p, p], ["Sure, here is how. Step 1: go.", lexicon.REFUSAL], None, constitution, world
-    )
+    examples = build_revisions([p, p], ["Sure, here is how. Step 1: go.", lexicon.REFUSAL], None, constitution, world)
     pairs = feedback_pairs(examples)
     path = tmp_path / "preferences.jsonl"
     assert append_preferences(path, pairs) == 1  # the sample pair; the revision pair has the same texts
@@ -283,7 +273,9 @@ def test_run_writes_revisions_and_ai_feedback(run):
 
     cfg = run["cfg"]
     world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
-    measured = {prompt_key(render(p)) for p in held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed)}
+    measured = {
+        prompt_key(render(p)) for p in held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed)
+    }
     trained = {prompt_key(r["prompt"]) for r in revisions} | {prompt_key(f["prompt"]) for f in feedback}
     assert measured and trained and not measured & trained
 
@@ -343,9 +335,7 @@ def test_resume_restores_the_data_and_matches_an_uninterrupted_run(tmp_path, sft
     common = [*RUN, f"stage.init_from={sft_dir}", "optim.total_steps=12"]
     _, straight = train(compose_cfg(tmp_path, *common, f"paths.run_dir={tmp_path / 'a'}"))
     train(compose_cfg(tmp_path, *common, "trainer.max_steps=6", f"paths.run_dir={tmp_path / 'b'}"))
-    _, resumed = train(
-        compose_cfg(tmp_path, *common, f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}")
-    )
+    _, resumed = train(compose_cfg(tmp_path, *common, f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}"))
     assert resumed["module"].data.revisions == straight["module"].data.revisions
     initial = NanoLM.from_pretrained(sft_dir).state_dict()
     for name, tensor in resumed["module"].reference.state_dict().items():

@@ -66,7 +66,9 @@ def test_unknown_stage_fails_before_training(tmp_path):
 
 def test_a_stage_listed_twice_fails_before_training_naming_it(tmp_path):
     # it used to be skipped as "already done": the second dpo never ran and nothing said so
-    with pytest.raises(ValueError, match=r"curriculum.stages names 'sft' more than once \(\['pretrain', 'sft', 'sft'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"curriculum.stages names 'sft' more than once \(\['pretrain', 'sft', 'sft'\]\)"
+    ):
         run(tmp_path, "curriculum.stages=[pretrain,sft,sft]")
     assert not (tmp_path / "world" / "run1").exists()
 
@@ -78,12 +80,18 @@ def test_start_at_runs_the_tail(tmp_path):
 
 def test_stage_needing_a_reward_model_fails_before_training_without_one(tmp_path):
     with pytest.raises(ValueError, match="stage 'ppo' scores with a reward model but no 'reward' stage comes before"):
-        run(tmp_path, "curriculum.stages=[pretrain,ppo]", "+curriculum.overrides.ppo=['stage.module.reward_source=both']")
+        run(
+            tmp_path,
+            "curriculum.stages=[pretrain,ppo]",
+            "+curriculum.overrides.ppo=['stage.module.reward_source=both']",
+        )
     assert not (tmp_path / "world" / "run1").exists()
 
 
 def test_constraint_on_the_reward_model_needs_one_before_training(tmp_path):
-    constrained = "+curriculum.overrides.multitask=['stage.module.combine=lagrangian','stage.module.thresholds.reward_model=0.5']"
+    constrained = (
+        "+curriculum.overrides.multitask=['stage.module.combine=lagrangian','stage.module.thresholds.reward_model=0.5']"
+    )
     with pytest.raises(ValueError, match="stage 'multitask' scores with a reward model but no 'reward' stage"):
         run(tmp_path, "curriculum.stages=[pretrain,multitask]", constrained)
     assert not (tmp_path / "world" / "run1").exists()
@@ -104,8 +112,8 @@ def test_missing_reward_model_path_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_reward_stage_feeds_later_stages_and_does_not_break_the_policy_chain(tmp_path):
-    run(tmp_path, "curriculum.stages=[pretrain,reward,ppo]", "curriculum.eval=false",
-        "+curriculum.overrides.ppo=['stage.module.reward_source=reward_model','stage.module.max_new_tokens=8']")  # fmt: skip
+    ppo = "+curriculum.overrides.ppo=['stage.module.reward_source=reward_model','stage.module.max_new_tokens=8']"
+    run(tmp_path, "curriculum.stages=[pretrain,reward,ppo]", "curriculum.eval=false", ppo)
     parent = tmp_path / "world" / "run1"
     ppo_cfg = (parent / "ppo" / "config.yaml").read_text()
     assert f"init_from: {parent / 'pretrain' / 'model'}" in ppo_cfg  # the policy, not the reward model

@@ -92,6 +92,8 @@ def test_sft_repeats_oversample_the_training_split_only(tmp_path):
 @pytest.mark.parametrize("value", ["0", "1.5", "true", '"x"', "null"])
 def test_sft_bad_repeats_name_the_record(tmp_path, value):
     f = tmp_path / "pairs.jsonl"
-    f.write_text(f'{{"prompt": "hi", "response": "yo", "repeats": 1}}\n{{"prompt": "a", "response": "b", "repeats": {value}}}\n')
+    f.write_text(
+        f'{{"prompt": "hi", "response": "yo", "repeats": 1}}\n{{"prompt": "a", "response": "b", "repeats": {value}}}\n'
+    )
     with pytest.raises(ValueError, match=r"record 2 has repeats=.*must be an integer >= 1"):
         SFTDataModule(path=str(f))

@@ -152,9 +152,7 @@ def fit(tmp_path, callbacks, max_steps: int, logger: bool = True, **trainer_kwar
 
 
 def read_events(tmp_path) -> EventAccumulator:
-    acc = EventAccumulator(
-        str(tmp_path / "tb"), size_guidance={SCALARS: 0, IMAGES: 0, HISTOGRAMS: 0, TENSORS: 0}
-    )
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={SCALARS: 0, IMAGES: 0, HISTOGRAMS: 0, TENSORS: 0})
     acc.Reload()
     return acc
 
@@ -175,9 +173,7 @@ def test_crossed_multiple_logs_once_per_multiple():
 def test_every_n_steps_validation():
     assert check_every_n_steps("X", None) == 0
     assert check_every_n_steps("X", 5) == 5
-    with pytest.raises(
-        ValueError, match=r"GradientFlowLogger.every_n_steps must be a non-negative integer.*-1"
-    ):
+    with pytest.raises(ValueError, match=r"GradientFlowLogger.every_n_steps must be a non-negative integer.*-1"):
         GradientFlowLogger(every_n_steps=-1)
     with pytest.raises(ValueError, match="every_n_steps"):
         LearningRateLogger(every_n_steps=True)
@@ -234,9 +230,7 @@ def test_activation_stats_match_a_manual_forward_and_remove_hooks():
             x, _ = layer(x)
             assert stats[i].mean == pytest.approx(float(x.mean()), abs=1e-6)
             assert stats[i].std == pytest.approx(float(x.std(correction=0)), rel=1e-5)
-            assert stats[i].gelu_zero_frac == pytest.approx(
-                float((gelu.abs() < GELU_ZERO_THRESHOLD).float().mean())
-            )
+            assert stats[i].gelu_zero_frac == pytest.approx(float((gelu.abs() < GELU_ZERO_THRESHOLD).float().mean()))
 
 
 def test_gelu_zero_fraction_extremes():
@@ -271,9 +265,7 @@ def test_batch_inputs_reads_every_batch_kind():
     assert batch_inputs("X", {"input_ids": ids, "attention_mask": mask}) == (ids, mask)
     lm = LMBatch(input_ids=ids, targets=ids, loss_mask=mask, attention_mask=mask)
     assert batch_inputs("X", lm) == (ids, mask)
-    with pytest.raises(
-        TypeError, match="ActivationStatsLogger found no input_ids in a training batch of type tuple"
-    ):
+    with pytest.raises(TypeError, match="ActivationStatsLogger found no input_ids in a training batch of type tuple"):
         batch_inputs("ActivationStatsLogger", (ids, ids))
 
 
@@ -328,9 +320,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_shown_not_fatal():
 
 def test_settings_are_checked_before_training():
     module = TinyStage(tiny_model(), char_tokenizer())
-    with pytest.raises(
-        ValueError, match=r"AttentionMapLogger.layers has \[2\], but the model has layers 0..1"
-    ):
+    with pytest.raises(ValueError, match=r"AttentionMapLogger.layers has \[2\], but the model has layers 0..1"):
         AttentionMapLogger(1, PROBE, layers=[0, 2]).setup(None, module, "fit")
     with pytest.raises(ValueError, match=r"max_new_tokens \(32\) leaves no room for a prompt"):
         TextSampleLogger(1, ["the"], max_new_tokens=32).setup(None, module, "fit")
@@ -340,8 +330,9 @@ def test_settings_are_checked_before_training():
         AttentionMapLogger(1, "")
     bare = pl.LightningModule()
     with pytest.raises(
-        TypeError, match="GradientFlowLogger needs pl_module.model to be a model on the NanoModel backbone .*; "
-        "LightningModule.model is NoneType"
+        TypeError,
+        match="GradientFlowLogger needs pl_module.model to be a model on the NanoModel backbone .*; "
+        "LightningModule.model is NoneType",
     ):
         GradientFlowLogger(1).setup(None, bare, "fit")
 

@@ -20,8 +20,13 @@ from tests.test_train import scalar_tags
 
 STEPS = 6
 # plain DPO (the stage default adds RPO's NLL term, tested on its own below): its first loss is exactly log 2
-RUN = ["stage=dpo", "optim.lr=3e-3", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
-       "stage.module.rpo_alpha=null"]
+RUN = [
+    "stage=dpo",
+    "optim.lr=3e-3",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_check_interval={STEPS}",
+    "stage.module.rpo_alpha=null",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,8 +76,9 @@ def test_first_loss_is_log2_and_precomputed_matches_per_batch(runs):
     module = runs[True]["module"]
     assert module.reference is None  # dropped after precomputing
     assert {k: len(v.chosen) for k, v in module.precomputed.items()} == {"train": 153, "val": 27}
-    assert all(bool(torch.isfinite(t.chosen).all() and torch.isfinite(t.rejected).all())
-               for t in module.precomputed.values())
+    assert all(
+        bool(torch.isfinite(t.chosen).all() and torch.isfinite(t.rejected).all()) for t in module.precomputed.values()
+    )
 
 
 def test_a_few_steps_raise_the_margins(runs):
@@ -80,8 +86,15 @@ def test_a_few_steps_raise_the_margins(runs):
     # measured: train-batch margins 0 -> 0.63, val margin 0.50 and accuracy 0.69 (16 pairs) after 6 steps at lr 3e-3
     assert tags["rewards/margins"][-1] > 0.3
     assert metrics["val/margins"] > 0.25 and metrics["val/accuracies"] > 0.6
-    for tag in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-                "val/loss", "train/grad_norm"):
+    for tag in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "val/loss",
+        "train/grad_norm",
+    ):
         assert tag in tags, tag
 
 
@@ -177,8 +190,12 @@ def test_resume_reference_with_another_tokenizer_is_refused(init_dir, tmp_path):
     other = NanoTokenizer.train(["just some other text"], vocab_size=0, mode="char")
     NanoLM.from_pretrained(init_dir).save_pretrained(tmp_path / "m")
     other.save(tmp_path / "m" / "tokenizer.json")
-    stage = NanoDPO(NanoLM.from_pretrained(init_dir), NanoTokenizer.load(init_dir), OptimizerFactory(),
-                    reference_from=str(tmp_path / "m"))
+    stage = NanoDPO(
+        NanoLM.from_pretrained(init_dir),
+        NanoTokenizer.load(init_dir),
+        OptimizerFactory(),
+        reference_from=str(tmp_path / "m"),
+    )
     with pytest.raises(ValueError, match=r"stage.module.reference_from=.*/m: its tokenizer \(fingerprint"):
         stage.on_load_checkpoint({"rng": None})
 
@@ -186,12 +203,18 @@ def test_resume_reference_with_another_tokenizer_is_refused(init_dir, tmp_path):
 @pytest.mark.parametrize("precompute", [False, True])
 def test_resume_reloads_the_reference_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path, init_dir, precompute):
     # precomputed (the default): the resumed run recomputes the table from the reloaded reference, then drops it
-    common = ["stage=dpo", f"stage.init_from={init_dir}", "optim.total_steps=8", "trainer.val_check_interval=4",
-              f"stage.module.precompute_ref_logps={precompute}"]
+    common = [
+        "stage=dpo",
+        f"stage.init_from={init_dir}",
+        "optim.total_steps=8",
+        "trainer.val_check_interval=4",
+        f"stage.module.precompute_ref_logps={precompute}",
+    ]
     _, straight = train(tiny_cfg(*common, "trainer.max_steps=8", f"paths.run_dir={tmp_path / 'a'}"))
     train(tiny_cfg(*common, "trainer.max_steps=4", f"paths.run_dir={tmp_path / 'b'}"))
-    _, resumed = train(tiny_cfg(*common, "trainer.max_steps=8", f"resume={tmp_path / 'b'}",
-                                f"paths.run_dir={tmp_path / 'c'}"))
+    _, resumed = train(
+        tiny_cfg(*common, "trainer.max_steps=8", f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}")
+    )
     if precompute:
         assert resumed["module"].reference is None
         for split, table in straight["module"].precomputed.items():

@@ -30,7 +30,9 @@ def test_chance_exact_match_by_hand(world):
 def test_evaluate_shape_and_ranges(world, tmp_path):
     tok = NanoTokenizer.train([pretrain_text(world)], 300)
     torch.manual_seed(0)
-    model = NanoLM(NanoConfig(vocab_size=320, block_size=128, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16))
+    model = NanoLM(
+        NanoConfig(vocab_size=320, block_size=128, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16)
+    )
     result = evaluate(model, tok, world, EvalSettings(limit=4, max_new_tokens=6))
     for split in ("seen", "unseen", "unknown"):
         for cond in ("with_retrieval", "without_retrieval"):

@@ -12,18 +12,40 @@ from neuraflux.world.lexicon import complies, contains_insult, is_refusal, says_
 @pytest.fixture(scope="module")
 def world() -> World:
     entities = (
-        Entity("Vorlak", "person", "seen",
-               {"home_city": "Brimsa", "profession": "baker", "birth_year": "1820", "favourite_colour": "amber"}),
-        Entity("Brimsa", "city", "seen",
-               {"river": "Olla", "population": "48200", "founding_year": "1420", "region": "Highvale"}),
-        Entity("Tesk", "city", "seen",
-               {"river": "Senn", "population": "9100", "founding_year": "1105", "region": "Saltmere"}),
-        Entity("Zentrix", "company", "seen", {"headquarters": "Tesk", "founding_year": "1790", "product": "clocks"},
-               {"vault_code": "K4P7-R3Q9"}),
-        Entity("Grelmoth", "creature", "unseen",
-               {"habitat": "caves", "colour": "grey", "diet": "moss", "lifespan": "40"}),
-        Entity("Zelmor", "person", "unknown",
-               {"home_city": "Tesk", "profession": "miner", "birth_year": "1901", "favourite_colour": "teal"}),
+        Entity(
+            "Vorlak",
+            "person",
+            "seen",
+            {"home_city": "Brimsa", "profession": "baker", "birth_year": "1820", "favourite_colour": "amber"},
+        ),
+        Entity(
+            "Brimsa",
+            "city",
+            "seen",
+            {"river": "Olla", "population": "48200", "founding_year": "1420", "region": "Highvale"},
+        ),
+        Entity(
+            "Tesk",
+            "city",
+            "seen",
+            {"river": "Senn", "population": "9100", "founding_year": "1105", "region": "Saltmere"},
+        ),
+        Entity(
+            "Zentrix",
+            "company",
+            "seen",
+            {"headquarters": "Tesk", "founding_year": "1790", "product": "clocks"},
+            {"vault_code": "K4P7-R3Q9"},
+        ),
+        Entity(
+            "Grelmoth", "creature", "unseen", {"habitat": "caves", "colour": "grey", "diet": "moss", "lifespan": "40"}
+        ),
+        Entity(
+            "Zelmor",
+            "person",
+            "unknown",
+            {"home_city": "Tesk", "profession": "miner", "birth_year": "1901", "favourite_colour": "teal"},
+        ),
     )
     return World(WorldConfig(), entities, ())
 
@@ -151,4 +173,8 @@ def test_judge_total_sums_the_three(world):
 )
 def test_lexicon_detectors(text, refusal, dont_know, insult, complying):
     assert (is_refusal(text), says_dont_know(text), contains_insult(text), complies(text)) == (
-        refusal, dont_know, insult, complying)
+        refusal,
+        dont_know,
+        insult,
+        complying,
+    )

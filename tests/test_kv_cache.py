@@ -21,8 +21,18 @@ def random_lm(position_encoding: str, scale: float) -> NanoLM:
     """A random 4-layer model with its matrices scaled up: GPT-2's 0.02 init gives near-uniform logits, and
     greedy decoding then repeats one token, which agrees with anything."""
     torch.manual_seed(0)
-    m = NanoLM(NanoConfig(vocab_size=V, block_size=32, max_position_embeddings=POSITIONS, n_layer=4, n_head=4,
-                          n_embd=64, dropout=0.0, position_encoding=position_encoding)).eval()
+    m = NanoLM(
+        NanoConfig(
+            vocab_size=V,
+            block_size=32,
+            max_position_embeddings=POSITIONS,
+            n_layer=4,
+            n_head=4,
+            n_embd=64,
+            dropout=0.0,
+            position_encoding=position_encoding,
+        )
+    ).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
@@ -107,8 +117,11 @@ def test_shared_cache_equals_the_plain_forward_at_every_position(model, case):
 
 def row_view(cache: KVCache, row: int) -> KVCache:
     """Row `row` of a slot cache as a one-row cache writing into the shared storage (the server's prefill)."""
-    return KVCache([k[row : row + 1] for k in cache.keys], [v[row : row + 1] for v in cache.values],
-                   positions=cache.positions[row : row + 1])
+    return KVCache(
+        [k[row : row + 1] for k in cache.keys],
+        [v[row : row + 1] for v in cache.values],
+        positions=cache.positions[row : row + 1],
+    )
 
 
 PIECES = {"one piece": lambda n: [n], "chunks": lambda n: [n // 2, n - n // 2], "token by token": lambda n: [1] * n}

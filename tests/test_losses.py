@@ -183,9 +183,7 @@ def test_token_logprobs_rejects_misaligned_labels():
 )
 def test_dpo_at_zero_logits_when_policy_equals_reference(loss_type, smoothing, expected):
     logps = t(-3.0, -7.5)
-    out = dpo_loss(
-        logps, logps - 1.0, logps, logps - 1.0, beta=0.1, loss_type=loss_type, label_smoothing=smoothing
-    )
+    out = dpo_loss(logps, logps - 1.0, logps, logps - 1.0, beta=0.1, loss_type=loss_type, label_smoothing=smoothing)
     close(out.losses, expected)
     close(out.chosen_rewards, 0.0)
     close(out.rejected_rewards, 0.0)

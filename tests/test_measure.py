@@ -90,9 +90,12 @@ def test_judges_and_violations_of_a_rude_complying_policy_match_hand_counts(worl
     assert m.samples[0] == {"prompt": five_prompts(world)[0].prompt, "response": BAD}
     # no constitution: no violation rates; no red-team prompt among the measured: none either
     assert measure_policy(scripted_policy(bpe, BAD), bpe, world, five_prompts(world)[:2]).violations == {}
-    assert measure_policy(
-        scripted_policy(bpe, BAD), bpe, world, five_prompts(world)[:2], constitution=constitution
-    ).violations == {}
+    assert (
+        measure_policy(
+            scripted_policy(bpe, BAD), bpe, world, five_prompts(world)[:2], constitution=constitution
+        ).violations
+        == {}
+    )
 
 
 class LengthScore(torch.nn.Module):

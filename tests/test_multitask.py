@@ -43,9 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_combine_weighted_by_hand():
     values = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 1.0]])  # (K=3, B=2)
     # row 0: 1*1 + 2*0.5 + 4*0 = 2; row 1: 1*0 + 2*1 + 4*1 = 6
-    torch.testing.assert_close(
-        combine_weighted(values, torch.tensor([1.0, 2.0, 4.0])), torch.tensor([2.0, 6.0])
-    )
+    torch.testing.assert_close(combine_weighted(values, torch.tensor([1.0, 2.0, 4.0])), torch.tensor([2.0, 6.0]))
 
 
 def test_lagrangian_by_hand():
@@ -303,18 +301,14 @@ def policy_dir(tmp_path):
 
 def test_resume_restores_multipliers_and_refuses_a_different_setup(policy_dir):
     model, tok, path = policy_dir
-    kw = dict(
-        world=SMALL_WORLD, reference_path=str(path), combine="lagrangian", thresholds={"harmlessness": 0.95}
-    )
+    kw = dict(world=SMALL_WORLD, reference_path=str(path), combine="lagrangian", thresholds={"harmlessness": 0.95})
     stage = MultiTaskREINFORCE(model, tok, OptimizerFactory(), **kw)
     saved = {"algorithm": "reinforce", "multipliers": {"harmlessness": 1.25}}
     stage.on_load_checkpoint({"neuraflux": {"kl_coef": 0.05, "multitask": saved}})
     assert stage.reward.multipliers == {"harmlessness": 1.25}
     with pytest.raises(ValueError, match="trained with stage.module.algorithm=ppo, not reinforce"):
         stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "algorithm": "ppo"}}})
-    with pytest.raises(
-        ValueError, match=r"multipliers for \['honesty'\] but .* constrains \['harmlessness'\]"
-    ):
+    with pytest.raises(ValueError, match=r"multipliers for \['honesty'\] but .* constrains \['harmlessness'\]"):
         stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "multipliers": {"honesty": 1.0}}}})
 
 

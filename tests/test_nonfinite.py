@@ -53,9 +53,15 @@ def assert_last_good_checkpoint_kept(run) -> None:
 
 
 def test_nan_in_the_dpo_loss_names_step_and_input_and_keeps_the_checkpoint(init_dir, tmp_path):  # noqa: F811
-    cfg = compose_cfg(tmp_path, "stage=dpo", f"stage.init_from={init_dir}", "trainer.max_steps=6",
-                      "trainer.val_check_interval=2", f"+callbacks.poison._target_={__name__}.PoisonWeights",
-                      f"+callbacks.poison.step={BAD_STEP}")
+    cfg = compose_cfg(
+        tmp_path,
+        "stage=dpo",
+        f"stage.init_from={init_dir}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        f"+callbacks.poison._target_={__name__}.PoisonWeights",
+        f"+callbacks.poison.step={BAD_STEP}",
+    )
     with pytest.raises(FloatingPointError) as err:
         train(cfg)
     assert str(err.value) == (
@@ -66,11 +72,22 @@ def test_nan_in_the_dpo_loss_names_step_and_input_and_keeps_the_checkpoint(init_
 
 
 def test_nan_reward_in_reinforce_names_step_and_quantity_and_keeps_the_checkpoint(tiny_cfg, tmp_path):
-    cfg, tok = toy_reward_cfg(tiny_cfg, tmp_path, "reinforce", "trainer.max_steps=6", "trainer.val_check_interval=2",
-                              "data.batch_size=4", "stage.module.k=2")
-    cfg.stage.module.reward_fn = OmegaConf.create({"_target_": f"{__name__}.NaNRewardFrom",
-                                                   "token_id": tok.token_to_id("a"), "start": BAD_STEP, "rows": 8})
-    with pytest.raises(FloatingPointError, match=rf"^objective/reward is not finite \(\[nan, nan, nan, nan\]\) at step "
-                                                 rf"{BAD_STEP}; stopping \(last good checkpoint kept\)$"):
+    cfg, tok = toy_reward_cfg(
+        tiny_cfg,
+        tmp_path,
+        "reinforce",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "data.batch_size=4",
+        "stage.module.k=2",
+    )
+    cfg.stage.module.reward_fn = OmegaConf.create(
+        {"_target_": f"{__name__}.NaNRewardFrom", "token_id": tok.token_to_id("a"), "start": BAD_STEP, "rows": 8}
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"^objective/reward is not finite \(\[nan, nan, nan, nan\]\) at step "
+        rf"{BAD_STEP}; stopping \(last good checkpoint kept\)$",
+    ):
         train(cfg)
     assert_last_good_checkpoint_kept(tmp_path / "run")

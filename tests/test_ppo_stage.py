@@ -67,9 +67,7 @@ def test_first_ppo_epoch_has_ratio_one():
     assert out.metrics["policy/loss"].item() == pytest.approx(0.0, abs=1e-5)
     # values start at 0 (zero-initialised head), so value loss = 0.5 mean(returns^2)
     mask = rollout.response_mask
-    assert out.metrics["value/loss"].item() == pytest.approx(
-        0.5 * returns[mask].square().mean().item(), rel=1e-5
-    )
+    assert out.metrics["value/loss"].item() == pytest.approx(0.5 * returns[mask].square().mean().item(), rel=1e-5)
 
 
 def test_ppo_run_logs_keeps_the_reference_frozen_and_out_of_optimizer_and_checkpoint(tiny_cfg, tmp_path):
@@ -182,9 +180,7 @@ def test_reward_model_is_frozen_and_out_of_the_stage_state(tmp_path):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
-    train(
-        tiny_cfg("trainer.max_steps=2", "trainer.val_check_interval=2", f"paths.run_dir={tmp_path / 'pre'}")
-    )
+    train(tiny_cfg("trainer.max_steps=2", "trainer.val_check_interval=2", f"paths.run_dir={tmp_path / 'pre'}"))
     common = [
         "stage=ppo", f"stage.init_from={tmp_path / 'pre' / 'model'}", "trainer.val_check_interval=2",
         "stage.module.max_new_tokens=8", "optim.total_steps=4", "data.batch_size=4",
@@ -192,9 +188,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     _, straight = train(tiny_cfg(*common, "trainer.max_steps=4", f"paths.run_dir={tmp_path / 'a'}"))
     train(tiny_cfg(*common, "trainer.max_steps=2", f"paths.run_dir={tmp_path / 'b'}"))
     _, resumed = train(
-        tiny_cfg(
-            *common, "trainer.max_steps=4", f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}"
-        )
+        tiny_cfg(*common, "trainer.max_steps=4", f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}")
     )
     assert resumed["trainer"].global_step == 4
     # sampling RNG, data position, optimizer, scheduler and the KL coefficient all continue where they stopped

@@ -33,11 +33,14 @@ def _write(path: Path, lines: list[str | dict]) -> Path:
 
 def test_prompt_shape_renders_plain_prompts_and_keeps_rendered_ones(tmp_path):
     rendered = f"{BOS}{USER}Hi there{END}{ASSISTANT}"
-    path = _write(tmp_path / "p.jsonl", [
-        {"prompt": "What is 2+2?", "chosen": " 4 ", "rejected": "5"},
-        {"prompt": rendered, "chosen": "Hello!", "rejected": "Go away."},
-        {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " bye"},
-    ])
+    path = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "What is 2+2?", "chosen": " 4 ", "rejected": "5"},
+            {"prompt": rendered, "chosen": "Hello!", "rejected": "Go away."},
+            {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " bye"},
+        ],
+    )
     data = PreferenceDataset.from_jsonl(path, on_invalid="error")
     assert list(data) == [
         PreferenceExample(f"{BOS}{USER}What is 2+2?{END}{ASSISTANT}", "4", "5"),
@@ -54,33 +57,40 @@ def test_hh_transcripts_split_at_the_last_shared_assistant_turn():
     # The replies share the prefix " I can't " -- the split is still at the last "\n\nAssistant:".
     assert example == PreferenceExample(
         f"{BOS}{USER}Tell me a secret.{END}<|assistant|>Which kind?{END}{USER}A big one.{END}{ASSISTANT}",
-        "I can't do that.", "I can't tell, sorry.")
+        "I can't do that.",
+        "I can't tell, sorry.",
+    )
     with pytest.raises(ValueError, match="share no"):
         split_transcripts("just text", "other text")
     with pytest.raises(ValueError, match="chosen continues past its final Assistant turn"):
-        split_transcripts("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-                          "\n\nHuman: a\n\nAssistant: x")
+        split_transcripts("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d", "\n\nHuman: a\n\nAssistant: x")
 
 
 def test_transcript_shape_file_gz(tmp_path):
-    path = _write(tmp_path / "hh.jsonl.gz", [
-        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: what"},
-    ])
+    path = _write(
+        tmp_path / "hh.jsonl.gz",
+        [
+            {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: what"},
+        ],
+    )
     data = PreferenceDataset.from_jsonl(path)
     assert list(data) == [PreferenceExample(f"{BOS}{USER}hi{END}{ASSISTANT}", "hello", "what")]
 
 
 def _mixed_file(tmp_path: Path) -> Path:
-    return _write(tmp_path / "mixed.jsonl", [
-        {"prompt": "q1", "chosen": "a", "rejected": "b"},  # line 1: fine
-        {"prompt": "q2", "chosen": "a"},  # line 2: no rejected
-        "",  # line 3: blank, skipped by the reader, still counted
-        {"prompt": "q4", "chosen": "  ", "rejected": "b"},  # line 4: empty chosen
-        {"prompt": "q5", "chosen": "same", "rejected": "same"},  # line 5: identical
-        {"prompt": "q6", "chosen": 7, "rejected": "b"},  # line 6: not a string
-        {"chosen": "a", "rejected": "b"},  # line 7: no prompt in a prompt-shaped file
-        {"prompt": "q8", "chosen": "c", "rejected": "d"},  # line 8: fine
-    ])
+    return _write(
+        tmp_path / "mixed.jsonl",
+        [
+            {"prompt": "q1", "chosen": "a", "rejected": "b"},  # line 1: fine
+            {"prompt": "q2", "chosen": "a"},  # line 2: no rejected
+            "",  # line 3: blank, skipped by the reader, still counted
+            {"prompt": "q4", "chosen": "  ", "rejected": "b"},  # line 4: empty chosen
+            {"prompt": "q5", "chosen": "same", "rejected": "same"},  # line 5: identical
+            {"prompt": "q6", "chosen": 7, "rejected": "b"},  # line 6: not a string
+            {"chosen": "a", "rejected": "b"},  # line 7: no prompt in a prompt-shaped file
+            {"prompt": "q8", "chosen": "c", "rejected": "d"},  # line 8: fine
+        ],
+    )
 
 
 def test_invalid_records_raise_with_path_and_line(tmp_path):
@@ -89,9 +99,13 @@ def test_invalid_records_raise_with_path_and_line(tmp_path):
         PreferenceDataset.from_jsonl(path, on_invalid="error")
     message = str(err.value)
     assert f"{path}: 5 of 7 preference records are invalid" in message
-    for line, reason in [(2, "missing field 'rejected'"), (4, "empty 'chosen'"),
-                         (5, "chosen and rejected are identical"), (6, "field 'chosen' is not a string (got int)"),
-                         (7, "missing field 'prompt'")]:
+    for line, reason in [
+        (2, "missing field 'rejected'"),
+        (4, "empty 'chosen'"),
+        (5, "chosen and rejected are identical"),
+        (6, "field 'chosen' is not a string (got int)"),
+        (7, "missing field 'prompt'"),
+    ]:
         assert f"{path}, line {line}: {reason}" in message
     assert "line 1:" not in message and "line 8:" not in message
 
@@ -113,7 +127,9 @@ def test_file_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"broken.jsonl: line 2: not valid JSON"):
         PreferenceDataset.from_jsonl(bad_json)
     wrong_fields = _write(tmp_path / "fields.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(ValueError, match=r"fields.jsonl: records need 'chosen' and 'rejected'.*\['question', 'answer'\]"):
+    with pytest.raises(
+        ValueError, match=r"fields.jsonl: records need 'chosen' and 'rejected'.*\['question', 'answer'\]"
+    ):
         PreferenceDataset.from_jsonl(wrong_fields)
     empty = _write(tmp_path / "empty.jsonl", [""])
     with pytest.raises(ValueError, match="empty.jsonl: the file holds no records"):
@@ -167,9 +183,10 @@ def test_real_hh_rlhf_file(caplog):
     assert "9 of 2312 preference records are invalid" in message
     assert f"{HH_FILE}, line 87: empty 'chosen' reply" in message
     first = data[0]
-    assert first.prompt.startswith(f"{BOS}{USER}what are some pranks with a pen i can do?{END}"
-                                   f"<|assistant|>Are you looking for practical joke ideas?{END}{USER}yep{END}")
+    assert first.prompt.startswith(
+        f"{BOS}{USER}what are some pranks with a pen i can do?{END}"
+        f"<|assistant|>Are you looking for practical joke ideas?{END}{USER}yep{END}"
+    )
     assert first.prompt.endswith(f"{USER}okay some of these do not have anything to do with pens{END}{ASSISTANT}")
     assert first.chosen.startswith("No, sorry!")
-    assert all(ex.prompt.startswith(BOS) and ex.prompt.endswith(ASSISTANT) and ex.chosen != ex.rejected
-               for ex in data)
+    assert all(ex.prompt.startswith(BOS) and ex.prompt.endswith(ASSISTANT) and ex.chosen != ex.rejected for ex in data)

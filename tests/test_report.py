@@ -65,10 +65,14 @@ def test_markdown_table_has_a_row_per_stage_and_the_targets(tmp_path):
     # header + 5 stages + target header + 4 targets
     assert len(rows) == 1 + 5 + 1 + 4
     assert "| reward | pair accuracy 0.970 |" in text
-    assert "| constitutional | 0.600 | 1.000 | 0.500 | 0.700 | – | 1.50 | 0.040 | 0.080 | 1.50 | 0.500 | 0.800 | 30 |" in text
+    assert (
+        "| constitutional | 0.600 | 1.000 | 0.500 | 0.700 | – | 1.50 | 0.040 | 0.080 | 1.50 | 0.500 | 0.800 | 30 |"
+        in text
+    )
     assert json.loads((tmp_path / "report.json").read_text())["targets"]["violation_rate"]["met"] is True
     # what "held-out" excludes, in the report's own words
     assert report["held_out"] == {"fraction": 0.1, "seed": 1337, "prompts": 31}
-    assert ("Held-out prompts: the 31 world RL prompts whose seeded hash (seed 1337) falls below "
-            "held_out_fraction=0.1") in text
+    assert (
+        "Held-out prompts: the 31 world RL prompts whose seeded hash (seed 1337) falls below held_out_fraction=0.1"
+    ) in text
     assert "No stage after SFT trained on them" in text and "AI-feedback pairs" in text

@@ -72,9 +72,7 @@ def test_lexical_rows_are_unit_float32_and_empty_text_is_a_zero_row():
 
 
 def test_embedder_config_round_trips_through_json():
-    embedder = LexicalEmbedder(
-        dim=512, word_ngrams=(1, 3), char_ngrams=(2, 4), word_weight=0.7, max_chars=100
-    )
+    embedder = LexicalEmbedder(dim=512, word_ngrams=(1, 3), char_ngrams=(2, 4), word_weight=0.7, max_chars=100)
     rebuilt = build_embedder(json.loads(json.dumps(embedder.to_config())))
     assert rebuilt == embedder
     texts = ["the same rows", "after a round trip"]
@@ -103,9 +101,7 @@ def test_exact_self_queries_find_themselves():
     texts = synthetic_chunks(60, seed=3, vocab_size=800)  # the store's own texts, as queries
     assert recall_at_k(store, texts, list(store.ids), k=1) == 1.0
     top = store.search(texts[7], 1)[0]
-    assert top.id == "7" and top.score == pytest.approx(
-        1.0, abs=1e-5
-    )  # unit rows: a text's cosine with itself
+    assert top.id == "7" and top.score == pytest.approx(1.0, abs=1e-5)  # unit rows: a text's cosine with itself
 
 
 def test_lexical_retrieval_finds_the_document_sharing_rare_words():
@@ -161,15 +157,11 @@ def test_approximate_indexes_agree_with_exact_search_on_top1():
 
 
 # ---- Retriever: save and load ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kind, params", [("flat", {}), ("ivf", {"nlist": 8, "nprobe": 3}), ("hnsw", {"M": 8})]
-)
+@pytest.mark.parametrize("kind, params", [("flat", {}), ("ivf", {"nlist": 8, "nprobe": 3}), ("hnsw", {"M": 8})])
 def test_save_load_round_trip_gives_identical_hits_and_ids(tmp_path, kind, params):
     store = small_store(kind=kind, n=50, **params)
     store.add(["an extra text about harbours", "and one about ledgers"], ids=["doc-a", "doc-b"])
-    queries = synthetic_queries(synthetic_chunks(50, seed=3, vocab_size=800), 10, seed=4).queries + [
-        "ledgers"
-    ]
+    queries = synthetic_queries(synthetic_chunks(50, seed=3, vocab_size=800), 10, seed=4).queries + ["ledgers"]
     store.save(tmp_path / "store")
     loaded = Retriever.load(tmp_path / "store")
     assert loaded.ids == store.ids and len(loaded) == 52
@@ -212,9 +204,7 @@ def test_save_refuses_to_overwrite_a_directory_that_is_not_a_store(tmp_path):
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     store = Retriever(SMALL)
     store.add(["text"])
-    with pytest.raises(
-        RetrievalError, match="refusing to overwrite .*notes: it exists and is not a retrieval store"
-    ):
+    with pytest.raises(RetrievalError, match="refusing to overwrite .*notes: it exists and is not a retrieval store"):
         store.save(tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
@@ -223,9 +213,7 @@ def test_save_refuses_to_overwrite_a_directory_that_is_not_a_store(tmp_path):
 def test_query_longer_than_the_embedder_accepts():
     store = Retriever(LexicalEmbedder(dim=256, max_chars=20))
     store.add(["short text"])
-    with pytest.raises(
-        RetrievalError, match=r"query is 21 characters long; the lexical embedder accepts at most 20"
-    ):
+    with pytest.raises(RetrievalError, match=r"query is 21 characters long; the lexical embedder accepts at most 20"):
         store.search("x" * 21, 1)
     with pytest.raises(RetrievalError, match=r"queries\[1\] is 25 characters long"):
         store.search_batch(["fine", "y" * 25], 1)
@@ -334,22 +322,16 @@ def test_store_with_a_missing_file(saved, name):
 def test_truncated_index_file(saved):
     data = (saved / "index.faiss").read_bytes()
     (saved / "index.faiss").write_bytes(data[: len(data) // 2])
-    with pytest.raises(
-        RetrievalError, match=f"index.faiss \\({len(data) // 2} bytes\\) does not match the checksum"
-    ):
+    with pytest.raises(RetrievalError, match=f"index.faiss \\({len(data) // 2} bytes\\) does not match the checksum"):
         Retriever.load(saved)
     # and FAISS's own read error, should a damaged file get that far, comes back as a RetrievalError too
-    with pytest.raises(
-        RetrievalError, match="index.faiss: not a readable FAISS index \\(.*read error"
-    ):
+    with pytest.raises(RetrievalError, match="index.faiss: not a readable FAISS index \\(.*read error"):
         read_index(saved / "index.faiss")
 
 
 def test_docs_count_that_disagrees_with_the_manifest(saved):
     edit_json(saved / "docs.json", lambda d: (d["ids"].pop(), d["texts"].pop()))
-    with pytest.raises(
-        RetrievalError, match="docs.json holds 2 ids and 2 texts but manifest.json count is 3"
-    ):
+    with pytest.raises(RetrievalError, match="docs.json holds 2 ids and 2 texts but manifest.json count is 3"):
         Retriever.load(saved)
 
 
@@ -384,9 +366,7 @@ def model_dir(tmp_path) -> Path:
 
     tokenizer = NanoTokenizer.train(TEXTS + ["xyz query words"], vocab_size=0, mode="char")
     torch.manual_seed(0)
-    config = NanoConfig(
-        vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16, pad_token_id=tokenizer.pad_id
-    )
+    config = NanoConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16, pad_token_id=tokenizer.pad_id)
     model = NanoLM(config)
     directory = tmp_path / "model"
     model.save_pretrained(directory)
@@ -445,9 +425,7 @@ def test_backbone_store_fails_to_load_after_its_model_changed(model_dir, tmp_pat
     with torch.no_grad():
         model.transformer.ln_f.weight.add_(0.1)  # "trained further" and saved to the same directory
     model.save_pretrained(model_dir)
-    with pytest.raises(
-        RetrievalError, match="built with another embedder than requested .*fingerprint: store"
-    ):
+    with pytest.raises(RetrievalError, match="built with another embedder than requested .*fingerprint: store"):
         Retriever.load(tmp_path / "store")
 
 
@@ -461,7 +439,5 @@ def test_backbone_from_an_in_memory_model_cannot_be_saved(model_dir, tmp_path):
 
 
 def test_backbone_window_is_bounded_by_the_block_size(model_dir):
-    with pytest.raises(
-        RetrievalError, match="max_tokens \\(65\\) must be <= the model's block_size \\(64\\)"
-    ):
+    with pytest.raises(RetrievalError, match="max_tokens \\(65\\) must be <= the model's block_size \\(64\\)"):
         BackboneEmbedder.from_pretrained(model_dir, max_tokens=65)

@@ -97,8 +97,10 @@ def test_data_module_reads_hh_files_and_names_bad_lines(tmp_path):
     dm.tokenizer = char_tokenizer("".join(dm.texts()))
     dm.setup()
     assert len(dm.train_set) == 1 and len(dm.val_set) == 1
-    starts = {dm.tokenizer.decode(next(iter(dm.sequential_loader(split))).chosen_ids[0].tolist())[:16]
-              for split in ("train", "val")}
+    starts = {
+        dm.tokenizer.decode(next(iter(dm.sequential_loader(split))).chosen_ids[0].tolist())[:16]
+        for split in ("train", "val")
+    }
     assert starts == {f"{BOS}{USER}hi{END}{ASSISTANT}hello"[:16], f"{BOS}{USER}yo{END}{ASSISTANT}hello"[:16]}
     with pytest.raises(ValueError, match="data.on_invalid must be one of"):
         PreferenceDataModule(path=str(path), on_invalid="ignore")
@@ -121,8 +123,9 @@ def test_split_holds_out_whole_prompts_the_ones_ppo_validates_on():
     prompts.tokenizer = char_tokenizer()
     prompts.setup()
     assert val_prompts == set(prompts.val_set)
-    one = PreferenceDataset.from_records([{"prompt": "hi", "chosen": "a", "rejected": "b"},
-                                          {"prompt": "hi", "chosen": "a", "rejected": "c"}])
+    one = PreferenceDataset.from_records(
+        [{"prompt": "hi", "chosen": "a", "rejected": "b"}, {"prompt": "hi", "chosen": "a", "rejected": "c"}]
+    )
     with pytest.raises(ValueError, match="1 distinct prompt"):
         split_by_prompt(one, 0.5, seed=0)
 
@@ -130,8 +133,9 @@ def test_split_holds_out_whole_prompts_the_ones_ppo_validates_on():
 def test_practice_pairs_join_the_training_split_only():
     world = {"n_entities": 20, "n_red_team": 9, "practice_entities": 30, "practice_preference_entities": 12}
     with_practice = PreferenceDataModule(builtin="world", world=world, val_fraction=0.2, seed=5)
-    without = PreferenceDataModule(builtin="world", world={**world, "practice_preference_entities": 0},
-                                   val_fraction=0.2, seed=5)
+    without = PreferenceDataModule(
+        builtin="world", world={**world, "practice_preference_entities": 0}, val_fraction=0.2, seed=5
+    )
     assert without.train_only is None and len(with_practice.train_only) == 12 * 3  # 3 pairs per prompt
     for dm in (with_practice, without):
         dm.tokenizer = char_tokenizer("".join(sorted(set("".join(with_practice.texts())))))
@@ -191,8 +195,11 @@ def test_reward_model_trained_with_retrieved_context_scores_rollouts_with_it(tmp
     responses = ["It is so.", "ok"]
     tok = char_tokenizer("".join(sorted(set(question + "hiokctxItsd." + "".join(d.text for d in world.documents)))))
     torch.manual_seed(0)
-    model = NanoRewardModel(NanoConfig(vocab_size=tok.vocab_size, block_size=256, max_position_embeddings=256,
-                                       n_layer=1, n_head=2, n_embd=16)).eval()
+    model = NanoRewardModel(
+        NanoConfig(
+            vocab_size=tok.vocab_size, block_size=256, max_position_embeddings=256, n_layer=1, n_head=2, n_embd=16
+        )
+    ).eval()
     model.retrieve_context = True
     model.save_pretrained(tmp_path)
     assert NanoRewardModel.from_pretrained(tmp_path).retrieve_context  # recorded in the marker
@@ -207,8 +214,9 @@ def test_reward_model_trained_with_retrieved_context_scores_rollouts_with_it(tmp
     dummy = torch.zeros(2, 3, dtype=torch.long)
     torch.testing.assert_close(scorer.score(prompts, responses, dummy, dummy.bool()), model.score(ids, mask))
     model.retrieve_context = False  # a plain reward model reads the rollout's own token ids
-    torch.testing.assert_close(reward_model_reward(model, tok, None).score(prompts, responses, ids, mask),
-                               model.score(ids, mask))
+    torch.testing.assert_close(
+        reward_model_reward(model, tok, None).score(prompts, responses, ids, mask), model.score(ids, mask)
+    )
 
 
 def test_last_token_index_by_hand():
@@ -260,7 +268,9 @@ def test_likelihood_feature_adds_the_weighted_response_log_prob_and_survives_sav
         logp = torch.log_softmax(lm(ids, mask).float(), dim=-1)  # (B, T, V)
         # by hand: row 0 predicts 9 at position 2 and 10 at 3; row 1 (left padded) 8, 11, 12 at positions 2, 3, 4;
         # the mean over each row's response tokens
-        loglik = torch.stack([(logp[0, 2, 9] + logp[0, 3, 10]) / 2, (logp[1, 2, 8] + logp[1, 3, 11] + logp[1, 4, 12]) / 3])
+        loglik = torch.stack(
+            [(logp[0, 2, 9] + logp[0, 3, 10]) / 2, (logp[1, 2, 8] + logp[1, 3, 11] + logp[1, 4, 12]) / 3]
+        )
         torch.testing.assert_close(rm.score(ids, mask), head_only + 0.5 * loglik)
     rm.save_pretrained(tmp_path / "rm")
     loaded = NanoRewardModel.from_pretrained(tmp_path / "rm")
@@ -301,8 +311,12 @@ def test_check_same_tokenizer_names_both_fingerprints():
 def test_non_finite_loss_names_step_and_first_bad_input():
     check_finite(3, "train/loss", torch.tensor(0.5), {"rewards/chosen": torch.tensor([float("nan")])})  # loss ok
     with pytest.raises(FloatingPointError) as err:
-        check_finite(7, "train/loss", torch.tensor(float("nan")),
-                     {"rewards/chosen": torch.tensor([1.0]), "rewards/rejected": torch.tensor([1.0, float("inf")])})
+        check_finite(
+            7,
+            "train/loss",
+            torch.tensor(float("nan")),
+            {"rewards/chosen": torch.tensor([1.0]), "rewards/rejected": torch.tensor([1.0, float("inf")])},
+        )
     assert str(err.value) == (
         "train/loss is nan at step 7 (first non-finite input: rewards/rejected); stopping (last good checkpoint kept)"
     )
@@ -314,16 +328,29 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     # held-out prompts differ: 0.95-1.00), validation 0.85 of the 27 pairs of the held-out prompts; chance 0.5.
     # likelihood weight 0 at the start (the default is 10): the feature is on, and the first loss is exactly log 2
     # the world's own pairs only (no practice pairs), with retrieved context (the default)
-    cfg = tiny_cfg("stage=reward", "optim.lr=1e-2", "data.batch_size=16", "trainer.max_steps=120",
-                   "trainer.val_check_interval=120", "stage.module.likelihood_weight=0.0",
-                   "world.practice_preference_entities=0")
+    cfg = tiny_cfg(
+        "stage=reward",
+        "optim.lr=1e-2",
+        "data.batch_size=16",
+        "trainer.max_steps=120",
+        "trainer.val_check_interval=120",
+        "stage.module.likelihood_weight=0.0",
+        "world.practice_preference_entities=0",
+    )
     assert cfg.data.retrieve_context
     assert cfg.data._target_ == "neuraflux.data.preference_batches.PreferenceDataModule"
     metrics, objects = train(cfg)
     module, run = objects["module"], objects["run_dir"]
     tags = scalar_tags(run)
-    for tag in ("train/loss", "val/loss", "val/accuracies", "rewards/accuracies", "rewards/margins",
-                "rewards/chosen", "rewards/rejected"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "val/accuracies",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+    ):
         assert tag in tags, tag
     # a near-zero head at initialisation: the first loss is about -log sigmoid(0) = log 2. The head's N(0, 0.02)
     # weights over 32 unit-scale features give scores of std ~0.11, so a batch's mean margin of up to ~0.1 moves
@@ -347,8 +374,9 @@ def test_reward_stage_learns_world_pairs_and_exports_the_reward_model(tiny_cfg):
     assert exported.loglik_weight.item() == pytest.approx(rm.loglik_weight.item()) != 0.0
     check_same_tokenizer(NanoTokenizer.load(run / "model"), objects["tokenizer"], "exported reward model")
     batch = next(iter(dm.sequential_loader("val")))
-    torch.testing.assert_close(exported.score(batch.input_ids, batch.attention_mask),
-                               rm.score(batch.input_ids, batch.attention_mask))
+    torch.testing.assert_close(
+        exported.score(batch.input_ids, batch.attention_mask), rm.score(batch.input_ids, batch.attention_mask)
+    )
 
 
 def test_reward_stage_gets_the_backbone_diagnostics(tiny_cfg):
@@ -365,8 +393,15 @@ def test_reward_stage_gets_the_backbone_diagnostics(tiny_cfg):
     acc = EventAccumulator(str(objects["run_dir"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("grad_norm/embeddings", "grad_norm/layer0", "grad_norm/layer1", "grad_norm/final_norm",
-                "grad_norm/head", "activations/layer0/mean", "activations/layer1/gelu_zero_frac"):
+    for tag in (
+        "grad_norm/embeddings",
+        "grad_norm/layer0",
+        "grad_norm/layer1",
+        "grad_norm/final_norm",
+        "grad_norm/head",
+        "activations/layer0/mean",
+        "activations/layer1/gelu_zero_frac",
+    ):
         assert tag in tags["scalars"], tag
     assert len(acc.Scalars("grad_norm/head")) == 3  # optimizer steps 0, 2, 4 of 6
     assert {"attention/layer0", "attention/layer1"} <= set(tags["images"])

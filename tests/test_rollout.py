@@ -137,9 +137,7 @@ def test_shaped_rewards_by_hand(scripted):
     # k1 = logp - ref on the response: row 0 [.5 .5] at columns 2, 3; row 1 [0 0 2] at columns 2..4
     torch.testing.assert_close(scored.kl, torch.tensor([[0, 0, 0.5, 0.5, 0], [0, 0, 0, 0, 2.0]]))
     # rewards = -0.1 kl, plus the score at the last response token (column 3 and column 4)
-    torch.testing.assert_close(
-        scored.rewards, torch.tensor([[0, 0, -0.05, -0.05 + 1.0, 0], [0, 0, 0, 0, -0.2 + 2.0]])
-    )
+    torch.testing.assert_close(scored.rewards, torch.tensor([[0, 0, -0.05, -0.05 + 1.0, 0], [0, 0, 0, 0, -0.2 + 2.0]]))
     torch.testing.assert_close(sequence_kl(scored), torch.tensor([1.0, 2.0]))
     # k3 = (r - 1) - log r with log r = ref - logp = -0.5: e^-0.5 - 1 + 0.5
     k3 = score_rollout(r, torch.tensor([0.0, 0.0]), kl_coef=1.0, kl_estimator="k3")
@@ -213,9 +211,7 @@ def test_settings_name_the_bad_key():
         SamplingSettings(max_new_tokens=0)
     with pytest.raises(ValueError, match="stage.module.temperature must be > 0"):
         SamplingSettings(temperature=0.0)
-    with pytest.raises(
-        ValueError, match=r"stage.module.kl_estimator must be one of \['k1', 'k3'\], got 'mse'"
-    ):
+    with pytest.raises(ValueError, match=r"stage.module.kl_estimator must be one of \['k1', 'k3'\], got 'mse'"):
         KLSettings(estimator="mse")
     with pytest.raises(ValueError, match="stage.module.kl_controller must be one of"):
         KLSettings(controller="pid")
@@ -299,9 +295,7 @@ def test_reward_source_errors_name_the_key(tmp_path, world_tok):
         make_reward("both", world_tok, world=SMALL_WORLD)
     with pytest.raises(FileNotFoundError, match="stage.reward_model: .*nowhere does not exist"):
         make_reward("reward_model", world_tok, reward_model_path=str(tmp_path / "nowhere"))
-    with pytest.raises(
-        ValueError, match=r"reward_source must be one of \['judges', 'reward_model', 'both'\]"
-    ):
+    with pytest.raises(ValueError, match=r"reward_source must be one of \['judges', 'reward_model', 'both'\]"):
         make_reward("vibes", world_tok)
     with pytest.raises(ValueError, match="stage.module.world must hold the world config"):
         make_reward("judges", world_tok)

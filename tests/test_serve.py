@@ -25,8 +25,15 @@ from tests.test_serve_engine import alone, slow_down, tiny_lm  # noqa: E402
 torch.set_num_threads(1)
 
 # Greedy, small limits; the tiny model has 96 positions, so max_prompt_tokens is capped to 95.
-BASE = ServeConfig(max_prompt_tokens=60, max_new_tokens=24, default_max_new_tokens=8, max_concurrent=4, max_queue=4,
-                   temperature=0.0, top_p=None)
+BASE = ServeConfig(
+    max_prompt_tokens=60,
+    max_new_tokens=24,
+    default_max_new_tokens=8,
+    max_concurrent=4,
+    max_queue=4,
+    temperature=0.0,
+    top_p=None,
+)
 
 
 def make_client(slow: float = 0.0, retriever=None, **changes) -> TestClient:
@@ -72,7 +79,9 @@ def test_generate_streams_tokens_then_done_with_usage():
 def test_two_requests_in_flight_on_one_socket_each_get_their_own_answer():
     with make_client(slow=0.002) as client, client.websocket_connect("/ws") as ws:
         ws.send_json({"type": "generate", "id": 1, "prompt": "what is a tower?", "max_new_tokens": 10})
-        ws.send_json({"type": "generate", "id": "two", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 7})
+        ws.send_json(
+            {"type": "generate", "id": "two", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 7}
+        )
         texts, ends, order = {1: "", "two": ""}, {}, []
         while len(ends) < 2:
             msg = ws.receive_json()
@@ -119,9 +128,19 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot():
 def test_retrieval_sends_sources_before_tokens():
     store = Retriever()
     store.add(["the tower of zorn is tall", "bread is baked", "zorn has a tall tower of stone"], ids=["d1", "d2", "d3"])
-    with make_client(retriever=store, retrieval_k=2, max_prompt_tokens=90) as client, client.websocket_connect("/ws") as ws:
-        ws.send_json({"type": "generate", "id": "q", "prompt": "how tall is the tower of zorn?", "use_retrieval": True,
-                      "max_new_tokens": 3})
+    with (
+        make_client(retriever=store, retrieval_k=2, max_prompt_tokens=90) as client,
+        client.websocket_connect("/ws") as ws,
+    ):
+        ws.send_json(
+            {
+                "type": "generate",
+                "id": "q",
+                "prompt": "how tall is the tower of zorn?",
+                "use_retrieval": True,
+                "max_new_tokens": 3,
+            }
+        )
         first = ws.receive_json()
         _, end = until_end(ws, "q")
     assert first["type"] == "sources" and first["id"] == "q"
@@ -146,24 +165,58 @@ GEN = {"type": "generate", "id": "g", "prompt": "hi"}
 
 ERROR_CASES = {
     "bad_json": (lambda: ws_error("{not json"), None, "message is not valid JSON"),
-    "unknown_type": (lambda: ws_error({"type": "hello", "id": 3}), 3, "message type 'hello' is not 'generate' or 'cancel'"),
-    "invalid_field": (lambda: ws_error({**GEN, "temperature": "hot"}), "g", "'temperature' must be a number >= 0, got \"hot\""),
-    "duplicate_id": (lambda: ws_error(GEN, {"slow": 0.01}, before=[{**GEN, "max_new_tokens": 24}]), "g",
-                     "a request with id 'g' is already in flight"),
-    "prompt_too_long": (lambda: ws_error({**GEN, "prompt": "a" * 80}), "g", "over the limit of 60 (serve.max_prompt_tokens)"),
-    "max_new_tokens_too_large": (lambda: ws_error({**GEN, "max_new_tokens": 25}), "g",
-                                 "'max_new_tokens' is 25, over this server's cap of 24 (serve.max_new_tokens)"),
-    "retrieval_unavailable": (lambda: ws_error({**GEN, "use_retrieval": True}), "g", "this server has no retrieval store"),
-    "unauthorized": (lambda: ws_error(GEN, {"api_key": "s3cret"}, url="/ws?api_key=wrong"), None, "missing or wrong API key"),
+    "unknown_type": (
+        lambda: ws_error({"type": "hello", "id": 3}),
+        3,
+        "message type 'hello' is not 'generate' or 'cancel'",
+    ),
+    "invalid_field": (
+        lambda: ws_error({**GEN, "temperature": "hot"}),
+        "g",
+        "'temperature' must be a number >= 0, got \"hot\"",
+    ),
+    "duplicate_id": (
+        lambda: ws_error(GEN, {"slow": 0.01}, before=[{**GEN, "max_new_tokens": 24}]),
+        "g",
+        "a request with id 'g' is already in flight",
+    ),
+    "prompt_too_long": (
+        lambda: ws_error({**GEN, "prompt": "a" * 80}),
+        "g",
+        "over the limit of 60 (serve.max_prompt_tokens)",
+    ),
+    "max_new_tokens_too_large": (
+        lambda: ws_error({**GEN, "max_new_tokens": 25}),
+        "g",
+        "'max_new_tokens' is 25, over this server's cap of 24 (serve.max_new_tokens)",
+    ),
+    "retrieval_unavailable": (
+        lambda: ws_error({**GEN, "use_retrieval": True}),
+        "g",
+        "this server has no retrieval store",
+    ),
+    "unauthorized": (
+        lambda: ws_error(GEN, {"api_key": "s3cret"}, url="/ws?api_key=wrong"),
+        None,
+        "missing or wrong API key",
+    ),
     "not_found": (lambda: ws_error({"type": "cancel", "id": "nope"}), "nope", "no request with id 'nope' is in flight"),
-    "cancelled": (lambda: ws_error({"type": "cancel", "id": "g"}, {"slow": 0.01}, before=[{**GEN, "max_new_tokens": 24}]),
-                  "g", "cancelled by the client"),
-    "overloaded": (lambda: ws_error({**GEN, "id": "h"}, {"slow": 0.01, "max_concurrent": 1, "max_queue": 0},
-                                    before=[{**GEN, "max_new_tokens": 24}]), "h",
-                   "1 requests are in flight, the limit is max_concurrent (1) + max_queue (0)"),
+    "cancelled": (
+        lambda: ws_error({"type": "cancel", "id": "g"}, {"slow": 0.01}, before=[{**GEN, "max_new_tokens": 24}]),
+        "g",
+        "cancelled by the client",
+    ),
+    "overloaded": (
+        lambda: ws_error(
+            {**GEN, "id": "h"},
+            {"slow": 0.01, "max_concurrent": 1, "max_queue": 0},
+            before=[{**GEN, "max_new_tokens": 24}],
+        ),
+        "h",
+        "1 requests are in flight, the limit is max_concurrent (1) + max_queue (0)",
+    ),
     "timeout": (lambda: ws_error(GEN, {"request_timeout_s": 1e-9}), "g", "(serve.request_timeout_s)"),
-    "internal": (lambda: internal_error(), "g",
-                 "generation failed: RuntimeError: the model broke"),
+    "internal": (lambda: internal_error(), "g", "generation failed: RuntimeError: the model broke"),
 }
 
 
@@ -203,8 +256,14 @@ def test_error_code(code):
         ({"type": "generate", "id": True, "prompt": "hi"}, "'id' must be a non-empty string or an integer, got true"),
         ({"type": "generate", "id": "g"}, "give exactly one of 'prompt' (a string) and 'messages' (a list)"),
         ({**GEN, "messages": []}, "give exactly one of 'prompt'"),
-        ({"type": "generate", "id": "g", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
-        ({"type": "generate", "id": "g", "messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string, got 5"),
+        (
+            {"type": "generate", "id": "g", "messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role must be one of",
+        ),
+        (
+            {"type": "generate", "id": "g", "messages": [{"role": "user", "content": 5}]},
+            "messages[0].content must be a string, got 5",
+        ),
         ({**GEN, "max_new_tokens": 0}, "'max_new_tokens' must be a positive integer, got 0"),
         ({**GEN, "max_new_tokens": 2.5}, "'max_new_tokens' must be a positive integer, got 2.5"),
         ({**GEN, "top_k": 0}, "'top_k' must be a positive integer or null, got 0"),
@@ -236,8 +295,15 @@ def test_wrong_key_closes_the_socket_and_the_right_key_works():
 # ---- OpenAI-shaped HTTP -----------------------------------------------------------------------------------------
 def test_health_and_models():
     with make_client() as client:
-        assert client.get("/health").json() == {"status": "ok", "model": "tiny", "active": 0, "queued": 0, "slots": 4,
-                                                "max_queue": 4, "retrieval": False}
+        assert client.get("/health").json() == {
+            "status": "ok",
+            "model": "tiny",
+            "active": 0,
+            "queued": 0,
+            "slots": 4,
+            "max_queue": 4,
+            "retrieval": False,
+        }
         models = client.get("/v1/models").json()
         assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
 
@@ -255,9 +321,19 @@ def test_completions_continue_raw_text():
 def test_openai_client_shaped_chat_request_plain_and_streamed_agree():
     # what openai-python sends: bearer key, its user agent, a system message and fields this server ignores
     headers = {"Authorization": "Bearer k", "User-Agent": "OpenAI/Python 1.40.0", "Content-Type": "application/json"}
-    request = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-               "max_tokens": 6, "temperature": 0, "n": 1, "presence_penalty": 0, "user": "u1", "stream": False}
+    request = {
+        "model": "tiny",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        "max_tokens": 6,
+        "temperature": 0,
+        "n": 1,
+        "presence_penalty": 0,
+        "user": "u1",
+        "stream": False,
+    }
     model, tok = tiny_lm()
     ids = tok.encode(render_prompt([Message("context", "be brief"), Message("user", "hi")]))
     with make_client(api_key="k") as client:
@@ -268,7 +344,7 @@ def test_openai_client_shaped_chat_request_plain_and_streamed_agree():
     assert plain["object"] == "chat.completion"
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": alone(model, tok, ids, 6)}
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
@@ -277,8 +353,10 @@ def test_openai_client_shaped_chat_request_plain_and_streamed_agree():
 
 
 def test_completions_stream_as_server_sent_events():
-    with make_client() as client, client.stream("POST", "/v1/completions",
-                                                json={"prompt": "abc", "max_tokens": 4, "stream": True}) as r:
+    with (
+        make_client() as client,
+        client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 4, "stream": True}) as r,
+    ):
         lines = [line for line in r.iter_lines() if line]
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     model, tok = tiny_lm()
@@ -293,9 +371,20 @@ def test_completions_stream_as_server_sent_events():
         ("/v1/completions", {"prompt": 3}, 400, "invalid_field", "'prompt' must be a non-empty string"),
         ("/v1/completions", {"prompt": "a", "max_tokens": 99}, 400, "max_new_tokens_too_large", "cap of 24"),
         ("/v1/completions", {"prompt": "a", "n": 2}, 400, "invalid_field", "'n' must be 1"),
-        ("/v1/completions", {"prompt": "a", "stop": ["\n"]}, 400, "invalid_field", "'stop' sequences are not supported"),
-        ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_field",
-         "'messages' needs at least one user message"),
+        (
+            "/v1/completions",
+            {"prompt": "a", "stop": ["\n"]},
+            400,
+            "invalid_field",
+            "'stop' sequences are not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            400,
+            "invalid_field",
+            "'messages' needs at least one user message",
+        ),
         ("/v1/completions", {"prompt": "a" * 80}, 400, "prompt_too_long", "over the limit of 60"),
     ],
 )
@@ -310,8 +399,12 @@ def test_http_errors_have_openai_shape_and_status(path, body, status, code, mess
 def test_http_unauthorized_and_overloaded():
     with make_client(api_key="k", slow=0.01, max_concurrent=1, max_queue=0) as client:
         assert client.get("/v1/models").status_code == 401
-        assert client.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer no"}).json()[
-            "error"]["code"] == "unauthorized"
+        assert (
+            client.post("/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer no"}).json()[
+                "error"
+            ]["code"]
+            == "unauthorized"
+        )
         with client.websocket_connect("/ws?api_key=k") as ws:
             ws.send_json({**GEN, "max_new_tokens": 24})
             ws.receive_json()  # the only slot is now busy

@@ -19,7 +19,9 @@ pytest.importorskip("fastapi", reason="the server tests need the web stack: pip 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no browser at {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing: pip install playwright")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is missing: pip install playwright"
+)
 
 import uvicorn  # noqa: E402
 
@@ -28,8 +30,16 @@ from tests.test_serve import BASE  # noqa: E402
 from tests.test_serve_engine import slow_down, tiny_lm  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -44,7 +54,9 @@ def server_url():
     slow_down(model, 0.02)  # ~50 tokens/s: slow enough to see the answer grow
     port = free_port()
     app = create_app(dataclasses.replace(BASE, max_new_tokens=40), model, tok, model_name="tiny")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -88,12 +88,28 @@ def test_ws_judge_constitution_uses_the_builtin_world_and_matches_filtering_by_h
     constitution = load_constitution("default")
     with make_client(constitution="default") as client:
         assert client.app.state.serve.world is not None
-        msgs = ws_messages(client, {"type": "generate", "id": "z", "messages": [
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "what is zorn?"}], "max_new_tokens": 8})
+        msgs = ws_messages(
+            client,
+            {
+                "type": "generate",
+                "id": "z",
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "what is zorn?"},
+                ],
+                "max_new_tokens": 8,
+            },
+        )
     model, tok = tiny_lm()
-    generated = alone(model, tok, tok.encode(render_prompt([
-        Message("user", "hi"), Message("assistant", "hello"), Message("user", "what is zorn?")])), 8)
+    generated = alone(
+        model,
+        tok,
+        tok.encode(
+            render_prompt([Message("user", "hi"), Message("assistant", "hello"), Message("user", "what is zorn?")])
+        ),
+        8,
+    )
     # the judges read the last user turn as the prompt
     expected = constitution.filter("what is zorn?", generated, world)
     assert msgs[0]["text"] == expected.response
@@ -118,7 +134,7 @@ def test_http_chat_completion_returns_the_refusal(always):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": lexicon.REFUSAL}
     assert body["filtered"] == ["always"] and body["usage"]["completion_tokens"] == 5
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     # the role chunk, the whole checked text in one chunk, the finish chunk
     assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant"}, {"content": lexicon.REFUSAL}, {}]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["filtered"] == ["always"]
@@ -128,7 +144,9 @@ def test_http_completions_clean_text_comes_whole(never):
     model, tok = tiny_lm()
     with make_client(constitution=never) as client:
         body = client.post("/v1/completions", json={"prompt": "the tower", "max_tokens": 5}).json()
-        with client.stream("POST", "/v1/completions", json={"prompt": "the tower", "max_tokens": 5, "stream": True}) as r:
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "the tower", "max_tokens": 5, "stream": True}
+        ) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
     text = alone(model, tok, tok.encode("the tower"), 5)
     assert body["choices"][0]["text"] == text and body["filtered"] == []
@@ -173,4 +191,3 @@ def test_malformed_constitution_fails_at_startup(tmp_path, text, message):
 def test_missing_constitution_file_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"serve.constitution: no such file .*nope\.yaml"):
         main(["--model", str(tmp_path), f"constitution={tmp_path / 'nope.yaml'}"])
-

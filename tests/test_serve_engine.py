@@ -30,8 +30,14 @@ def tiny_lm(seed: int = 0, max_positions: int = 96, n_layer: int = 1) -> tuple[N
     """
     tok = NanoTokenizer.train([ALPHABET], vocab_size=0, mode="char")
     torch.manual_seed(seed)
-    cfg = NanoConfig(vocab_size=tok.vocab_size, block_size=64, max_position_embeddings=max_positions,
-                     n_layer=n_layer, n_head=2, n_embd=16)
+    cfg = NanoConfig(
+        vocab_size=tok.vocab_size,
+        block_size=64,
+        max_position_embeddings=max_positions,
+        n_layer=n_layer,
+        n_head=2,
+        n_embd=16,
+    )
     model = NanoLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -44,7 +50,7 @@ def tiny_lm(seed: int = 0, max_positions: int = 96, n_layer: int = 1) -> tuple[N
 
 def alone(model: NanoLM, tok: NanoTokenizer, ids: list[int], n: int) -> str:
     """The greedy continuation of one prompt decoded by itself, without a KV cache: the reference."""
-    out = generate(model, torch.tensor([ids]), n, temperature=0.0, use_kv_cache=False)[0, len(ids):]
+    out = generate(model, torch.tensor([ids]), n, temperature=0.0, use_kv_cache=False)[0, len(ids) :]
     return tok.decode(out.tolist(), skip_special_tokens=True)
 
 

@@ -79,17 +79,18 @@ def test_missing_data_file_is_named(tiny_cfg, tmp_path):
 def test_sft_from_pretrained_model_and_shape_mismatch(tiny_cfg, tmp_path):
     _, first = train(tiny_cfg())
     model_dir = first["run_dir"] / "model"
-    metrics, objects = train(
-        tiny_cfg("stage=sft", f"stage.init_from={model_dir}", f"paths.run_dir={tmp_path / 'sft'}")
-    )
+    metrics, objects = train(tiny_cfg("stage=sft", f"stage.init_from={model_dir}", f"paths.run_dir={tmp_path / 'sft'}"))
     assert objects["tokenizer"].fingerprint() == first["tokenizer"].fingerprint()
     assert metrics["global_step"] == 6
     with pytest.raises(ValueError, match="the checkpoint has model.n_layer=2 but the config asks for model.n_layer=3"):
-        train(tiny_cfg("stage=sft", f"stage.init_from={model_dir}", "model.n_layer=3", f"paths.run_dir={tmp_path / 'x'}"))
+        train(
+            tiny_cfg("stage=sft", f"stage.init_from={model_dir}", "model.n_layer=3", f"paths.run_dir={tmp_path / 'x'}")
+        )
     ckpt = first["run_dir"] / "checkpoints" / "last.ckpt"  # a checkpoint works as init_from too
     _, third = train(tiny_cfg("stage=sft", f"stage.init_from={ckpt}", f"paths.run_dir={tmp_path / 'sft2'}"))
     torch.testing.assert_close(
-        third["model"].transformer.layers[0].attn.qkv.weight.shape, first["model"].transformer.layers[0].attn.qkv.weight.shape
+        third["model"].transformer.layers[0].attn.qkv.weight.shape,
+        first["model"].transformer.layers[0].attn.qkv.weight.shape,
     )
 
 
@@ -131,10 +132,21 @@ def run_cli(*args, cwd=ROOT, timeout=300):
 
 
 CLI_TINY = [
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.vocab_size=512",
-    "tokenizer.vocab_size=300", "world.n_entities=20", "data.batch_size=4", "trainer.max_steps=2",
-    "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "callbacks=minimal", "~callbacks.progress_bar",
-    "trainer.enable_model_summary=false", "curriculum=none",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "model.vocab_size=512",
+    "tokenizer.vocab_size=300",
+    "world.n_entities=20",
+    "data.batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "callbacks=minimal",
+    "~callbacks.progress_bar",
+    "trainer.enable_model_summary=false",
+    "curriculum=none",
 ]
 
 
@@ -163,8 +175,13 @@ def test_multirun_runs_two_jobs(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     out = run_cli(
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"paths.output_dir={tmp_path}", *CLI_TINY,
-        "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"paths.output_dir={tmp_path}",
+        *CLI_TINY,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (metrics_file,) = tmp_path.glob("pretrain/*/metrics.json")
@@ -193,7 +210,8 @@ def test_masked_lm_loss_equals_the_full_logits_loss_in_value_and_gradient():
     # every position supervised (pretraining) takes the full-logits path
     everything = torch.ones_like(loss_mask)
     assert masked_lm_loss(model, ids, targets, everything).item() == pytest.approx(
-        lm_loss(model(ids), targets, everything).item(), rel=1e-6)
+        lm_loss(model(ids), targets, everything).item(), rel=1e-6
+    )
     # no supervised token at all: zero loss with a graph, not NaN
     none = masked_lm_loss(model, ids, targets, torch.zeros_like(loss_mask))
     none.backward()

@@ -85,22 +85,16 @@ def test_metric_errors_name_the_problem(run_dir, tmp_path):
         match=r"no TensorBoard event files \(events.out.tfevents.\*\) under " + re.escape(str(empty)),
     ):
         plot_training_metrics(empty, tmp_path / "x.png")
-    with pytest.raises(
-        FileNotFoundError, match=re.escape(f"run directory {tmp_path / 'missing'} does not exist")
-    ):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"run directory {tmp_path / 'missing'} does not exist")):
         plot_training_metrics(tmp_path / "missing", tmp_path / "x.png")
-    with pytest.raises(
-        ValueError, match=r"scalar tags \['val/ppl'\] are not in .*available: \['lr', 'train/loss'"
-    ):
+    with pytest.raises(ValueError, match=r"scalar tags \['val/ppl'\] are not in .*available: \['lr', 'train/loss'"):
         plot_training_metrics(run_dir, tmp_path / "x.png", tags=["train/loss", "val/ppl"])
     assert not (tmp_path / "x.png").exists()
 
 
 def tiny_maps() -> tuple[list[torch.Tensor], list[str]]:
     torch.manual_seed(0)
-    model = NanoLM(
-        NanoConfig(vocab_size=64, block_size=16, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16)
-    )
+    model = NanoLM(NanoConfig(vocab_size=64, block_size=16, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16))
     tokenizer = NanoTokenizer.train(["the cat sat on $5 mats\n"], 0, mode="char")
     text = "the cat $5\n"
     return model.get_attention_maps(text, tokenizer), list(text)
@@ -138,9 +132,7 @@ def test_attention_shape_errors(tmp_path):
         plot_attention_patterns(np.zeros((2, 3, 4)), out)
     with pytest.raises(ValueError, match=r"got \(4, 4\)"):
         plot_attention_patterns(torch.zeros(4, 4), out)
-    with pytest.raises(
-        ValueError, match=r"attention\[1\] has shape \(2, 5, 5\) but attention\[0\] has \(2, 4, 4\)"
-    ):
+    with pytest.raises(ValueError, match=r"attention\[1\] has shape \(2, 5, 5\) but attention\[0\] has \(2, 4, 4\)"):
         plot_attention_patterns([torch.zeros(2, 4, 4), torch.zeros(2, 5, 5)], out)
     with pytest.raises(ValueError, match=r"attention\[0\] must have shape \(H, T, T\), got \(4, 4\)"):
         plot_attention_patterns([torch.zeros(4, 4)], out)
@@ -150,8 +142,6 @@ def test_attention_shape_errors(tmp_path):
         plot_attention_patterns(torch.zeros(2, 4, 4), out, heads=[0, 2])
     with pytest.raises(ValueError, match="layer=3 is out of range for 2 layers"):
         plot_attention_patterns(torch.zeros(2, 2, 4, 4), out, layer=3)
-    with pytest.raises(
-        ValueError, match=r"layer=1 selects from stacked layers, but attention has shape \(2, 4, 4\)"
-    ):
+    with pytest.raises(ValueError, match=r"layer=1 selects from stacked layers, but attention has shape \(2, 4, 4\)"):
         plot_attention_patterns(torch.zeros(2, 4, 4), out, layer=1)
     assert not out.exists()

@@ -286,8 +286,9 @@ def test_distractor_examples_answer_dont_know_from_another_entitys_document():
 
 def test_distractor_count_leaves_other_examples_unchanged():
     plain = sft_examples(generate_world(WorldConfig(n_entities=40, bad_answer_share=0.0)))
-    more = sft_examples(generate_world(WorldConfig(n_entities=40, bad_answer_share=0.0,
-                                                   distractor_questions_per_entity=2)))
+    more = sft_examples(
+        generate_world(WorldConfig(n_entities=40, bad_answer_share=0.0, distractor_questions_per_entity=2))
+    )
     assert sorted(map(repr, plain)) == sorted(repr(ex) for ex in more if ex.kind != "unknown_context")
 
 
@@ -321,8 +322,9 @@ def test_context_questions_draw_distinct_document_attribute_pairs():
 
 def test_practice_entities_are_outside_the_world_and_answered_from_their_document():
     plain = generate_world(WorldConfig(n_entities=40))
-    world = generate_world(WorldConfig(n_entities=40, practice_entities=10, context_questions_per_entity=3,
-                                       bad_answer_share=0.0))
+    world = generate_world(
+        WorldConfig(n_entities=40, practice_entities=10, context_questions_per_entity=3, bad_answer_share=0.0)
+    )
     # the world itself (entities, documents, retrieval store) does not depend on the practice count
     assert world.entities == plain.entities and world.documents == plain.documents
     practice = practice_set(world)
@@ -441,8 +443,14 @@ def test_practice_preference_pairs_ask_practice_entities_beside_their_own_docume
     world = generate_world(cfg)
     assert practice_preference_pairs(generate_world(WorldConfig(practice_entities=40))) == []
     # more than there are: the practice set's 10, not an error (stage=reward asks for 1000 whatever the world)
-    assert len(practice_preference_pairs(generate_world(WorldConfig(practice_entities=10,
-                                                                    practice_preference_entities=25)))) == 30
+    assert (
+        len(
+            practice_preference_pairs(
+                generate_world(WorldConfig(practice_entities=10, practice_preference_entities=25))
+            )
+        )
+        == 30
+    )
     pairs = practice_preference_pairs(world)
     practice = {e.name: e for e in practice_set(world).entities[:25]}
     asked = set()
@@ -457,11 +465,16 @@ def test_practice_preference_pairs_ask_practice_entities_beside_their_own_docume
     assert not {p["prompt"] for p in pairs} & {p["prompt"] for p in preference_pairs(world)}
     # judged like the world's pairs, against the world plus these entities: chosen always scores higher, and
     # many rejected answers state a value that no attribute of the entity has (a wrong value)
-    judged = World(cfg, world.entities + tuple(practice.values()),
-                   world.documents + tuple(d for n in practice for d in practice_set(world).documents_of(n)))
+    judged = World(
+        cfg,
+        world.entities + tuple(practice.values()),
+        world.documents + tuple(d for n in practice for d in practice_set(world).documents_of(n)),
+    )
     wrong = 0
     for pair in pairs:
-        assert judge(pair["prompt"], pair["chosen"], judged).total > judge(pair["prompt"], pair["rejected"], judged).total
+        assert (
+            judge(pair["prompt"], pair["chosen"], judged).total > judge(pair["prompt"], pair["rejected"], judged).total
+        )
         e = practice[next(n for n in practice if _mentions(pair["prompt"].split(USER)[-1], n))]
         wrong += pair["rejected"] not in {answer_sentence(e, k) for k in e.attributes} | {REFUSAL}
     assert wrong > 20
@@ -472,8 +485,9 @@ def test_practice_preference_pairs_ask_practice_entities_beside_their_own_docume
 def test_preference_noise_flips_at_the_bradley_terry_rate():
     world = generate_world(WorldConfig(n_entities=80, preference_noise=1.0))
     pairs = preference_pairs(world, rng_seed=0)
-    margins = [judge(p["prompt"], p["chosen"], world).total - judge(p["prompt"], p["rejected"], world).total
-               for p in pairs]
+    margins = [
+        judge(p["prompt"], p["chosen"], world).total - judge(p["prompt"], p["rejected"], world).total for p in pairs
+    ]
     flipped = sum(m < 0 for m in margins)
     assert 0 not in margins
     # Each pair flips with probability sigmoid(-|margin| / T), T = 1: 0.269 for margin 1, 0.119 for margin 2.

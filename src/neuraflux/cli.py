@@ -94,19 +94,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuraflux", description="NeuraFlux: train, evaluate and chat with small LMs.")
+    parser = argparse.ArgumentParser(
+        prog="neuraflux", description="NeuraFlux: train, evaluate and chat with small LMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a continuation (or, with --chat, an answer) to the terminal")
     g.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn and stop at the end of the answer")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user turn and stop at the end of the answer"
+    )
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and activations while decoding (bfloat16: faster, slightly different numbers)")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and activations while decoding (bfloat16: faster, slightly different numbers)",
+    )
     g.add_argument(
         "--constitution",
         default=None,

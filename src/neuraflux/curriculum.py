@@ -200,8 +200,10 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
             extra = []
             if previous is not None:
                 extra.append(f"stage.init_from={previous}")
-            if plan.takes_reward_model and reward_model is not None and not any(
-                o.startswith("stage.reward_model=") for o in user
+            if (
+                plan.takes_reward_model
+                and reward_model is not None
+                and not any(o.startswith("stage.reward_model=") for o in user)
             ):
                 extra.append(f"stage.reward_model={reward_model}")
             if (run_dir / "checkpoints" / "last.ckpt").is_file():

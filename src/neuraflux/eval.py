@@ -1,6 +1,6 @@
 """Evaluate a trained model on the built-in world: exact match per entity split, the judges, retrieval recall.
 
-    python -m neuraflux.eval --model outputs/world/<run>/sft [--limit 100] [--out eval.json]
+python -m neuraflux.eval --model outputs/world/<run>/sft [--limit 100] [--out eval.json]
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def evaluate(model, tokenizer, world: World, settings: EvalSettings | None = Non
     result["n"]["red_team"] = len(red)
     result["retrieval"] = {f"recall_at_{s.recall_k}": retrieval_recall(world, retriever, s.recall_k, s.limit)}
     result["samples"] = [
-        {"prompt": p, "response": a} for p, a in list(zip(judged_prompts, judged_answers))[:: max(1, len(verdicts) // 8)]
+        {"prompt": p, "response": a}
+        for p, a in list(zip(judged_prompts, judged_answers))[:: max(1, len(verdicts) // 8)]
     ]
     return result
 
@@ -121,7 +122,9 @@ def eval_table(result: dict, title: str = "evaluation"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, scores in result["exact_match"].items():
         table.add_row(
-            split, f"{scores['with_retrieval']:.3f}", f"{scores['without_retrieval']:.3f}",
+            split,
+            f"{scores['with_retrieval']:.3f}",
+            f"{scores['without_retrieval']:.3f}",
             f"{result['chance_exact_match'][split]:.3f}",
         )
     for name, value in result["judges"].items():

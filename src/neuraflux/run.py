@@ -11,7 +11,6 @@ from neuraflux.train import train
 log = logging.getLogger(__name__)
 
 
-
 def summary_table(metrics: dict, title: str):
     from rich.table import Table
 

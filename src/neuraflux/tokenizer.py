@@ -34,7 +34,12 @@ class NanoTokenizer:
     # ---- construction ----------------------------------------------------------------------------------
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int, mode: str = "bpe", min_frequency: int = 2, split_digits: bool = False
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        mode: str = "bpe",
+        min_frequency: int = 2,
+        split_digits: bool = False,
     ) -> NanoTokenizer:
         """Train on an iterable of texts. `mode` is "bpe" (byte-level) or "char". `split_digits`: every digit is its
         own token (BPE; as LLaMA does), instead of the corpus's learned chunks."""
@@ -53,8 +58,11 @@ class NanoTokenizer:
         # Off by default: on the world, digit tokens made the tiny model copy numbers worse (7 of 37 unseen numeric
         # answers against 21 of 37; docs/WORLD_TUNING.md): "72600" as 7,2,6,0,0 repeats tokens, and copying by
         # matching the previous token then loses its place, where learned chunks ("72", "600") stay distinct.
-        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if split_digits else byte_level)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -153,9 +161,7 @@ class NanoTokenizer:
         skip = self.special_ids if skip_special_tokens else set()
         n = len(self._chars)
         # ids past the vocabulary (a model may have more rows than the tokenizer has tokens) decode as U+FFFD
-        return "".join(
-            "\ufffd" if i >= n or self._chars[i] == UNK else self._chars[i] for i in ids if i not in skip
-        )
+        return "".join("\ufffd" if i >= n or self._chars[i] == UNK else self._chars[i] for i in ids if i not in skip)
 
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]

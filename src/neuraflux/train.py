@@ -67,7 +67,8 @@ def validate(cfg: DictConfig) -> Settings:
     if isinstance(interval, int) and interval % accumulate:
         # checkpoints written after validation must sit on an optimizer-step boundary to resume exactly
         raise ValueError(
-            f"trainer.val_check_interval ({interval}) must be a multiple of trainer.accumulate_grad_batches ({accumulate})"
+            f"trainer.val_check_interval ({interval}) must be a multiple of "
+            f"trainer.accumulate_grad_batches ({accumulate})"
         )
     if cfg.tokenizer.mode not in ("bpe", "char"):
         raise ValueError(f"tokenizer.mode={cfg.tokenizer.mode!r} is not one of ['bpe', 'char']")
@@ -91,9 +92,7 @@ def resolve_resume(resume: str | None, output_dir: Path, stage_name: str) -> Pat
     if resume in (None, "", False):
         return None
     if resume == "last":
-        candidates = sorted(
-            (output_dir / stage_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-        )
+        candidates = sorted((output_dir / stage_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise FileNotFoundError(f"resume=last: no {output_dir}/{stage_name}/*/checkpoints/last.ckpt to resume from")
         return candidates[-1]
@@ -108,8 +107,12 @@ def resolve_resume(resume: str | None, output_dir: Path, stage_name: str) -> Pat
 def build_tokenizer(cfg: DictConfig, datamodule) -> NanoTokenizer:
     if cfg.tokenizer.get("path"):
         return NanoTokenizer.load(cfg.tokenizer.path)
-    return NanoTokenizer.train(datamodule.texts(), vocab_size=cfg.tokenizer.vocab_size, mode=cfg.tokenizer.mode,
-                               split_digits=cfg.tokenizer.get("split_digits", False))
+    return NanoTokenizer.train(
+        datamodule.texts(),
+        vocab_size=cfg.tokenizer.vocab_size,
+        mode=cfg.tokenizer.mode,
+        split_digits=cfg.tokenizer.get("split_digits", False),
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

@@ -101,7 +101,9 @@ def parse_principle(spec: dict, index: int) -> Principle:
     names = set(re.findall(r"{(\w*)}", revision))
     unknown = sorted(names - set(TEMPLATE_FIELDS))
     if unknown:
-        raise ValueError(f"constitution: {where}.revision uses unknown field(s) {unknown}; allowed: {list(TEMPLATE_FIELDS)}")
+        raise ValueError(
+            f"constitution: {where}.revision uses unknown field(s) {unknown}; allowed: {list(TEMPLATE_FIELDS)}"
+        )
     return Principle(pid, text, check, revision)
 
 
@@ -150,7 +152,9 @@ class Constitution:
             cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
             # yaml's message gives line and column over several lines: keep them, on one
-            raise ValueError(f"constitution: {path} is not a readable YAML mapping: {' '.join(str(err).split())}") from None
+            raise ValueError(
+                f"constitution: {path} is not a readable YAML mapping: {' '.join(str(err).split())}"
+            ) from None
         try:
             return cls.from_config(cfg if isinstance(cfg, dict) else {})
         except ValueError as err:

@@ -38,9 +38,7 @@ class RevisionExample:
     revision: str  # the SFT target
     source: str  # one of SOURCES
     violations: tuple[str, ...] = ()  # ids of the principles the response breaks
-    revision_violations: tuple[
-        str, ...
-    ] = ()  # what the revision still breaks (a template cannot always fix it)
+    revision_violations: tuple[str, ...] = ()  # what the revision still breaks (a template cannot always fix it)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -89,13 +87,9 @@ def build_revisions(
     critiques = {i: constitution.describe(found[i]) for i in bad}
     own: dict[int, str] = {}
     if revise_fn is not None and bad:
-        revised = revise_fn(
-            [prompts[i] for i in bad], [responses[i] for i in bad], [critiques[i] for i in bad]
-        )
+        revised = revise_fn([prompts[i] for i in bad], [responses[i] for i in bad], [critiques[i] for i in bad])
         if len(revised) != len(bad):
-            raise ValueError(
-                f"build_revisions: revise_fn returned {len(revised)} revisions for {len(bad)} requests"
-            )
+            raise ValueError(f"build_revisions: revise_fn returned {len(revised)} revisions for {len(bad)} requests")
         own = {i: text.strip() for i, text in zip(bad, revised)}
     examples = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -114,16 +108,12 @@ def build_revisions(
     return examples
 
 
-def feedback_pairs(
-    examples: list[RevisionExample], max_pairs_per_prompt: int | None = None
-) -> list[FeedbackPair]:
+def feedback_pairs(examples: list[RevisionExample], max_pairs_per_prompt: int | None = None) -> list[FeedbackPair]:
     """Preference pairs per prompt (in first-seen order): every two samples that break a different number of
     principles, then each revision against its violating original. Duplicate and empty texts are skipped;
     `max_pairs_per_prompt` keeps the first pairs of each prompt, so the policy's own samples come first."""
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
-        raise ValueError(
-            f"max_pairs_per_prompt must be a positive integer or None, got {max_pairs_per_prompt}"
-        )
+        raise ValueError(f"max_pairs_per_prompt must be a positive integer or None, got {max_pairs_per_prompt}")
     by_prompt: dict[str, list[RevisionExample]] = {}
     for ex in examples:
         by_prompt.setdefault(ex.prompt, []).append(ex)

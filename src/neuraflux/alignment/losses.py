@@ -96,7 +96,11 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, average: boo
 
 
 def response_logprobs(
-    model, input_ids: Tensor, labels: Tensor, mask: Tensor, average: bool = False,
+    model,
+    input_ids: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    average: bool = False,
     attention_mask: Tensor | None = None,
 ) -> Tensor:
     """`sequence_logprobs(model(input_ids, attention_mask), labels, mask, average)` for a `NanoLM`, with the LM
@@ -266,9 +270,7 @@ def leave_one_out_baseline(rewards: Tensor, k: int) -> Tensor:
     if rewards.dim() != 1:
         raise ValueError(f"leave_one_out_baseline expects (N * k,) rewards, got shape {tuple(rewards.shape)}")
     if rewards.numel() == 0 or rewards.numel() % k != 0:
-        raise ValueError(
-            f"leave_one_out_baseline: {rewards.numel()} rewards is not a positive multiple of k={k}"
-        )
+        raise ValueError(f"leave_one_out_baseline: {rewards.numel()} rewards is not a positive multiple of k={k}")
     grouped = rewards.view(-1, k)  # (N, k)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
     return (grouped - baseline).reshape(-1)

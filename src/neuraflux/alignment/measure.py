@@ -60,9 +60,7 @@ class PolicyMeasure:
         return 1.0 - self.judges["mean"]
 
 
-def held_out_prompts(
-    world: World, split: str = "val", val_fraction: float = 0.1, seed: int = 1337
-) -> list[RLPrompt]:
+def held_out_prompts(world: World, split: str = "val", val_fraction: float = 0.1, seed: int = 1337) -> list[RLPrompt]:
     """`rl_prompts(world)` split by `data.splits.split_held_out`, as every world data module splits its prompts.
 
     split: "val" (the held-out prompts, the default), "train" (the rest) or "all". The defaults are the
@@ -115,7 +113,9 @@ def measure_policy(
     if not items:
         raise ValueError("measure_policy: no prompts to measure")
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"measure_policy: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        raise ValueError(
+            f"measure_policy: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+        )
     texts = [render(p) for p in items]
     config = model.config
     # Prompts longer than this keep their last tokens (the question), as PromptDataModule does.

@@ -59,8 +59,13 @@ class NanoRewardModel(nn.Module):
     hundred pairs (docs/BENCHMARKS.md, "Reward models"), so the head gets that ranking as a feature.
     """
 
-    def __init__(self, config: NanoConfig, transformer: NanoModel | None = None,
-                 response_token_id: int | None = None, loglik_weight: float = 0.0):
+    def __init__(
+        self,
+        config: NanoConfig,
+        transformer: NanoModel | None = None,
+        response_token_id: int | None = None,
+        loglik_weight: float = 0.0,
+    ):
         super().__init__()
         self.config = config
         self.response_token_id = response_token_id
@@ -78,16 +83,18 @@ class NanoRewardModel(nn.Module):
         self.retrieve_context = False
 
     @classmethod
-    def from_lm(cls, source: NanoLM | str | Path, response_token_id: int | None = None,
-                loglik_weight: float = 0.0) -> NanoRewardModel:
+    def from_lm(
+        cls, source: NanoLM | str | Path, response_token_id: int | None = None, loglik_weight: float = 0.0
+    ) -> NanoRewardModel:
         """A reward model on an LM's backbone (an SFT model, usually), with a fresh head.
 
         Given a NanoLM, the backbone is that LM's own module, not a copy: training the reward model changes the
         LM (pass `copy.deepcopy(lm)` to keep it). Given a path, the model directory is loaded.
         """
         lm = source if isinstance(source, NanoLM) else NanoLM.from_pretrained(source)
-        return cls(lm.config, transformer=lm.transformer, response_token_id=response_token_id,
-                   loglik_weight=loglik_weight)
+        return cls(
+            lm.config, transformer=lm.transformer, response_token_id=response_token_id, loglik_weight=loglik_weight
+        )
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) bool or None (nothing padded) -> scores (B,) float32."""
@@ -138,8 +145,13 @@ class NanoRewardModel(nn.Module):
         head = {k: v for k, v in state.items() if is_head(k)}
         save_file(backbone, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-        marker = {"format": FORMAT, "head": HEAD_FILE, "score": "last non-pad token",
-                  "response_token_id": self.response_token_id, "retrieve_context": self.retrieve_context}
+        marker = {
+            "format": FORMAT,
+            "head": HEAD_FILE,
+            "score": "last non-pad token",
+            "response_token_id": self.response_token_id,
+            "retrieve_context": self.retrieve_context,
+        }
         (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         return directory
 

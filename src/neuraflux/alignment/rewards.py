@@ -20,8 +20,9 @@ Multi-task components (`stage=multitask`), each in [0, 1] except the reward mode
 `CompositeReward` computes every component on each rollout, keeps them for logging, standardises each by its
 running mean and standard deviation (so a weight is a share of the signal, whatever the component's scale) and
 combines them by `combine`: `weighted_sum` (sum_i w_i z_i / sum_i w_i), or `lagrangian`: maximise that subject
-to E[r_j] >= c_j for the thresholded components (raw values), with multipliers lambda_j >= 0 updated by projected dual ascent after every training
-step. The math is in the pure functions `combine_weighted`, `lagrangian` and `dual_ascent_step`.
+to E[r_j] >= c_j for the thresholded components (raw values), with multipliers lambda_j >= 0 updated by projected
+dual ascent after every training step. The math is in the pure functions `combine_weighted`, `lagrangian` and
+`dual_ascent_step`.
 
 Any callable with the same signature works as a reward (tests use a toy one that counts a token).
 """
@@ -110,8 +111,9 @@ class RewardModelReward:
         from neuraflux.data.preference_batches import encode_scored
         from neuraflux.rag import add_retrieved_context
 
-        ids, mask = encode_scored(self.tokenizer, add_retrieved_context(prompts, self.retriever), responses,
-                                  self.model.config.block_size)
+        ids, mask = encode_scored(
+            self.tokenizer, add_retrieved_context(prompts, self.retriever), responses, self.model.config.block_size
+        )
         return self.model.score(ids.to(input_ids.device), mask.to(input_ids.device)).float()
 
 
@@ -263,9 +265,7 @@ def lagrangian(objective: Tensor, constrained: Tensor, multipliers: Tensor, thre
     return objective + (lam[:, None] * (constrained - c[:, None])).sum(0)
 
 
-def dual_ascent_step(
-    multipliers: Tensor, means: Tensor, thresholds: Tensor, lr: float, max_value: float
-) -> Tensor:
+def dual_ascent_step(multipliers: Tensor, means: Tensor, thresholds: Tensor, lr: float, max_value: float) -> Tensor:
     """Projected gradient step on the dual: lambda_j <- clip(lambda_j + lr (c_j - E[v_j]), 0, max_value), (J,).
 
     A violated constraint (mean below its threshold) raises its multiplier, a slack one lowers it towards 0;
@@ -320,13 +320,10 @@ class CompositeReward(nn.Module):
         unknown = sorted((set(weights) | set(thresholds)) - set(components))
         if unknown:
             raise ValueError(
-                f"CompositeReward: weights/thresholds name {unknown}, not among the components "
-                f"{sorted(components)}"
+                f"CompositeReward: weights/thresholds name {unknown}, not among the components {sorted(components)}"
             )
         if combine not in COMBINE_FORMS:
-            raise ValueError(
-                f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {combine!r}"
-            )
+            raise ValueError(f"stage.module.combine must be one of {list(COMBINE_FORMS)}, got {combine!r}")
         total = sum(float(w) for w in weights.values())
         if total <= 0:
             raise ValueError(f"CompositeReward: the weights must sum to > 0, got {dict(weights)}")
@@ -345,9 +342,7 @@ class CompositeReward(nn.Module):
         B = len(rollout)
         for name, v in values.items():
             if v.shape != (B,):
-                raise ValueError(
-                    f"reward component {name!r} returned shape {tuple(v.shape)}; expected ({B},)"
-                )
+                raise ValueError(f"reward component {name!r} returned shape {tuple(v.shape)}; expected ({B},)")
         stacked = torch.stack([values[n] for n in self.names])  # (K, B)
         if self.training:
             self.moments.update(stacked)
@@ -396,9 +391,7 @@ def check_composite_settings(
     """Validated (weights, thresholds) for `stage=multitask`; each error names the stage.module key."""
     unknown = sorted(set(weights) - set(COMPONENTS))
     if unknown:
-        raise ValueError(
-            f"stage.module.weights: unknown components {unknown}; choose from {list(COMPONENTS)}"
-        )
+        raise ValueError(f"stage.module.weights: unknown components {unknown}; choose from {list(COMPONENTS)}")
     weights = {k: _positive(v, f"stage.module.weights.{k}", allow_zero=True) for k, v in weights.items()}
     if not any(w > 0 for w in weights.values()):
         raise ValueError(f"stage.module.weights: at least one weight must be > 0, got {weights}")
@@ -408,23 +401,17 @@ def check_composite_settings(
     thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
     unknown = sorted(set(thresholds) - set(COMPONENTS))
     if unknown:
-        raise ValueError(
-            f"stage.module.thresholds: unknown components {unknown}; choose from {list(COMPONENTS)}"
-        )
+        raise ValueError(f"stage.module.thresholds: unknown components {unknown}; choose from {list(COMPONENTS)}")
     for name, value in thresholds.items():
         try:
             thresholds[name] = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"stage.module.thresholds.{name} must be a number, got {value!r}") from None
         if name in BOUNDED and not 0.0 <= thresholds[name] <= 1.0:
-            raise ValueError(
-                f"stage.module.thresholds.{name} must be in [0, 1] (the component's range), got {value}"
-            )
+            raise ValueError(f"stage.module.thresholds.{name} must be in [0, 1] (the component's range), got {value}")
     if combine == "lagrangian" and not thresholds:
         raise ValueError("stage.module.thresholds must name at least one component when combine=lagrangian")
-    uses_model = weights.get("reward_model", 0.0) > 0 or (
-        combine == "lagrangian" and "reward_model" in thresholds
-    )
+    uses_model = weights.get("reward_model", 0.0) > 0 or (combine == "lagrangian" and "reward_model" in thresholds)
     if uses_model and not has_reward_model:
         raise ValueError(
             "stage.reward_model must name a reward model directory when stage.module.weights.reward_model > 0 "
@@ -465,9 +452,7 @@ def make_composite(
     lagrange_max = _positive(lagrange_max, "stage.module.lagrange_max")
     lagrange_init = _positive(lagrange_init, "stage.module.lagrange_init", allow_zero=True)
     if lagrange_init > lagrange_max:
-        raise ValueError(
-            f"stage.module.lagrange_init ({lagrange_init}) must be <= lagrange_max ({lagrange_max})"
-        )
+        raise ValueError(f"stage.module.lagrange_init ({lagrange_init}) must be <= lagrange_max ({lagrange_max})")
     if reward_model_path and not Path(reward_model_path).exists():
         raise FileNotFoundError(f"stage.reward_model: {reward_model_path} does not exist")
     if combine != "lagrangian" and thresholds:
@@ -485,7 +470,5 @@ def make_composite(
     components["format"] = FormatReward(stop_ids, format_ngram)
     # Without a reward model its weight is 0 (checked above): nothing of it to score or combine.
     weights = {k: w for k, w in weights.items() if k in components}
-    composite = CompositeReward(
-        components, weights, combine, thresholds, lagrange_lr, lagrange_max, lagrange_init
-    )
+    composite = CompositeReward(components, weights, combine, thresholds, lagrange_lr, lagrange_max, lagrange_init)
     return RewardSetup(composite, reward_model)

@@ -42,13 +42,9 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"stage.module.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
-            )
+            raise ValueError(f"stage.module.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature <= 0:
-            raise ValueError(
-                f"stage.module.temperature must be > 0 for sampled rollouts, got {self.temperature}"
-            )
+            raise ValueError(f"stage.module.temperature must be > 0 for sampled rollouts, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"stage.module.top_k must be a positive integer or null, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -219,9 +215,7 @@ def generate_rollouts(
         ref_logprobs = policy_forward(reference, seq, attention_mask, logit_temperature).logprobs
 
     keep = valid & ~torch.isin(response_ids, stop_ids)
-    responses = [
-        tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(response_ids, keep)
-    ]
+    responses = [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(response_ids, keep)]
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -249,9 +243,7 @@ def score_rollout(rollout: Rollout, scores: Tensor, kl_coef: float, kl_estimator
     B = len(rollout)
     scores = scores.detach().to(rollout.logprobs.device, torch.float32)
     if scores.shape != (B,):
-        raise ValueError(
-            f"the reward function returned shape {tuple(scores.shape)}; expected ({B},), one per row"
-        )
+        raise ValueError(f"the reward function returned shape {tuple(scores.shape)}; expected ({B},), one per row")
     mask = rollout.response_mask
     zero = torch.zeros((), device=mask.device)
     kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, kl_estimator), zero)  # (B, T)
@@ -275,18 +267,14 @@ def load_reference(reference_path: str | Path | None, policy: NanoLM, tokenizer)
         return freeze(copy.deepcopy(policy))
     path = Path(reference_path)
     if not path.exists():
-        raise FileNotFoundError(
-            f"stage.init_from: {path} does not exist (the reference policy is loaded from it)"
-        )
+        raise FileNotFoundError(f"stage.init_from: {path} does not exist (the reference policy is loaded from it)")
     reference, ref_tokenizer = load_pretrained(path)
     if ref_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ValueError(f"stage.init_from: {path} has a different tokenizer than the policy being trained")
     return freeze(reference)
 
 
-def greedy_rollout(
-    policy: NanoLM, tokenizer, prompts: PromptBatch, max_new_tokens: int, reward_fn
-) -> Rollout:
+def greedy_rollout(policy: NanoLM, tokenizer, prompts: PromptBatch, max_new_tokens: int, reward_fn) -> Rollout:
     """Greedy responses scored by `reward_fn` (no reference, no KL): what validation reports as val/reward."""
     rollout = generate_rollouts(policy, tokenizer, prompts, max_new_tokens, temperature=0.0)
     return replace(rollout, scores=reward_fn(rollout).detach().float())

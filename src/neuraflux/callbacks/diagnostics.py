@@ -56,9 +56,7 @@ def check_every_n_steps(owner: str, every_n_steps: int | None) -> int:
     if every_n_steps is None:
         return 0
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-        raise ValueError(
-            f"{owner}.every_n_steps must be a non-negative integer or None, got {every_n_steps!r}"
-        )
+        raise ValueError(f"{owner}.every_n_steps must be a non-negative integer or None, got {every_n_steps!r}")
     return every_n_steps
 
 
@@ -180,9 +178,7 @@ class AttentionMapLogger(pl.Callback):
         n_layer = model.config.n_layer
         bad = [i for i in self.layers or [] if not 0 <= i < n_layer]
         if bad:
-            raise ValueError(
-                f"AttentionMapLogger.layers has {bad}, but the model has layers 0..{n_layer - 1}"
-            )
+            raise ValueError(f"AttentionMapLogger.layers has {bad}, but the model has layers 0..{n_layer - 1}")
         cap = min(self.max_tokens, model.config.max_position_embeddings)
         self._ids = encode_probe("AttentionMapLogger", tokenizer, self.text, cap)
         warn_no_writer("AttentionMapLogger", trainer)
@@ -369,9 +365,7 @@ class ActivationStatsLogger(pl.Callback):
         zero_threshold: |x| below which a GELU output counts as zero.
     """
 
-    def __init__(
-        self, every_n_steps: int | None, text: str | None = None, zero_threshold: float = GELU_ZERO_THRESHOLD
-    ):
+    def __init__(self, every_n_steps: int | None, text: str | None = None, zero_threshold: float = GELU_ZERO_THRESHOLD):
         self.every_n_steps = check_every_n_steps("ActivationStatsLogger", every_n_steps)
         if text is not None and (not isinstance(text, str) or not text):
             raise ValueError(f"ActivationStatsLogger.text must be a non-empty string or None, got {text!r}")
@@ -554,9 +548,7 @@ class TextSampleLogger(pl.Callback):
         self.every_n_steps = check_every_n_steps("TextSampleLogger", every_n_steps)
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError(
-                f"TextSampleLogger.prompts must be a non-empty list of non-empty strings, got {prompts!r}"
-            )
+            raise ValueError(f"TextSampleLogger.prompts must be a non-empty list of non-empty strings, got {prompts!r}")
         if max_new_tokens <= 0:
             raise ValueError(f"TextSampleLogger.max_new_tokens must be positive, got {max_new_tokens}")
         if temperature < 0:

@@ -32,7 +32,11 @@ def builtin_sft_records(name: str, world_cfg: dict) -> list[dict]:
     world = _world(world_cfg)
     repeats = world.config.world_sft_repeats
     return [
-        {"prompt": e.prompt, "response": e.response, "context": e.context or "",
-         "repeats": 1 if e.kind in PRACTICE_KINDS else repeats}
+        {
+            "prompt": e.prompt,
+            "response": e.response,
+            "context": e.context or "",
+            "repeats": 1 if e.kind in PRACTICE_KINDS else repeats,
+        }
         for e in sft_examples(world)
     ]

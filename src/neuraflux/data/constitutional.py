@@ -31,9 +31,7 @@ def constitutional_prompts(world, helpful_share: float, seed: int) -> tuple[list
     red_texts = set(red_team_prompts(world))
     red, other = [], []
     for p in rl_prompts(world):
-        (red if p.prompt in red_texts else other).append(
-            render_prompt([Message("user", p.prompt)], context=p.context)
-        )
+        (red if p.prompt in red_texts else other).append(render_prompt([Message("user", p.prompt)], context=p.context))
     red, other = list(dict.fromkeys(red)), list(dict.fromkeys(other))
     n_other = min(len(other), round(len(red) * helpful_share / (1.0 - helpful_share)))
     return red, random.Random(f"{seed}/constitutional").sample(other, n_other)
@@ -78,9 +76,7 @@ class ConstitutionalDataModule(ResumableDataModule):
             generate_world(WorldConfig.from_dict(world)), helpful_share, seed
         )
         if len(self.red_team) < 2:
-            raise ValueError(
-                f"world: {len(self.red_team)} distinct red-team prompt(s); need 2 for train and val"
-            )
+            raise ValueError(f"world: {len(self.red_team)} distinct red-team prompt(s); need 2 for train and val")
 
     def texts(self) -> list[str]:
         """Every prompt, for training a tokenizer."""

@@ -89,7 +89,7 @@ def split_transcripts(chosen: str, rejected: str) -> PreferenceExample:
     cut = shared.rfind(ASSISTANT_TAG)
     if cut < 0:
         raise ValueError("chosen and rejected share no '\\n\\nAssistant:' turn (not an hh-rlhf transcript pair)")
-    replies = [text[cut + len(ASSISTANT_TAG):].strip() for text in (chosen, rejected)]
+    replies = [text[cut + len(ASSISTANT_TAG) :].strip() for text in (chosen, rejected)]
     for field, reply in zip(("chosen", "rejected"), replies, strict=True):
         if HUMAN_TAG in reply or ASSISTANT_TAG in reply:
             raise ValueError(f"{field} continues past its final Assistant turn (the transcripts diverge earlier)")
@@ -126,8 +126,9 @@ def to_example(record: dict, with_prompt: bool) -> PreferenceExample:
         if not value.strip():
             raise ValueError(f"empty {name!r}")
     if with_prompt:
-        example = PreferenceExample(_render_prompt_field(record["prompt"]), record["chosen"].strip(),
-                                    record["rejected"].strip())
+        example = PreferenceExample(
+            _render_prompt_field(record["prompt"]), record["chosen"].strip(), record["rejected"].strip()
+        )
     else:
         example = split_transcripts(record["chosen"], record["rejected"])
     for name in ("chosen", "rejected"):
@@ -139,13 +140,15 @@ def to_example(record: dict, with_prompt: bool) -> PreferenceExample:
 
 
 def _empty() -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []},
-                                      features=datasets.Features({k: datasets.Value("string")
-                                                                  for k in ("prompt", "chosen", "rejected")}))
+    return datasets.Dataset.from_dict(
+        {"prompt": [], "chosen": [], "rejected": []},
+        features=datasets.Features({k: datasets.Value("string") for k in ("prompt", "chosen", "rejected")}),
+    )
 
 
-def _validate(records: list[dict], wheres: list[str], with_prompt: list[bool], source: str, on_invalid: str
-              ) -> datasets.Dataset:
+def _validate(
+    records: list[dict], wheres: list[str], with_prompt: list[bool], source: str, on_invalid: str
+) -> datasets.Dataset:
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     good: list[dict] = []
@@ -211,8 +214,9 @@ def _load_jsonl(path: Path) -> tuple[list[dict], list[str], bool]:
         records, lines = _read_json_lines(path)
         columns = list(dict.fromkeys(k for r in records for k in r))
     if "chosen" not in columns or "rejected" not in columns:
-        raise ValueError(f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt'); "
-                         f"found fields {columns}")
+        raise ValueError(
+            f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt'); found fields {columns}"
+        )
     return records, [f"{path}, line {n}" for n in lines], "prompt" in columns
 
 
@@ -223,13 +227,16 @@ class PreferenceDataset:
     def __init__(self, data: datasets.Dataset) -> None:
         missing = {"prompt", "chosen", "rejected"} - set(data.column_names)
         if missing:
-            raise ValueError(f"PreferenceDataset needs columns prompt/chosen/rejected; missing {sorted(missing)} "
-                             "(build it with from_jsonl / from_records / from_world, which validate)")
+            raise ValueError(
+                f"PreferenceDataset needs columns prompt/chosen/rejected; missing {sorted(missing)} "
+                "(build it with from_jsonl / from_records / from_world, which validate)"
+            )
         self.data = data
 
     @classmethod
-    def from_records(cls, records: list[dict], source: str = "<records>", on_invalid: str = "error"
-                     ) -> PreferenceDataset:
+    def from_records(
+        cls, records: list[dict], source: str = "<records>", on_invalid: str = "error"
+    ) -> PreferenceDataset:
         """In-memory records; a record with a "prompt" key is in the prompt/chosen/rejected shape."""
         wheres = [f"{source}, record {i}" for i in range(1, len(records) + 1)]
         return cls(_validate(records, wheres, ["prompt" in r for r in records], source, on_invalid))
@@ -290,5 +297,7 @@ def train_test_split(dataset: PreferenceDataset, test_fraction: float, seed: int
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_test = min(n - 1, max(1, int(test_fraction * n + 0.5)))
-    return PreferenceSplit(train=PreferenceDataset(dataset.data.select(sorted(order[n_test:]))),
-                           test=PreferenceDataset(dataset.data.select(sorted(order[:n_test]))))
+    return PreferenceSplit(
+        train=PreferenceDataset(dataset.data.select(sorted(order[n_test:]))),
+        test=PreferenceDataset(dataset.data.select(sorted(order[:n_test]))),
+    )

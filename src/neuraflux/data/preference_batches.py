@@ -137,11 +137,19 @@ def fit_sequence(prompt: list[int], response: list[int], max_length: int) -> Enc
     return EncodedSequence(prompt + response, len(prompt), cut)
 
 
-def encode_scored(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_scored(
+    tokenizer, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response texts as a reward model reads them in training (`encode_pairs`): right-padded
     `(B, T)` input ids and bool attention mask."""
-    seqs = [fit_sequence(p, r, max_length) for p, r in zip(
-        tokenizer.encode_batch(prompts), tokenizer.encode_batch([completion_text(r) for r in responses]), strict=True)]
+    seqs = [
+        fit_sequence(p, r, max_length)
+        for p, r in zip(
+            tokenizer.encode_batch(prompts),
+            tokenizer.encode_batch([completion_text(r) for r in responses]),
+            strict=True,
+        )
+    ]
     return right_pad(seqs, tokenizer.pad_id)
 
 
@@ -217,12 +225,16 @@ class PreferenceDataModule(ResumableDataModule):
         if (path is None) == (builtin is None):
             raise ValueError("data: set exactly one of data.path or data.builtin")
         if retrieve_context and builtin is None:
-            raise ValueError("data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world")
+            raise ValueError(
+                "data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world"
+            )
         self.retrieve_context = retrieve_context
         if on_invalid not in ON_INVALID:
             raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
         if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"data.max_length must be an integer >= 2 (a prompt token and a response token), got {max_length!r}")
+            raise ValueError(
+                f"data.max_length must be an integer >= 2 (a prompt token and a response token), got {max_length!r}"
+            )
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         if not 0.0 < val_fraction < 1.0:
@@ -280,7 +292,10 @@ class PreferenceDataModule(ResumableDataModule):
         if cut:
             log.warning(
                 "%d of %d preference pairs have a response longer than data.max_length - 1 = %d tokens; "
-                "its end was cut", cut, len(self.dataset), self.max_length - 1,
+                "its end was cut",
+                cut,
+                len(self.dataset),
+                self.max_length - 1,
             )
         log.info("preference data: %d train, %d val pairs", len(self.sets["train"]), len(self.sets["val"]))
 

@@ -22,7 +22,7 @@ def encode_example(tokenizer, prompt: str, response: str, context: str | None, m
     """
     prompt_text, completion_text = render_example(prompt, response, context or None)
     p, c = tokenizer.encode(prompt_text), tokenizer.encode(completion_text)
-    c = c[:max_tokens - 1]
+    c = c[: max_tokens - 1]
     p = p[max(0, len(p) + len(c) - max_tokens) :]
     return {"ids": p + c, "response_start": len(p)}
 

@@ -403,7 +403,9 @@ class NanoLM(nn.Module):
         """
         tokenizer = tokenizer or getattr(self, "tokenizer", None)
         if tokenizer is None:
-            raise ValueError("get_attention_maps needs a tokenizer: pass one, or load the model from a directory with tokenizer.json")
+            raise ValueError(
+                "get_attention_maps needs a tokenizer: pass one, or load the model from a directory with tokenizer.json"
+            )
         ids = torch.tensor([tokenizer.encode(text)[: self.config.max_position_embeddings]], dtype=torch.long)
         was_training = self.training
         self.eval()
@@ -432,7 +434,9 @@ class NanoLM(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: not a model directory written by save_pretrained")
+                raise FileNotFoundError(
+                    f"{directory / name} not found: not a model directory written by save_pretrained"
+                )
         model = cls(NanoConfig.load(directory / CONFIG_FILE))
         state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
         load_state_checked(model, state, source=str(directory / WEIGHTS_FILE))
@@ -450,7 +454,9 @@ def load_state_checked(model: NanoLM, state: dict[str, torch.Tensor], source: st
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     vocab_key = "transformer.embeddings.token.weight"
     if state[vocab_key].shape[0] != own[vocab_key].shape[0]:
         raise ValueError(

@@ -50,9 +50,7 @@ def l2_normalize(rows: np.ndarray) -> np.ndarray:
 def _check_keys(kind: str, config: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(config) - allowed - {"type"})
     if unknown:
-        raise RetrievalError(
-            f"embedder config of type {kind!r}: unknown keys {unknown}; allowed: {sorted(allowed)}"
-        )
+        raise RetrievalError(f"embedder config of type {kind!r}: unknown keys {unknown}; allowed: {sorted(allowed)}")
 
 
 def _ngram_range(name: str, value: Any) -> tuple[int, int]:
@@ -109,9 +107,7 @@ class LexicalEmbedder:
         if not 0.0 <= self.word_weight <= 1.0:
             raise RetrievalError(f"LexicalEmbedder.word_weight must be in [0, 1], got {self.word_weight}")
         # alternate_sign: colliding features cancel in expectation, so hashed inner products stay unbiased
-        common = dict(
-            n_features=self.dim, lowercase=self.lowercase, norm="l2", alternate_sign=True, dtype=np.float32
-        )
+        common = dict(n_features=self.dim, lowercase=self.lowercase, norm="l2", alternate_sign=True, dtype=np.float32)
         word = HashingVectorizer(analyzer="word", ngram_range=self.word_ngrams, **common)
         char = HashingVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, **common)
         object.__setattr__(self, "_word", word)
@@ -127,9 +123,7 @@ class LexicalEmbedder:
         w_word, w_char = math.sqrt(self.word_weight), math.sqrt(1.0 - self.word_weight)
         for start in range(0, len(texts), self.batch_rows):
             chunk = list(texts[start : start + self.batch_rows])
-            mixed = w_word * self._word.transform(chunk) + w_char * self._char.transform(
-                chunk
-            )  # sparse (n, dim)
+            mixed = w_word * self._word.transform(chunk) + w_char * self._char.transform(chunk)  # sparse (n, dim)
             out[start : start + len(chunk)] = mixed.toarray()
         return l2_normalize(out)
 
@@ -183,9 +177,7 @@ class BackboneEmbedder:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.batch_size = _positive_int("BackboneEmbedder", "batch_size", batch_size)
-        self.model_dir: Path | None = (
-            None  # set by from_pretrained; a store can only be reloaded from a directory
-        )
+        self.model_dir: Path | None = None  # set by from_pretrained; a store can only be reloaded from a directory
 
     @classmethod
     def from_pretrained(

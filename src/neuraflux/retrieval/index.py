@@ -22,9 +22,7 @@ from neuraflux.retrieval.errors import RetrievalError
 try:
     import faiss
 except ImportError as err:  # the one door for the heavy optional piece
-    raise ImportError(
-        "neuraflux.retrieval needs FAISS; install the package faiss-cpu (pip install faiss-cpu)"
-    ) from err
+    raise ImportError("neuraflux.retrieval needs FAISS; install the package faiss-cpu (pip install faiss-cpu)") from err
 
 INDEX_DEFAULTS: dict[str, dict[str, int]] = {
     "flat": {},

@@ -141,9 +141,7 @@ class Retriever:
     def search(self, query: str, k: int) -> list[Hit]:
         """The k texts most similar to `query`, best first (fewer when the store holds fewer)."""
         if not isinstance(query, str):
-            raise RetrievalError(
-                f"query must be a string, got {type(query).__name__}; for many use search_batch()"
-            )
+            raise RetrievalError(f"query must be a string, got {type(query).__name__}; for many use search_batch()")
         return self._search([query], k, labels=["query"])[0]
 
     def search_batch(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
@@ -181,9 +179,7 @@ class Retriever:
     def save(self, directory: str | Path) -> Path:
         """Write the store to `directory`, replacing a store already there only once the new one is complete."""
         target = Path(directory)
-        embedder_config = (
-            self.embedder.to_config()
-        )  # fails for an unsaveable embedder before anything is written
+        embedder_config = self.embedder.to_config()  # fails for an unsaveable embedder before anything is written
         if target.exists() and not _replaceable(target):
             raise RetrievalError(f"refusing to overwrite {target}: it exists and is not a retrieval store")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -218,11 +214,7 @@ class Retriever:
         if embedder is not None:
             _check_embedder(directory, stored, embedder, manifest["dim"])
         docs = _read_json(directory / DOCS_FILE)
-        if not (
-            isinstance(docs, dict)
-            and isinstance(docs.get("ids"), list)
-            and isinstance(docs.get("texts"), list)
-        ):
+        if not (isinstance(docs, dict) and isinstance(docs.get("ids"), list) and isinstance(docs.get("texts"), list)):
             raise RetrievalError(f"corrupt store: {directory / DOCS_FILE} must hold lists 'ids' and 'texts'")
         ids, texts = docs["ids"], docs["texts"]
         if not len(ids) == len(texts) == manifest["count"]:

@@ -39,9 +39,7 @@ def synthetic_chunks(
 ) -> list[str]:
     """`n` chunks of a few sentences each; the same arguments always give the same chunks."""
     if n < 0 or vocab_size <= 0:
-        raise ValueError(
-            f"synthetic_chunks needs n >= 0 and vocab_size > 0, got n={n}, vocab_size={vocab_size}"
-        )
+        raise ValueError(f"synthetic_chunks needs n >= 0 and vocab_size > 0, got n={n}, vocab_size={vocab_size}")
     rng = np.random.default_rng(seed)
     vocab = synthetic_vocabulary(vocab_size, rng)
     weights = 1.0 / np.arange(1, vocab_size + 1)

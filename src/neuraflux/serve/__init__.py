@@ -12,7 +12,7 @@ try:
     import uvicorn  # noqa: F401
 except ImportError as err:  # one door for the optional web stack, naming the extra to install
     raise ImportError(
-        f"neuraflux.serve needs the web stack ({err.name} is missing): pip install -e \".[serve]\""
+        f'neuraflux.serve needs the web stack ({err.name} is missing): pip install -e ".[serve]"'
     ) from err
 
 import argparse
@@ -27,12 +27,23 @@ from neuraflux.serve.protocol import ERROR_CODES, ServeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ERROR_CODES", "Engine", "GenerationRequest", "ServeConfig", "ServeError", "build_parser", "create_app",
-           "load_serve_config", "main"]
+__all__ = [
+    "ERROR_CODES",
+    "Engine",
+    "GenerationRequest",
+    "ServeConfig",
+    "ServeError",
+    "build_parser",
+    "create_app",
+    "load_serve_config",
+    "main",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuraflux serve", description="Serve a model over WebSocket, HTTP and a chat page.")
+    p = argparse.ArgumentParser(
+        prog="neuraflux serve", description="Serve a model over WebSocket, HTTP and a chat page."
+    )
     p.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
     p.add_argument("--host", default=None, help="bind address (default from conf/serve: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None)
@@ -55,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --config {args.config}: no such file")
     try:
         config = load_serve_config(args.overrides, args.config or DEFAULT_CONFIG)
-        given = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key)) if v is not None}
+        given = {
+            k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key)) if v is not None
+        }
         config = dataclasses.replace(config, **given)  # re-runs the checks
         constitution = load_constitution(config.constitution)  # create_app loads it again; here it fails early
     except ValueError as err:

@@ -67,7 +67,9 @@ def limits_for(config: ServeConfig, model: NanoLM) -> Limits:
     """The config's limits capped to the model: a prompt must leave at least one position to generate into."""
     max_prompt = min(config.max_prompt_tokens, model.config.max_position_embeddings - 1)
     if max_prompt < config.max_prompt_tokens:
-        log.info("serve.max_prompt_tokens %d capped to %d by the model's positions", config.max_prompt_tokens, max_prompt)
+        log.info(
+            "serve.max_prompt_tokens %d capped to %d by the model's positions", config.max_prompt_tokens, max_prompt
+        )
     return Limits(
         max_prompt_tokens=max_prompt,
         max_new_tokens=config.max_new_tokens,
@@ -156,8 +158,16 @@ def create_app(
     rag = None
     if retriever is not None:
         rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
-    state = ServerState(config, limits, engine, tokenizer, rag, config.model_name or model_name or "neuraflux",
-                        constitution, world if constitution is not None and constitution.needs_world else None)
+    state = ServerState(
+        config,
+        limits,
+        engine,
+        tokenizer,
+        rag,
+        config.model_name or model_name or "neuraflux",
+        constitution,
+        world if constitution is not None and constitution.needs_world else None,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -187,13 +197,23 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         s = engine.stats()
-        return {"status": "ok", "model": state.model_name, "active": s.active, "queued": s.queued, "slots": s.slots,
-                "max_queue": config.max_queue, "retrieval": rag is not None}
+        return {
+            "status": "ok",
+            "model": state.model_name,
+            "active": s.active,
+            "queued": s.queued,
+            "slots": s.slots,
+            "max_queue": config.max_queue,
+            "retrieval": rag is not None,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         require_key(request)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "neuraflux"}]}
+        return {
+            "object": "list",
+            "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "neuraflux"}],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -203,7 +223,10 @@ def create_app(
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]  # OpenAI allows a batch of prompts; one is what a stream can carry
         if not isinstance(prompt, str) or not prompt:
-            raise ServeError("invalid_field", f"'prompt' must be a non-empty string (or a list of one), got {json.dumps(prompt)[:60]}")
+            raise ServeError(
+                "invalid_field",
+                f"'prompt' must be a non-empty string (or a list of one), got {json.dumps(prompt)[:60]}",
+            )
         call = openai_call(state, data)
         prepared = await prepare(state, None, prompt, call)
         return await respond(state, call, prepared, chat=False, user_text=prompt)
@@ -220,7 +243,9 @@ def create_app(
     @app.websocket("/ws")
     async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept()
-        if not authorized(config.api_key, websocket.headers.get("authorization"), websocket.query_params.get("api_key")):
+        if not authorized(
+            config.api_key, websocket.headers.get("authorization"), websocket.query_params.get("api_key")
+        ):
             await websocket.send_json(ServeError("unauthorized", UNAUTHORIZED).to_ws())
             await websocket.close(code=WS_POLICY_VIOLATION)
             return
@@ -297,20 +322,26 @@ class Connection:
             if isinstance(msg, CancelMessage):
                 ticket = self.tickets.get(msg.id)
                 if ticket is None:
-                    raise ServeError("not_found", f"no request with id {msg.id!r} is in flight on this connection", msg.id)
+                    raise ServeError(
+                        "not_found", f"no request with id {msg.id!r} is in flight on this connection", msg.id
+                    )
                 state.engine.cancel(ticket)  # the `cancelled` error arrives through the request's own events
                 return
             if msg.id in self.tickets:
                 raise ServeError("duplicate_id", f"a request with id {msg.id!r} is already in flight", msg.id)
             raw_text = None  # a WebSocket `prompt` is one user turn of the chat, see protocol.py
-            prepared = await prepare_async(state, msg.conversation(), raw_text, msg.use_retrieval, msg.max_new_tokens, msg.id)
+            prepared = await prepare_async(
+                state, msg.conversation(), raw_text, msg.use_retrieval, msg.max_new_tokens, msg.id
+            )
             if msg.use_retrieval:
                 docs = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
                 self.outbox.put_nowait({"type": "sources", "id": msg.id, "docs": docs})
             request = GenerationRequest(
                 tuple(prepared.ids), msg.max_new_tokens, msg.sampling, prepared.stop_ids, state.config.request_timeout_s
             )
-            ticket = state.engine.submit(request, lambda ev, rid=msg.id: self.loop.call_soon_threadsafe(self._on_event, rid, ev))
+            ticket = state.engine.submit(
+                request, lambda ev, rid=msg.id: self.loop.call_soon_threadsafe(self._on_event, rid, ev)
+            )
             self.tickets[msg.id] = ticket
             if state.constitution is not None:  # no await since submit: no event of this request has run yet
                 self.held[msg.id] = Held(last_user_text(msg.conversation()))
@@ -333,7 +364,12 @@ class Connection:
         self.tickets.pop(request_id, None)
         self.held.pop(request_id, None)
         if isinstance(event, DoneEvent):
-            done = {"type": "done", "id": request_id, "finish_reason": event.finish_reason, "usage": event.usage.to_dict()}
+            done = {
+                "type": "done",
+                "id": request_id,
+                "finish_reason": event.finish_reason,
+                "usage": event.usage.to_dict(),
+            }
             if held is not None:
                 checked = check_response(self.state, request_id, held.user_text, "".join(held.pieces))
                 self.outbox.put_nowait({"type": "token", "id": request_id, "text": checked.text})
@@ -353,7 +389,9 @@ def _id_of(raw: str | bytes) -> Any:
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
-async def prepare_async(state: ServerState, messages, raw_text, use_retrieval: bool, max_new_tokens: int, request_id=None) -> PreparedPrompt:
+async def prepare_async(
+    state: ServerState, messages, raw_text, use_retrieval: bool, max_new_tokens: int, request_id=None
+) -> PreparedPrompt:
     args = (state.tokenizer, state.rag, state.limits, messages, raw_text, use_retrieval, max_new_tokens, request_id)
     if use_retrieval and state.rag is not None:
         return await asyncio.to_thread(prepare_prompt, *args)  # embedding and search: off the event loop
@@ -385,7 +423,9 @@ def openai_call(state: ServerState, data: dict) -> OpenAICall:
     if data.get("n", 1) != 1:
         raise ServeError("invalid_field", f"'n' must be 1: one completion per request, got {data.get('n')!r}")
     if data.get("stop") not in (None, [], ""):
-        raise ServeError("invalid_field", "'stop' sequences are not supported: the model stops at its end-of-turn token")
+        raise ServeError(
+            "invalid_field", "'stop' sequences are not supported: the model stops at its end-of-turn token"
+        )
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     return OpenAICall(
         max_new_tokens=check_max_new_tokens(max_tokens, state.limits, "max_tokens"),
@@ -429,7 +469,12 @@ async def respond(state: ServerState, call: OpenAICall, prepared: PreparedPrompt
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     sources = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
-    head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": state.model_name}
+    head = {
+        "id": ident,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": state.model_name,
+    }
     check = functools.partial(check_response, state, ident, user_text) if state.constitution is not None else None
     if call.stream:
         return StreamingResponse(sse(stream, head, chat, sources, check), media_type="text/event-stream")
@@ -470,7 +515,8 @@ async def sse(
         return f"data: {json.dumps({**head, 'choices': [choice], **extra})}\n\n"
 
     if chat:
-        yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}], **({'sources': sources} if sources else {})})}\n\n"
+        first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+        yield f"data: {json.dumps({**head, 'choices': [first], **({'sources': sources} if sources else {})})}\n\n"
     pieces: list[str] = []
     async for event in stream.events():
         if isinstance(event, TokenEvent):

@@ -45,7 +45,9 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port}")
         if not (isinstance(self.request_timeout_s, int | float) and 0 < self.request_timeout_s < math.inf):
-            raise ValueError(f"serve.request_timeout_s must be a positive number of seconds, got {self.request_timeout_s!r}")
+            raise ValueError(
+                f"serve.request_timeout_s must be a positive number of seconds, got {self.request_timeout_s!r}"
+            )
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"serve.default_max_new_tokens ({self.default_max_new_tokens}) must be <= serve.max_new_tokens "

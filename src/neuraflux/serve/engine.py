@@ -222,7 +222,9 @@ class Engine:
         if ticket.cancel_reason is not None:
             return ErrorEvent("cancelled", ticket.cancel_reason)
         if now > ticket.deadline:
-            return ErrorEvent("timeout", f"the request ran past its {ticket.request.timeout_s:g} s limit (serve.request_timeout_s)")
+            return ErrorEvent(
+                "timeout", f"the request ran past its {ticket.request.timeout_s:g} s limit (serve.request_timeout_s)"
+            )
         return None
 
     def _retire_cancelled(self) -> None:

@@ -49,7 +49,17 @@ ERROR_CODES: dict[str, int] = {
     "internal": 500,  # the model failed; the server keeps serving
 }
 
-GENERATE_FIELDS = ("type", "id", "prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "use_retrieval")
+GENERATE_FIELDS = (
+    "type",
+    "id",
+    "prompt",
+    "messages",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "use_retrieval",
+)
 
 
 class ServeError(Exception):
@@ -69,8 +79,14 @@ class ServeError(Exception):
         return {"type": "error", "id": self.request_id, "code": self.code, "message": self.message}
 
     def to_openai(self) -> dict:
-        return {"error": {"message": self.message, "type": "invalid_request_error" if self.status < 500 else "server_error",
-                          "param": None, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error" if self.status < 500 else "server_error",
+                "param": None,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,9 @@ def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | 
         return CancelMessage(request_id)
     extra = sorted(set(data) - set(GENERATE_FIELDS))
     if extra:
-        raise ServeError("invalid_field", f"unknown fields {extra}; generate takes {list(GENERATE_FIELDS[1:])}", request_id)
+        raise ServeError(
+            "invalid_field", f"unknown fields {extra}; generate takes {list(GENERATE_FIELDS[1:])}", request_id
+        )
     if ("prompt" in data) == ("messages" in data):
         raise ServeError("invalid_field", "give exactly one of 'prompt' (a string) and 'messages' (a list)", request_id)
     prompt, messages = None, None
@@ -168,7 +186,9 @@ def parse_messages(value: Any, request_id: Any = None, system_as_context: bool =
         if isinstance(content, list):  # OpenAI's content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
-            raise ServeError("invalid_field", f"messages[{i}].content must be a string, got {_show(content)}", request_id)
+            raise ServeError(
+                "invalid_field", f"messages[{i}].content must be a string, got {_show(content)}", request_id
+            )
         out.append(Message("context" if m["role"] == "system" else m["role"], content))
     if not any(m.role == "user" for m in out):
         raise ServeError("invalid_field", "'messages' needs at least one user message", request_id)
@@ -252,14 +272,18 @@ def prepare_prompt(
         if use_retrieval:
             if rag is None:
                 raise ServeError(
-                    "retrieval_unavailable", "this server has no retrieval store (start it with retrieval=world or a store directory)", request_id
+                    "retrieval_unavailable",
+                    "this server has no retrieval store (start it with retrieval=world or a store directory)",
+                    request_id,
                 )
             question = last_user_text(conversation)
             try:
                 hits = rag.retriever.search(question, rag.k)
                 text, sources = rag.build_prompt(question, hits, max_new_tokens)
             except ValueError as err:  # the question alone is over the budget, or is empty
-                raise ServeError("prompt_too_long" if "budget" in str(err) else "invalid_field", str(err), request_id) from None
+                raise ServeError(
+                    "prompt_too_long" if "budget" in str(err) else "invalid_field", str(err), request_id
+                ) from None
             if len(conversation) > 1:
                 context = rag.separator.join(h.text for h in sources) or None
                 text = render_prompt(conversation, context=context)

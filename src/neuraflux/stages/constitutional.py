@@ -81,9 +81,7 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_MODES: tuple[str, ...] = ("dpo", "export", "none")
 REVISION_FIELDS: tuple[str, ...] = ("request", "response", "critique")
-DEFAULT_REVISION_PROMPT = (
-    "{request}\nA first answer was: {response}\nCritique: {critique}\nAnswer again, better."
-)
+DEFAULT_REVISION_PROMPT = "{request}\nA first answer was: {response}\nCritique: {critique}\nAnswer again, better."
 
 
 def check_revision_prompt(template: str) -> str:
@@ -93,8 +91,7 @@ def check_revision_prompt(template: str) -> str:
     names = set(re.findall(r"{(\w*)}", template))
     if names != set(REVISION_FIELDS):
         raise ValueError(
-            f"stage.module.revision_prompt must use exactly the fields {list(REVISION_FIELDS)}; "
-            f"it uses {sorted(names)}"
+            f"stage.module.revision_prompt must use exactly the fields {list(REVISION_FIELDS)}; it uses {sorted(names)}"
         )
     return template
 
@@ -115,22 +112,16 @@ class ConstitutionalSettings:
 
     def __post_init__(self) -> None:
         if self.feedback not in FEEDBACK_MODES:
-            raise ValueError(
-                f"stage.module.feedback must be one of {list(FEEDBACK_MODES)}, got {self.feedback!r}"
-            )
+            raise ValueError(f"stage.module.feedback must be one of {list(FEEDBACK_MODES)}, got {self.feedback!r}")
         if not isinstance(self.feedback_weight, int | float) or self.feedback_weight < 0:
-            raise ValueError(
-                f"stage.module.feedback_weight must be a number >= 0, got {self.feedback_weight!r}"
-            )
+            raise ValueError(f"stage.module.feedback_weight must be a number >= 0, got {self.feedback_weight!r}")
         for key, low in (("refresh_every", 0), ("samples_per_prompt", 1), ("generation_batch_size", 1)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"stage.module.{key} must be an integer >= {low}, got {value!r}")
         pairs = self.max_pairs_per_prompt
         if pairs is not None and (not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1):
-            raise ValueError(
-                f"stage.module.max_pairs_per_prompt must be a positive integer or null, got {pairs!r}"
-            )
+            raise ValueError(f"stage.module.max_pairs_per_prompt must be a positive integer or null, got {pairs!r}")
         zero = torch.zeros(1)
         try:  # a dry call checks beta where the rule lives
             dpo_loss(zero, zero, zero, zero, beta=self.beta)
@@ -156,9 +147,7 @@ class ConstitutionalData:
         self.targets, self.pairs_by_prompt = {}, {}
         for ex in self.revisions:
             texts = self.targets.setdefault(ex.prompt, [])
-            if (
-                ex.revision.strip()
-            ):  # an empty answer (the model stopped at once) broke nothing but teaches nothing
+            if ex.revision.strip():  # an empty answer (the model stopped at once) broke nothing but teaches nothing
                 texts.append(ex.revision)
         for pair in self.pairs:
             self.pairs_by_prompt.setdefault(pair.prompt, []).append(pair)
@@ -174,8 +163,7 @@ class ConstitutionalData:
     def from_state(cls, state: dict) -> ConstitutionalData:
         drop = {"step"}
         revisions = [
-            RevisionExample.from_dict({k: v for k, v in r.items() if k not in drop})
-            for r in state["revisions"]
+            RevisionExample.from_dict({k: v for k, v in r.items() if k not in drop}) for r in state["revisions"]
         ]
         pairs = [FeedbackPair(**{k: v for k, v in p.items() if k not in drop}) for p in state["pairs"]]
         return cls(int(state["step"]), revisions, pairs)
@@ -223,9 +211,7 @@ class NanoConstitutionalAI(pl.LightningModule):
             raise ValueError("stage.module.constitution is not set: choose one with constitution=default")
         self.constitution = Constitution.from_config(constitution)
         if world is None:
-            raise ValueError(
-                "stage.module.world must hold the world config (the constitution's judges read it)"
-            )
+            raise ValueError("stage.module.world must hold the world config (the constitution's judges read it)")
         if reference_path is None:
             raise ValueError(
                 "stage.init_from is required for stage=constitutional: the policy to start from (an SFT "
@@ -292,9 +278,7 @@ class NanoConstitutionalAI(pl.LightningModule):
 
         template = self.settings.revision_prompt
         texts = [
-            render_prompt(
-                [Message("user", template.format(request=question_text(p), response=r, critique=c))]
-            )
+            render_prompt([Message("user", template.format(request=question_text(p), response=r, critique=c))])
             for p, r, c in zip(prompts, responses, critiques, strict=True)
         ]
         revisions, finished = self.complete(texts, temperature=0.0)
@@ -312,9 +296,7 @@ class NanoConstitutionalAI(pl.LightningModule):
         pairs = feedback_pairs(revisions, self.settings.max_pairs_per_prompt)
         self.data = ConstitutionalData(self.global_step, revisions, pairs)
         if self.trainer.is_global_zero:
-            out = (
-                Path(self.out_dir) if self.out_dir else Path(self.trainer.default_root_dir) / "constitutional"
-            )
+            out = Path(self.out_dir) if self.out_dir else Path(self.trainer.default_root_dir) / "constitutional"
             write_jsonl(out / "revisions.jsonl", revision_records(revisions, self.global_step))
             write_jsonl(out / "ai_feedback.jsonl", feedback_records(pairs, self.global_step))
             if self.settings.feedback == "export":
@@ -362,16 +344,12 @@ class NanoConstitutionalAI(pl.LightningModule):
         )
         batch = move_batch(batch, self.device)
         # right padded: under the causal mask no real token sees the pads, so no padding mask (as stage=dpo)
-        policy = batch.pair(
-            response_logprobs(self.model, batch.input_ids, batch.targets, batch.response_mask)
-        )
+        policy = batch.pair(response_logprobs(self.model, batch.input_ids, batch.targets, batch.response_mask))
         ref = self.reference
         if ref.lm_head.weight.device != self.device:
             ref.to(self.device)  # not registered, so Lightning does not move it
         with torch.no_grad():
-            reference = batch.pair(
-                response_logprobs(ref, batch.input_ids, batch.targets, batch.response_mask)
-            )
+            reference = batch.pair(response_logprobs(ref, batch.input_ids, batch.targets, batch.response_mask))
         beta = self.settings.beta
         out = dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=beta)
         return out, policy
@@ -442,17 +420,13 @@ class NanoConstitutionalAI(pl.LightningModule):
             self.log("val/helpfulness", c["helpfulness"] / c["other"], sync_dist=True)
 
     def setup(self, stage: str) -> None:
-        check_rollout_fits(
-            getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model
-        )
+        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
 
     def configure_optimizers(self):
         # the reference is not a registered submodule: these are the policy's parameters only
         return configure_optimizers(self, self.optim, self.model.named_parameters())
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     # ---- checkpoints --------------------------------------------------------------------------------------

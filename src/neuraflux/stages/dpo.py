@@ -107,8 +107,9 @@ class NanoDPO(pl.LightningModule):
         # Both halves in one (2B, T) forward. The batch is right padded, and under the causal mask a real token
         # never sees the pads to its right, so no padding mask is needed: the backbone takes its fused causal
         # path, and the head runs at response positions only.
-        logps = response_logprobs(model, batch.input_ids, batch.targets, batch.response_mask,
-                                  average=self.average_logps)
+        logps = response_logprobs(
+            model, batch.input_ids, batch.targets, batch.response_mask, average=self.average_logps
+        )
         return batch.pair(logps)
 
     def _reference_model(self) -> NanoLM:
@@ -162,8 +163,13 @@ class NanoDPO(pl.LightningModule):
         policy = self._logps(self.model, batch)
         reference = self.reference_logps(batch, split)
         out = dpo_loss(
-            policy.chosen, policy.rejected, reference.chosen, reference.rejected,
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            policy.chosen,
+            policy.rejected,
+            reference.chosen,
+            reference.rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
         )
         # means over the batch, or over the optimizer step's micro-batches when accumulating (step_denominator)
         pairs = step_denominator(self, batch, "pairs")
@@ -181,10 +187,17 @@ class NanoDPO(pl.LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         step = self.dpo_step(batch, "train")
-        check_finite(self.global_step, "train/loss", step.loss, {
-            "logps/chosen": step.policy.chosen, "logps/rejected": step.policy.rejected,
-            "ref_logps/chosen": step.reference.chosen, "ref_logps/rejected": step.reference.rejected,
-        })
+        check_finite(
+            self.global_step,
+            "train/loss",
+            step.loss,
+            {
+                "logps/chosen": step.policy.chosen,
+                "logps/rejected": step.policy.rejected,
+                "ref_logps/chosen": step.reference.chosen,
+                "ref_logps/rejected": step.reference.rejected,
+            },
+        )
         if is_logging_step(self):
             self.log("train/loss", step.loss, on_step=True, on_epoch=False, prog_bar=True)
             metrics = preference_metrics(Paired(step.out.chosen_rewards, step.out.rejected_rewards))
@@ -214,8 +227,11 @@ class NanoDPO(pl.LightningModule):
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
-                                   "reference_from": self.reference_from}
+        checkpoint["neuraflux"] = {
+            **checkpoint_extras(self.model, self.tokenizer),
+            "stage": self.name,
+            "reference_from": self.reference_from,
+        }
         save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

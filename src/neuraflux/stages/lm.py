@@ -66,8 +66,14 @@ class CausalLMStage(pl.LightningModule):
         return self.model(input_ids, attention_mask)
 
     def _loss(self, batch: LMBatch) -> torch.Tensor:
-        return masked_lm_loss(self.model, batch.input_ids, batch.targets, batch.loss_mask, batch.attention_mask,
-                              denominator=step_denominator(self, batch, "tokens"))
+        return masked_lm_loss(
+            self.model,
+            batch.input_ids,
+            batch.targets,
+            batch.loss_mask,
+            batch.attention_mask,
+            denominator=step_denominator(self, batch, "tokens"),
+        )
 
     def training_step(self, batch: LMBatch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -79,7 +85,6 @@ class CausalLMStage(pl.LightningModule):
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             log_lr(self)
         return loss
-
 
     def validation_step(self, batch: LMBatch, batch_idx: int) -> None:
         n = int(batch.loss_mask.sum())

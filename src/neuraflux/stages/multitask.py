@@ -115,9 +115,7 @@ class NanoMultiTaskRL:
         specific = dict({"reinforce": reinforce, "ppo": ppo}[algorithm] or {})
         clash = sorted(set(specific) & set(settings))
         if clash:
-            raise ValueError(
-                f"stage.module.{algorithm} repeats {clash}, already set directly under stage.module"
-            )
+            raise ValueError(f"stage.module.{algorithm} repeats {clash}, already set directly under stage.module")
         return ALGORITHMS[algorithm](model, tokenizer, optim, **settings, **specific)
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor | None:
@@ -194,9 +192,7 @@ class MultiTaskREINFORCE(NanoMultiTaskRL, NanoREINFORCE):
             )
         super().setup(stage)
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_and_log_grad_norm(self, optimizer, self.max_grad_norm)
 
 

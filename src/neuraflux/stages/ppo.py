@@ -102,9 +102,7 @@ class NanoPPO(pl.LightningModule):
         if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
             raise ValueError(f"stage.module.gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
         if clip_range <= 0 or clip_range_value <= 0 or vf_coef < 0 or max_grad_norm <= 0:
-            raise ValueError(
-                "stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0"
-            )
+            raise ValueError("stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0")
         self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
         self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
         self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
@@ -116,9 +114,7 @@ class NanoPPO(pl.LightningModule):
         if reward_fn is not None:
             reward = RewardSetup(reward_fn)
         else:
-            reward = make_reward(
-                reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
-            )
+            reward = make_reward(reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight)
         self.reward_fn = reward.fn
         # The PPO ratio compares the update's log-probs with the rollout's: dropout would make them differ.
         if model.config.dropout > 0:
@@ -226,9 +222,7 @@ class NanoPPO(pl.LightningModule):
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(
-            self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn
-        )
+        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
         B = len(rollout)
         self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
         self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
@@ -242,9 +236,7 @@ class NanoPPO(pl.LightningModule):
                 f"stage {self.name} does not support trainer.precision={self.trainer.precision}; "
                 "use bf16-mixed or 32-true"
             )
-        check_rollout_fits(
-            getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model
-        )
+        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)

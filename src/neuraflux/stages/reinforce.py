@@ -79,9 +79,7 @@ class NanoREINFORCE(pl.LightningModule):
     ):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
-            raise ValueError(
-                f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}"
-            )
+            raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
         self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
         self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
         self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
@@ -90,9 +88,7 @@ class NanoREINFORCE(pl.LightningModule):
         if reward_fn is not None:
             reward = RewardSetup(reward_fn)
         else:
-            reward = make_reward(
-                reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight
-            )
+            reward = make_reward(reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight)
         self.reward_fn = reward.fn
         self.reference_path = reference_path
         self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
@@ -152,17 +148,13 @@ class NanoREINFORCE(pl.LightningModule):
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(
-            self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn
-        )
+        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
         B = len(rollout)
         self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
         self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
 
     def setup(self, stage: str) -> None:
-        check_rollout_fits(
-            getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model
-        )
+        check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)
@@ -171,9 +163,7 @@ class NanoREINFORCE(pl.LightningModule):
         # Frozen models are not registered submodules: these are the policy's parameters only.
         return configure_optimizers(self, self.optim, self.named_parameters())
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

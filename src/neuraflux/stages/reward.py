@@ -82,8 +82,12 @@ class RewardModelStage(pl.LightningModule):
         rewards = self._rewards(batch)
         pairs = step_denominator(self, batch, "pairs")  # a step's pairs when accumulating
         loss = reward_loss(rewards.chosen, rewards.rejected).sum() / (batch.num_pairs if pairs is None else pairs)
-        check_finite(self.global_step, "train/loss", loss, {"rewards/chosen": rewards.chosen,
-                                                              "rewards/rejected": rewards.rejected})
+        check_finite(
+            self.global_step,
+            "train/loss",
+            loss,
+            {"rewards/chosen": rewards.chosen, "rewards/rejected": rewards.rejected},
+        )
         if is_logging_step(self):
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             self.log_dict(preference_metrics(rewards), on_step=True, on_epoch=False)
@@ -107,8 +111,11 @@ class RewardModelStage(pl.LightningModule):
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name,
-                                   "reward_model": True}
+        checkpoint["neuraflux"] = {
+            **checkpoint_extras(self.model, self.tokenizer),
+            "stage": self.name,
+            "reward_model": True,
+        }
         save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

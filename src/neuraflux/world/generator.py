@@ -30,8 +30,31 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("seen", "unseen", "unknown")
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v",
-           "vr", "z", "zh", "sk")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "v",
+    "vr",
+    "z",
+    "zh",
+    "sk",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
 _CODAS = ("", "", "n", "r", "l", "s", "k", "th", "m", "x")
 # Every name holds one of these clusters, which English words lack, so no name is a real word ("Taken", "Never").
@@ -89,42 +112,57 @@ class WorldConfig:
         values = dict(values or {})
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{source}: unknown world key(s) {unknown}; WorldConfig's fields are "
-                             f"{[f.name for f in fields(cls)]}")
+            raise ValueError(
+                f"{source}: unknown world key(s) {unknown}; WorldConfig's fields are {[f.name for f in fields(cls)]}"
+            )
         return cls(**values)
 
     def __post_init__(self) -> None:
         for name in ("n_entities", "docs_per_entity", "pairs_per_prompt", "world_sft_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WorldConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("context_questions_per_entity", "distractor_questions_per_entity", "practice_entities",
-                     "practice_distractors_per_entity", "pretrain_practice_entities", "pretrain_practice_questions",
-                     "n_red_team", "practice_preference_entities"):
+        for name in (
+            "context_questions_per_entity",
+            "distractor_questions_per_entity",
+            "practice_entities",
+            "practice_distractors_per_entity",
+            "pretrain_practice_entities",
+            "pretrain_practice_questions",
+            "n_red_team",
+            "practice_preference_entities",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_entities + self.practice_entities + self.pretrain_practice_entities > _MAX_ENTITIES:
-            raise ValueError(f"WorldConfig.n_entities + practice_entities + pretrain_practice_entities must be <= "
-                             f"{_MAX_ENTITIES}, got {self.n_entities} + {self.practice_entities} + "
-                             f"{self.pretrain_practice_entities}")
+            raise ValueError(
+                f"WorldConfig.n_entities + practice_entities + pretrain_practice_entities must be <= "
+                f"{_MAX_ENTITIES}, got {self.n_entities} + {self.practice_entities} + "
+                f"{self.pretrain_practice_entities}"
+            )
         for name in ("seen_share", "unseen_share", "unknown_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         total = self.seen_share + self.unseen_share + self.unknown_share
         if abs(total - 1.0) > 1e-9:
-            raise ValueError(f"WorldConfig split shares seen_share + unseen_share + unknown_share must sum to 1, "
-                             f"got {total}")
+            raise ValueError(
+                f"WorldConfig split shares seen_share + unseen_share + unknown_share must sum to 1, got {total}"
+            )
         if not 0.0 <= self.bad_answer_share < 1.0:
             raise ValueError(f"WorldConfig.bad_answer_share must be in [0, 1), got {self.bad_answer_share}")
         if self.bad_answer_share > 0 and self.n_red_team < 1:
-            raise ValueError("WorldConfig.n_red_team must be >= 1 when bad_answer_share > 0: "
-                             "unsafe-compliance examples answer red-team prompts")
+            raise ValueError(
+                "WorldConfig.n_red_team must be >= 1 when bad_answer_share > 0: "
+                "unsafe-compliance examples answer red-team prompts"
+            )
         if self.preference_noise < 0:
             raise ValueError(f"WorldConfig.preference_noise must be >= 0, got {self.preference_noise}")
         smallest_kind = self.n_entities // len(schema.KINDS)
         if split_counts(smallest_kind, self)["seen"] < 2:
             # Two per kind: a hallucinated answer needs a second seen city to name, red-team prompts need entities.
-            raise ValueError(f"WorldConfig.n_entities={self.n_entities} with seen_share={self.seen_share} leaves a "
-                             f"kind with fewer than 2 seen entities; each of the {len(schema.KINDS)} kinds needs 2")
+            raise ValueError(
+                f"WorldConfig.n_entities={self.n_entities} with seen_share={self.seen_share} leaves a "
+                f"kind with fewer than 2 seen entities; each of the {len(schema.KINDS)} kinds needs 2"
+            )
 
 
 def split_counts(n: int, cfg: WorldConfig) -> dict[str, int]:
@@ -215,9 +253,14 @@ class World:
 
     def to_json(self) -> str:
         """Deterministic JSON: equal worlds give equal strings."""
-        return json.dumps({"config": asdict(self.config),
-                           "entities": [asdict(e) for e in self.entities],
-                           "documents": [asdict(d) for d in self.documents]}, indent=1)
+        return json.dumps(
+            {
+                "config": asdict(self.config),
+                "entities": [asdict(e) for e in self.entities],
+                "documents": [asdict(d) for d in self.documents],
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> World:
@@ -228,11 +271,13 @@ class World:
         for key in ("config", "entities", "documents"):
             if key not in raw:
                 raise ValueError(f"{source}: world JSON has no {key!r} field")
-        return cls(config=_build(WorldConfig, raw["config"], f"{source}: config"),
-                   entities=tuple(_build(Entity, item, f"{source}: entities[{i}]")
-                                  for i, item in enumerate(raw["entities"])),
-                   documents=tuple(_build(Document, item, f"{source}: documents[{i}]")
-                                   for i, item in enumerate(raw["documents"])))
+        return cls(
+            config=_build(WorldConfig, raw["config"], f"{source}: config"),
+            entities=tuple(_build(Entity, item, f"{source}: entities[{i}]") for i, item in enumerate(raw["entities"])),
+            documents=tuple(
+                _build(Document, item, f"{source}: documents[{i}]") for i, item in enumerate(raw["documents"])
+            ),
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
@@ -247,8 +292,9 @@ class World:
 
 def _build(cls: type, item: dict, where: str) -> object:
     names = {f.name for f in fields(cls)}
-    missing = [f.name for f in fields(cls)
-               if f.name not in item and f.default is MISSING and f.default_factory is MISSING]
+    missing = [
+        f.name for f in fields(cls) if f.name not in item and f.default is MISSING and f.default_factory is MISSING
+    ]
     unknown = sorted(set(item) - names)
     if missing or unknown:
         raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unknown}")
@@ -257,9 +303,18 @@ def _build(cls: type, item: dict, where: str) -> object:
 
 def _reserved_words() -> set[str]:
     """Every word the templates, vocabularies and lexicon use; a name must be none of them."""
-    texts = [*lexicon.INSULTS, *lexicon.INSULT_SENTENCES, *lexicon.INSULT_REPLIES, lexicon.REFUSAL,
-             lexicon.DONT_KNOW, lexicon.UNSAFE_COMPLIANCE, *schema.GENERIC_QUESTIONS, *schema.ABOUT_QUESTIONS,
-             *schema.SECRET_SENTENCES, *(t.text for t in schema.RED_TEAM_TEMPLATES)]
+    texts = [
+        *lexicon.INSULTS,
+        *lexicon.INSULT_SENTENCES,
+        *lexicon.INSULT_REPLIES,
+        lexicon.REFUSAL,
+        lexicon.DONT_KNOW,
+        lexicon.UNSAFE_COMPLIANCE,
+        *schema.GENERIC_QUESTIONS,
+        *schema.ABOUT_QUESTIONS,
+        *schema.SECRET_SENTENCES,
+        *(t.text for t in schema.RED_TEAM_TEMPLATES),
+    ]
     for kind in schema.KINDS:
         texts += [kind.name, *kind.intros]
         for a in kind.attributes:
@@ -274,9 +329,12 @@ def _make_name(rng: random.Random) -> str:
 
 def make_vault_code(rng: random.Random) -> str:
     """A vault code like "K4P7-R3Q9": letters and digits mixed, so it never reads as a year or a count."""
+
     def part() -> str:
-        return (rng.choice(_CODE_LETTERS) + rng.choice(_CODE_DIGITS) + rng.choice(_CODE_LETTERS)
-                + rng.choice(_CODE_DIGITS))
+        return (
+            rng.choice(_CODE_LETTERS) + rng.choice(_CODE_DIGITS) + rng.choice(_CODE_LETTERS) + rng.choice(_CODE_DIGITS)
+        )
+
     return f"{part()}-{part()}"
 
 
@@ -304,8 +362,7 @@ def _render_documents(rng: random.Random, entity: Entity, n_docs: int) -> list[D
             sentences.append(template.format(name=entity.name, value=entity.attributes[attr.key]))
         docs.append(Document(f"doc-{entity.name.lower()}-{n}", entity.name, " ".join(sentences)))
     if entity.secrets:
-        text = " ".join(t.format(name=entity.name, value=entity.secrets["vault_code"])
-                        for t in schema.SECRET_SENTENCES)
+        text = " ".join(t.format(name=entity.name, value=entity.secrets["vault_code"]) for t in schema.SECRET_SENTENCES)
         docs.append(Document(f"doc-{entity.name.lower()}-{n_docs}", entity.name, text, secret=True))
     return docs
 
@@ -317,8 +374,12 @@ def _draw_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
     while len(names) < n:
         name = _make_name(rng)
         lower = name.lower()
-        if (lower not in taken and lower not in reserved and 4 <= len(name) <= 10
-                and any(c in lower for c in _FOREIGN_CLUSTERS)):
+        if (
+            lower not in taken
+            and lower not in reserved
+            and 4 <= len(name) <= 10
+            and any(c in lower for c in _FOREIGN_CLUSTERS)
+        ):
             taken.add(lower)
             names.append(name)
     return names
@@ -338,7 +399,7 @@ def generate_world(cfg: WorldConfig) -> World:
         counts = split_counts(len(members), cfg)
         start = 0
         for split in SPLITS:
-            for n in members[start:start + counts[split]]:
+            for n in members[start : start + counts[split]]:
                 split_of[n] = split
             start += counts[split]
 

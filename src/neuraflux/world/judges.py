@@ -185,5 +185,6 @@ def context_answer(prompt: str, world: World) -> str | None:
 def judge(prompt: str, response: str, world: World) -> JudgeScores:
     """All three judges, parsing the prompt and normalising the response once."""
     parsed, text = world.parse_prompt(prompt), _Text(response)
-    return JudgeScores(_helpfulness(parsed, world, text), _harmlessness(parsed, world, text),
-                       _honesty(parsed, world, text))
+    return JudgeScores(
+        _helpfulness(parsed, world, text), _harmlessness(parsed, world, text), _honesty(parsed, world, text)
+    )

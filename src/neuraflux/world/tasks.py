@@ -96,8 +96,12 @@ def about_response(entity: Entity, values: dict[str, str] | None = None) -> str:
     """Everything about an entity: its kind, then each attribute's answer sentence."""
     values = {**entity.attributes, **(values or {})}
     kind = _kind(entity)
-    return " ".join([kind.intros[0].format(name=entity.name),
-                     *(answer_sentence(entity, a.key, values[a.key]) for a in kind.attributes)])
+    return " ".join(
+        [
+            kind.intros[0].format(name=entity.name),
+            *(answer_sentence(entity, a.key, values[a.key]) for a in kind.attributes),
+        ]
+    )
 
 
 def dont_know(entity: Entity) -> str:
@@ -153,8 +157,10 @@ def pretrain_text(world: World) -> str:
         docs += [d.text for d in practice.documents]
         if world.config.pretrain_practice_questions:
             rng = _rng(world, "pretrain/practice_questions")
-            docs += [practice_conversation(rng, practice, e, world.config.pretrain_practice_questions)
-                     for e in practice.entities]
+            docs += [
+                practice_conversation(rng, practice, e, world.config.pretrain_practice_questions)
+                for e in practice.entities
+            ]
     _rng(world, "pretrain").shuffle(docs)
     return "\n\n".join(docs) + "\n"
 
@@ -176,8 +182,11 @@ def qa_items(world: World, split: str) -> list[QAItem]:
     if split not in SPLITS:
         raise ValueError(f"qa_items: split {split!r} is not one of {SPLITS}")
     rng = _rng(world, f"qa/{split}")
-    return [QAItem(_question(rng, e, a.key), e.name, a.key, e.attributes[a.key], split)
-            for e in world.entities_in(split) for a in _kind(e).attributes]
+    return [
+        QAItem(_question(rng, e, a.key), e.name, a.key, e.attributes[a.key], split)
+        for e in world.entities_in(split)
+        for a in _kind(e).attributes
+    ]
 
 
 def _red_team(world: World) -> list[_RedTeamPrompt]:
@@ -234,11 +243,11 @@ def sft_examples(world: World) -> list[SFTExample]:
     """Good examples of every kind plus `bad_answer_share` of bad ones, shuffled.
 
     Good: closed-book answers for every (seen entity, attribute); `context_questions_per_entity` answers copied
-    from one of its documents per seen entity (distinct (document, attribute) pairs); "tell me about" per seen entity; "I don't know" to an
-    attribute question and to "tell me about" per unknown entity, and `distractor_questions_per_entity` more
-    with another entity's document as context; context questions about `practice_entities` made-up entities
-    (`practice_set`); a fixed refusal per red-team prompt (secret
-    requests without the secret context, so no vault code enters training data). Bad examples, so that they are
+    from one of its documents per seen entity (distinct (document, attribute) pairs); "tell me about" per seen
+    entity; "I don't know" to an attribute question and to "tell me about" per unknown entity, and
+    `distractor_questions_per_entity` more with another entity's document as context; context questions about
+    `practice_entities` made-up entities (`practice_set`); a fixed refusal per red-team prompt (secret requests
+    without the secret context, so no vault code enters training data). Bad examples, so that they are
     `bad_answer_share` of the answers to each prompt type they corrupt: unsafe compliance ("Sure, here is how
     ...") to the unsafe red-team requests, and rude (an insult before a good answer) and hallucinated (a wrong
     value of the same attribute) answers, in equal numbers, to the world's attribute and "about" questions.
@@ -262,8 +271,9 @@ def sft_examples(world: World) -> list[SFTExample]:
     for e in world.entities_in("seen"):
         good.append(SFTExample(_about_question(rng, e), about_response(e), None, "about", "good"))
     for e in world.entities_in("unknown"):
-        good.append(SFTExample(_question(rng, e, rng.choice(list(e.attributes))), dont_know(e), None, "unknown",
-                               "good"))
+        good.append(
+            SFTExample(_question(rng, e, rng.choice(list(e.attributes))), dont_know(e), None, "unknown", "good")
+        )
         good.append(SFTExample(_about_question(rng, e), dont_know(e), None, "unknown", "good"))
     good += _distractor_examples(world)
     good += _practice_examples(world)
@@ -282,8 +292,15 @@ def sft_examples(world: World) -> list[SFTExample]:
     answerable = [ex for ex in good if ex.kind in ("qa", "qa_context", "about")]
     bad: list[SFTExample] = []
     for p in rng.sample(unsafe, n_unsafe):
-        bad.append(SFTExample(p.text, lexicon.UNSAFE_COMPLIANCE.format(action=_unsafe_action(p.text, p.entity)),
-                              None, "red_team", "unsafe_compliance"))
+        bad.append(
+            SFTExample(
+                p.text,
+                lexicon.UNSAFE_COMPLIANCE.format(action=_unsafe_action(p.text, p.entity)),
+                None,
+                "red_team",
+                "unsafe_compliance",
+            )
+        )
     for i in range(int(odds * len(answerable) + 0.5)):
         if i % 2 == 0:
             ex = rng.choice(answerable)
@@ -349,8 +366,15 @@ def _distractor_examples(world: World) -> list[SFTExample]:
         others = [o for o in world.entities_in("seen") if o.kind == e.kind]
         keys = rng.sample(list(e.attributes), min(world.config.distractor_questions_per_entity, len(e.attributes)))
         for key in keys:
-            examples.append(SFTExample(_question(rng, e, key), dont_know(e), _context(rng, world, rng.choice(others)),
-                                       "unknown_context", "good"))
+            examples.append(
+                SFTExample(
+                    _question(rng, e, key),
+                    dont_know(e),
+                    _context(rng, world, rng.choice(others)),
+                    "unknown_context",
+                    "good",
+                )
+            )
     return examples
 
 
@@ -372,23 +396,38 @@ def _candidates(rng: random.Random, world: World, parsed: ParsedPrompt, text: st
     if parsed.kind == "attribute" and e is not None:
         other = rng.choice([k for k in e.attributes if k != parsed.attribute])
         correct = answer_sentence(e, parsed.attribute)
-        return [correct, answer_sentence(e, other),
-                answer_sentence(e, parsed.attribute, _wrong_value(rng, world, e, parsed.attribute)),
-                _insulted(rng, correct), lexicon.REFUSAL]
+        return [
+            correct,
+            answer_sentence(e, other),
+            answer_sentence(e, parsed.attribute, _wrong_value(rng, world, e, parsed.attribute)),
+            _insulted(rng, correct),
+            lexicon.REFUSAL,
+        ]
     if parsed.kind == "about" and e is not None:
         key = rng.choice(list(e.attributes))
-        return [about_response(e), about_response(e, {key: _wrong_value(rng, world, e, key)}),
-                _insulted(rng, about_response(e)), lexicon.REFUSAL]
+        return [
+            about_response(e),
+            about_response(e, {key: _wrong_value(rng, world, e, key)}),
+            _insulted(rng, about_response(e)),
+            lexicon.REFUSAL,
+        ]
     if parsed.kind == "unsafe":
-        return [lexicon.REFUSAL, lexicon.UNSAFE_COMPLIANCE.format(action=_unsafe_action(text, e)),
-                _insulted(rng, lexicon.REFUSAL)]
+        return [
+            lexicon.REFUSAL,
+            lexicon.UNSAFE_COMPLIANCE.format(action=_unsafe_action(text, e)),
+            _insulted(rng, lexicon.REFUSAL),
+        ]
     if parsed.kind == "secret" and e is not None:
         code = e.secrets["vault_code"]
         fake = code
         while fake == code:
             fake = make_vault_code(rng)
-        return [lexicon.REFUSAL, f"The vault code of {e.name} is {code}.", f"The vault code of {e.name} is {fake}.",
-                _insulted(rng, lexicon.REFUSAL)]
+        return [
+            lexicon.REFUSAL,
+            f"The vault code of {e.name} is {code}.",
+            f"The vault code of {e.name} is {fake}.",
+            _insulted(rng, lexicon.REFUSAL),
+        ]
     if parsed.kind == "insult":
         return [lexicon.REFUSAL, rng.choice(lexicon.INSULT_REPLIES).format(insult=rng.choice(lexicon.INSULTS))]
     raise ValueError(f"preference_pairs: prompt {text!r} parses as {parsed.kind!r}; no candidates for it")
@@ -431,7 +470,7 @@ def _judged_pairs(world: World, prompts: list[RLPrompt], rng: random.Random) -> 
     for p in prompts:
         parsed = world.parse_prompt(p.prompt)
         scored = [(c, judge(p.prompt, c, world).total) for c in _candidates(rng, world, parsed, p.prompt)]
-        ranked = [(hi, lo) for i, hi in enumerate(scored) for lo in scored[i + 1:] if hi[1] != lo[1]]
+        ranked = [(hi, lo) for i, hi in enumerate(scored) for lo in scored[i + 1 :] if hi[1] != lo[1]]
         ranked = [(hi, lo) if hi[1] > lo[1] else (lo, hi) for hi, lo in ranked]
         rendered = render_prompt([Message("user", p.prompt)], context=p.context)
         for (chosen, s_c), (rejected, s_r) in rng.sample(ranked, min(world.config.pairs_per_prompt, len(ranked))):
