@@ -14,25 +14,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Small enough for a few seconds a stage on 2 cores.
-TINY = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=64",
-    "model.vocab_size=512",
-    "tokenizer.vocab_size=300",
-    "world.n_entities=20",
-    "data.batch_size=8",
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_model_summary=false",
-    "optim.warmup_steps=2",
-    "callbacks=minimal",
-    "~callbacks.progress_bar",
-]
+# Small enough for a few seconds a stage on 2 cores: conf/debug/tiny.yaml.
+TINY = ["debug=tiny"]
 
 
 def compose_cfg(tmp_path: Path, *overrides: str, tiny: bool = True):

@@ -132,20 +132,13 @@ def run_cli(*args, cwd=ROOT, timeout=300):
 
 
 CLI_TINY = [
+    "debug=tiny",
     "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
     "model.block_size=32",
-    "model.vocab_size=512",
-    "tokenizer.vocab_size=300",
-    "world.n_entities=20",
     "data.batch_size=4",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",
-    "callbacks=minimal",
-    "~callbacks.progress_bar",
-    "trainer.enable_model_summary=false",
     "curriculum=none",
 ]
 
