@@ -209,3 +209,13 @@ def test_masked_lm_loss_equals_the_full_logits_loss_in_value_and_gradient():
     none = masked_lm_loss(model, ids, targets, torch.zeros_like(loss_mask))
     none.backward()
     assert none.item() == 0.0
+
+
+def test_per_step_metrics_are_computed_exactly_on_the_steps_lightning_writes(tiny_cfg):
+    # is_logging_step reads public trainer state; if it disagreed with Lightning's rule, train/loss would be
+    # computed on steps whose values are dropped and missing from the steps that are written
+    _, objects = train(tiny_cfg("trainer.log_every_n_steps=2", "trainer.max_steps=6", "trainer.val_check_interval=6"))
+    acc = EventAccumulator(str(objects["run_dir"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 3, 5]
+    assert [e.step for e in acc.Scalars("lr")] == [1, 3, 5]

@@ -23,6 +23,7 @@ from neuraflux.model import NanoLM
 from neuraflux.model.io import FrozenModels, check_same_shape, freeze, load_pretrained
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
+    attached_trainer,
     check_finite,
     checkpoint_extras,
     clip_and_log_grad_norm,
@@ -138,7 +139,8 @@ class NanoDPO(pl.LightningModule):
             )
         ref = self._reference_model()
         # the training step's autocast, so precomputed and per-batch values agree under mixed precision
-        autocast = self._trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
+        trainer = attached_trainer(self)
+        autocast = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
         for split in SPLITS:
             loader = datamodule.sequential_loader(split)
             n = len(loader.dataset)
