@@ -3,6 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from neuraflux.stages.schema import register
+
+register()  # the stages' structured configs, before Hydra composes conf/
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:

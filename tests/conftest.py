@@ -14,6 +14,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from neuraflux.stages.schema import register  # noqa: E402
+
+register()  # the stages' structured configs (stage.module), as train.py does before composing
+
 # Small enough for a few seconds a stage on 2 cores: conf/debug/tiny.yaml.
 TINY = ["debug=tiny"]
 

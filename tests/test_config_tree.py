@@ -54,3 +54,54 @@ def test_debug_shrinks_whatever_the_stage_sets(tmp_path):
         mine = compose(config_name="config", overrides=["stage=reward", "debug=tiny", "trainer.max_steps=9"])
     assert plain.trainer.max_steps == 150 and debug.trainer.max_steps == 6 and mine.trainer.max_steps == 9
     assert debug.model.n_layer == 2 and debug.world.n_entities == 20 and debug.callbacks.progress_bar is None
+
+
+STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_module_holds_exactly_its_constructors_settings(tmp_path, stage):
+    # one home: the composed stage.module is the stage class's constructor settings, defaults included, so a value
+    # the YAML does not set is the Python default and a key the class does not take cannot be set
+    import inspect
+
+    from hydra.utils import get_object
+
+    from neuraflux.stages.schema import parameters
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={stage}", f"paths.run_dir={tmp_path}"])
+    module = OmegaConf.to_container(cfg.stage.module, resolve=False)
+    target = get_object(module.pop("_target_"))
+    init = target if inspect.isfunction(target) or inspect.ismethod(target) else target.__init__
+    expected = parameters(init)
+    if stage == "multitask":  # build() hands the rest to the chosen algorithm's class
+        assert {"algorithm", "reinforce", "ppo", "temperature", "kl_coef"} <= set(module)
+        module = {k: v for k, v in module.items() if k in expected}
+    assert set(module) == set(expected)
+    # and the stage's YAML sets only choices: interpolations, or values that differ from the Python default
+    import dataclasses
+
+    from neuraflux.stages.schema import schemas
+
+    schema = schemas()["causal_lm" if stage in ("pretrain", "sft") else stage]
+    defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
+    raw = OmegaConf.load(CONF / "stage" / f"{stage}.yaml")
+    own = raw.get("stage", raw).get("module", {})
+    for key in own:
+        value = own._get_node(key)._value()
+        if isinstance(value, str) and value.startswith("${"):
+            continue
+        assert value != defaults.get(key) or key in ("weights", "thresholds"), f"{stage}.yaml repeats {key}={value}"
+
+
+def test_a_misspelt_or_mistyped_stage_setting_fails_naming_the_key(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as typo:
+            compose(config_name="config", overrides=["stage=ppo", "stage.module.kl_cof=0.1"])
+        with pytest.raises(ConfigCompositionException) as wrong:
+            compose(config_name="config", overrides=["stage=ppo", "stage.module.ppo_epochs=two"])
+    assert "stage.module.kl_cof" in str(typo.value.__cause__ or typo.value)
+    assert "ppo_epochs" in str(wrong.value.__cause__ or wrong.value)

@@ -152,7 +152,7 @@ def test_loss_types_at_step_zero_and_settings_checked_first(init_dir):
     # h = 0 when policy == reference: sigmoid -log sigma(0) = log 2, hinge relu(1 - 0) = 1,
     # ipo (0 - 1 / (2 beta))^2 = 1 / (4 beta^2) = 25 at beta 0.1
     for loss_type, expected in (("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)):
-        stage = NanoDPO(model, tokenizer, OptimizerFactory(), beta=0.1, loss_type=loss_type)
+        stage = NanoDPO(model, tokenizer, OptimizerFactory(), beta=0.1, loss_type=loss_type, rpo_alpha=None)
         assert stage.dpo_step(batch, "train").loss.item() == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match=r"^stage.module: dpo beta must be > 0, got 0"):
         NanoDPO(model, tokenizer, OptimizerFactory(), beta=0)
@@ -172,7 +172,9 @@ def test_rpo_adds_the_chosen_per_token_nll_worked_out_by_hand(init_dir):
     mask = batch.chosen_response_mask
     nll = -(per_token * mask).sum() / mask.sum()
     for loss_type in ("sigmoid", "ipo"):  # ipo averages log-probs per sequence; the NLL is still per token
-        plain = NanoDPO(model, tokenizer, OptimizerFactory(), loss_type=loss_type).dpo_step(batch, "train")
+        plain = NanoDPO(model, tokenizer, OptimizerFactory(), loss_type=loss_type, rpo_alpha=None).dpo_step(
+            batch, "train"
+        )
         rpo = NanoDPO(model, tokenizer, OptimizerFactory(), loss_type=loss_type, rpo_alpha=0.5).dpo_step(batch, "train")
         assert plain.nll is None and rpo.nll.item() == pytest.approx(nll.item(), rel=1e-5)
         assert rpo.loss.item() == pytest.approx(plain.loss.item() + 0.5 * nll.item(), rel=1e-5)

@@ -146,7 +146,7 @@ CLI_TINY = [
 def test_cfg_job_prints_composed_config():
     out = run_cli("--cfg", "job", "optim.lr=0.002")
     assert out.returncode == 0, out.stderr
-    assert "lr: 0.002" in out.stdout and "_target_: neuraflux.stages.CausalLMStage" in out.stdout
+    assert "lr: 0.002" in out.stdout and "_target_: neuraflux.stages.lm.CausalLMStage" in out.stdout
 
 
 def test_unknown_stage_lists_the_options():

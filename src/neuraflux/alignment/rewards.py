@@ -33,6 +33,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[[Rollout], Tensor]
 
 REWARD_SOURCES: tuple[str, ...] = ("judges", "reward_model", "both")
+
+
+# every judge weighted 1: a stage's default `judge_weights` (read-only, so a shared default cannot be changed)
+EQUAL_JUDGES: Mapping[str, float] = MappingProxyType(dict.fromkeys(JUDGES, 1.0))
 
 
 def check_judge_weights(weights: Mapping[str, float]) -> dict[str, float]:

@@ -183,7 +183,7 @@ class NanoConstitutionalAI(pl.LightningModule):
         reference_path: str | None = None,
         constitution: Mapping | None = None,
         world: Mapping | None = None,
-        feedback: str = "dpo",
+        feedback: str = "dpo",  # dpo (adds the DPO loss) | export (writes out_dir/preferences.jsonl) | none
         feedback_weight: float = 1.0,
         beta: float = 0.1,
         refresh_every: int = 0,

@@ -55,14 +55,16 @@ class NanoMultiTaskRL:
         reward_model_path: str | None = None,
         world: Mapping | None = None,
         weights: Mapping[str, float] | None = None,
-        combine: str = "weighted_sum",
+        combine: str = "weighted_sum",  # weighted_sum | lagrangian
         thresholds: Mapping[str, float] | None = None,
-        lagrange_lr: float = 1.0,
+        lagrange_lr: float = 1.0,  # dual ascent step: lambda <- clip(lambda + lr * (threshold - mean), 0, max)
         lagrange_max: float = 10.0,
         lagrange_init: float = 0.0,
-        length_target: int = 40,
+        # length term: 1 up to this many response tokens, down to 0 at max_new_tokens (and 0 when cut off)
+        length_target: int = 24,
+        # format term: half for ending with the stop token, half for repeating no word n-gram of this size
         format_ngram: int = 5,
-        max_new_tokens: int = 48,
+        max_new_tokens: int = 32,
         **algorithm_settings,
     ):
         SamplingSettings(max_new_tokens)  # checked first: the length term's range depends on it
@@ -104,7 +106,7 @@ class NanoMultiTaskRL:
         model: NanoLM,
         tokenizer,
         optim: OptimizerFactory,
-        algorithm: str = "reinforce",
+        algorithm: str = "reinforce",  # reinforce | ppo; their own settings under stage.module.reinforce / .ppo
         reinforce: Mapping | None = None,
         ppo: Mapping | None = None,
         **settings,

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
-from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
+from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
     KLSettings,
     Rollout,
@@ -68,10 +68,10 @@ class NanoPPO(pl.LightningModule):
         optim: OptimizerFactory,
         name: str = "ppo",
         reference_path: str | None = None,
-        reward_source: str = "judges",
+        reward_source: str = "judges",  # judges | reward_model | both
         reward_model_path: str | None = None,
         world: Mapping | None = None,
-        judge_weights: Mapping[str, float] | None = None,
+        judge_weights: Mapping[str, float] = EQUAL_JUDGES,
         reward_model_weight: float = 1.0,
         reward_fn: RewardFn | None = None,
         max_new_tokens: int = 32,
@@ -80,13 +80,13 @@ class NanoPPO(pl.LightningModule):
         top_p: float | None = None,
         kl_estimator: str = "k1",
         kl_controller: str = "fixed",
-        kl_coef: float = 0.05,
+        kl_coef: float = 0.3,  # bench/alignment.py: 0.05-0.1 let the policy learn to stop before an uncertain answer
         kl_target: float = 6.0,
         kl_horizon: float = 10_000.0,
         gamma: float = 1.0,
         lam: float = 0.95,
-        ppo_epochs: int = 4,
-        mini_batch_size: int = 4,
+        ppo_epochs: int = 2,
+        mini_batch_size: int = 8,
         clip_range: float = 0.2,
         clip_range_value: float = 0.2,
         vf_coef: float = 0.1,

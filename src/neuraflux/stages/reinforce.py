@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
-from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
+from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn, RewardSetup, make_reward
 from neuraflux.alignment.rollout import (
     KLSettings,
     Rollout,
@@ -60,15 +60,16 @@ class NanoREINFORCE(pl.LightningModule):
         optim: OptimizerFactory,
         name: str = "reinforce",
         reference_path: str | None = None,
-        reward_source: str = "judges",
+        reward_source: str = "judges",  # judges | reward_model | both
         reward_model_path: str | None = None,
         world: Mapping | None = None,
-        judge_weights: Mapping[str, float] | None = None,
+        judge_weights: Mapping[str, float] = EQUAL_JUDGES,
         reward_model_weight: float = 1.0,
         reward_fn: RewardFn | None = None,
-        k: int = 4,
+        k: int = 4,  # samples per prompt (>= 2): each one's baseline is the mean reward of the other k - 1
         max_new_tokens: int = 32,
-        temperature: float = 1.0,
+        # 0.7: samples near the greedy response that is judged (bench/alignment.py: 0.5 and 1.0 did worse)
+        temperature: float = 0.7,
         top_k: int | None = None,
         top_p: float | None = None,
         kl_estimator: str = "k1",
