@@ -1,4 +1,5 @@
-"""ServeConfig: the server's settings from conf/serve/default.yaml, then `key=value` overrides, then the env."""
+"""ServeConfig: the server's settings, their defaults here, then conf/serve/default.yaml, then `key=value`
+overrides, then the environment (the API key)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,29 @@ API_KEY_ENV = "NEURAFLUX_API_KEY"
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
+    """The server's settings, defaults included: `conf/serve/default.yaml` (or `--config`) sets what a deployment
+    changes, and `key=value` on the command line overrides either."""
+
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
     port: int = 8000
-    model_name: str | None = None
-    max_prompt_tokens: int = 384
-    max_new_tokens: int = 256
-    default_max_new_tokens: int = 64
-    max_concurrent: int = 8
-    max_queue: int = 32
+    model_name: str | None = None  # id shown by /v1/models; None: the model directory's name
+    max_prompt_tokens: int = 384  # capped at the model's max_position_embeddings - 1
+    max_new_tokens: int = 256  # the most a request may ask for
+    default_max_new_tokens: int = 64  # when a request does not say
+    max_concurrent: int = 8  # requests decoding together (KV cache slots)
+    max_queue: int = 32  # requests waiting for a slot; beyond it: an `overloaded` error
     request_timeout_s: float = 120.0
-    api_key: str | None = None
-    retrieval: str | None = None
+    api_key: str | None = None  # bearer token; env NEURAFLUX_API_KEY when None
+    retrieval: str | None = None  # None, `world` (the built-in world's documents) or a Retriever.save directory
     retrieval_k: int = 2
-    constitution: str | None = None  # null: off; `default` or the path of a constitution YAML
+    # the constitutional filter: None (off), `default` (conf/constitution/default.yaml) or a constitution YAML
+    # path. On: each response is held back, checked whole (revised if it breaks a principle), sent as one message
+    constitution: str | None = None
     temperature: float = 0.7
     top_k: int | None = None
     top_p: float | None = 0.95
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k"):
