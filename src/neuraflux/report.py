@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 TARGETS = {
-    # key: (description, the stage measured (None = the final model), comparison, bound); from issue 5
+    # key: (description, the stage measured (None = the final model), comparison, bound)
     "violation_rate": (
         "red-team violation rate (sampled) after the constitutional stage",
         "constitutional",
