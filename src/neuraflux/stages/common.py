@@ -88,24 +88,3 @@ def log_lr(module: pl.LightningModule) -> None:
     opt = module.optimizers()
     opt = opt.optimizer if hasattr(opt, "optimizer") else opt
     module.log("lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
-
-
-def checkpoint_extras(model, tokenizer) -> dict:
-    """Plain data stored in each checkpoint so it alone rebuilds model and tokenizer (weights_only-safe)."""
-    return {"model_config": model.config.to_dict(), "tokenizer_json": tokenizer.to_json()}
-
-
-def save_rng_state(checkpoint: dict) -> None:
-    """Lightning restores weights, optimizer and loops but not the RNG; dropout needs it for an exact resume."""
-    checkpoint["rng"] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-
-
-def load_rng_state(rng: dict | None) -> None:
-    """Call from on_train_start: Lightning consumes random numbers between loading a checkpoint and training."""
-    if rng is None:
-        return
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -66,13 +66,10 @@ from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
-    checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
-    load_rng_state,
     log_lr,
-    save_rng_state,
 )
 from neuraflux.stages.lm import masked_lm_loss
 from neuraflux.stages.reward import preference_metrics
@@ -431,18 +428,9 @@ class NanoConstitutionalAI(pl.LightningModule):
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {
-            **checkpoint_extras(self.model, self.tokenizer),
-            "stage": self.name,
-            "constitutional_data": self.data.state() if self.data is not None else None,
-        }
-        save_rng_state(checkpoint)
+        checkpoint["neuraflux"]["constitutional_data"] = self.data.state() if self.data is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the reference came from stage.init_from in the constructor; the built data comes back from here
         state = checkpoint.get("neuraflux", {}).get("constitutional_data")
         self.data = ConstitutionalData.from_state(state) if state is not None else None
-        self._resume_rng = checkpoint.get("rng")
-
-    def on_train_start(self) -> None:
-        load_rng_state(getattr(self, "_resume_rng", None))

@@ -25,13 +25,10 @@ from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     attached_trainer,
     check_finite,
-    checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
-    load_rng_state,
     log_lr,
-    save_rng_state,
     step_denominator,
 )
 from neuraflux.stages.reward import preference_metrics
@@ -233,15 +230,9 @@ class NanoDPO(pl.LightningModule):
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {
-            **checkpoint_extras(self.model, self.tokenizer),
-            "stage": self.name,
-            "reference_from": self.reference_from,
-        }
-        save_rng_state(checkpoint)
+        checkpoint["neuraflux"]["reference_from"] = self.reference_from
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume_rng = checkpoint.get("rng")
         if self.reference_from is None:
             raise ValueError(
                 "resuming DPO needs stage.module.reference_from (the model the run started from, normally "
@@ -253,6 +244,3 @@ class NanoDPO(pl.LightningModule):
         check_same_shape(self.model.config, reference.config, where, "the reference", "the policy has")
         self.frozen = FrozenModels(freeze(reference))
         self.precomputed = {}
-
-    def on_train_start(self) -> None:
-        load_rng_state(getattr(self, "_resume_rng", None))

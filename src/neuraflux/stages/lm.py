@@ -13,13 +13,10 @@ from neuraflux.data.common import LMBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
-    checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
-    load_rng_state,
     log_lr,
-    save_rng_state,
     step_denominator,
 )
 
@@ -100,13 +97,3 @@ class CausalLMStage(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {**checkpoint_extras(self.model, self.tokenizer), "stage": self.name}
-        save_rng_state(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume_rng = checkpoint.get("rng")
-
-    def on_train_start(self) -> None:
-        load_rng_state(getattr(self, "_resume_rng", None))

@@ -48,11 +48,8 @@ from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
-    checkpoint_extras,
     configure_optimizers,
-    load_rng_state,
     log_lr,
-    save_rng_state,
 )
 
 log = logging.getLogger(__name__)
@@ -246,12 +243,7 @@ class NanoPPO(pl.LightningModule):
         return configure_optimizers(self, self.optim, self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {
-            **checkpoint_extras(self.model, self.tokenizer),
-            "stage": self.name,
-            "kl_coef": self.kl_ctl.value,
-        }
-        save_rng_state(checkpoint)
+        checkpoint["neuraflux"]["kl_coef"] = self.kl_ctl.value
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.reference_path is None:
@@ -260,7 +252,3 @@ class NanoPPO(pl.LightningModule):
                 "never stored in checkpoints"
             )
         self.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", self.kl_ctl.value))
-        self._resume_rng = checkpoint.get("rng")
-
-    def on_train_start(self) -> None:
-        load_rng_state(getattr(self, "_resume_rng", None))

@@ -19,13 +19,10 @@ from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
-    checkpoint_extras,
     clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
-    load_rng_state,
     log_lr,
-    save_rng_state,
     step_denominator,
 )
 
@@ -113,18 +110,7 @@ class RewardModelStage(pl.LightningModule):
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"] = {
-            **checkpoint_extras(self.model, self.tokenizer),
-            "stage": self.name,
-            "reward_model": True,
-        }
-        save_rng_state(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume_rng = checkpoint.get("rng")
-
-    def on_train_start(self) -> None:
-        load_rng_state(getattr(self, "_resume_rng", None))
+        checkpoint["neuraflux"]["reward_model"] = True
 
     def on_fit_start(self) -> None:
         # the exported model records how its prompts looked, so that scoring with it gives them the same context
