@@ -28,29 +28,26 @@ import torch.nn as nn
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
-from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn, RewardSetup, make_reward
+from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn
 from neuraflux.alignment.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
     check_rollout_fits,
     generate_rollouts,
-    greedy_rollout,
-    load_reference,
     policy_forward,
     score_rollout,
-    sequence_kl,
 )
 from neuraflux.alignment.stats import masked_mean, masked_whiten
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
-from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
     configure_optimizers,
     log_lr,
 )
+from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rl_setup, rollout_metrics, save_kl_coef
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +98,9 @@ class NanoPPO(pl.LightningModule):
         if clip_range <= 0 or clip_range_value <= 0 or vf_coef < 0 or max_grad_norm <= 0:
             raise ValueError("stage.module.clip_range, clip_range_value and max_grad_norm must be > 0, vf_coef >= 0")
         self.model, self.tokenizer, self.optim, self.name = model, tokenizer, optim, name
-        self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
-        self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
-        self.kl_ctl = self.kl.controller_object()
         self.gamma, self.lam, self.ppo_epochs, self.mini_batch_size = gamma, lam, ppo_epochs, mini_batch_size
         self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
         self.max_grad_norm, self.whiten_advantages = max_grad_norm, whiten_advantages
-        # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
-        if reward_fn is not None:
-            reward = RewardSetup(reward_fn)
-        else:
-            reward = make_reward(reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight)
-        self.reward_fn = reward.fn
         # The PPO ratio compares the update's log-probs with the rollout's: dropout would make them differ.
         if model.config.dropout > 0:
             log.info(
@@ -122,7 +110,18 @@ class NanoPPO(pl.LightningModule):
             )
             model.set_dropout(0.0)
         self.reference_path = reference_path
-        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
+        rl = rl_setup(
+            model, tokenizer, reference_path, reward_source, reward_model_path, world, judge_weights,
+            reward_model_weight, reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
+            KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon),
+        )  # fmt: skip
+        self.sampling, self.kl, self.kl_ctl, self.reward_fn, self.frozen = (
+            rl.sampling,
+            rl.kl,
+            rl.kl_ctl,
+            rl.reward_fn,
+            rl.frozen,
+        )
         self.value_head = nn.Linear(model.config.n_embd, 1)
         # Zero init: values start at 0, so the first advantages are the discounted rewards themselves.
         nn.init.zeros_(self.value_head.weight)
@@ -195,34 +194,16 @@ class NanoPPO(pl.LightningModule):
         self.lr_schedulers().step()
         learn_s = time.perf_counter() - start
 
-        seq_kl = sequence_kl(rollout)  # (B,)
-        kl = seq_kl.mean()
         self.log_dict({k: torch.stack(v).mean() for k, v in metrics.items()}, on_step=True, on_epoch=False)
-        self.log_dict(
-            {
-                "objective/reward": rollout.scores.mean(),
-                "objective/kl": kl,
-                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * seq_kl).mean(),
-                "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
-                "objective/kl_coef": self.kl_ctl.value,
-                "rollout/response_length": rollout.response_lengths.float().mean(),
-                "value/mean": masked_mean(rollout.values, rollout.response_mask),
-                "time/rollout_s": rollout_s,
-                "time/learn_s": learn_s,
-            },
-            on_step=True,
-            on_epoch=False,
-            prog_bar=False,
-        )
+        objective, kl = rollout_metrics(rollout, self.kl_ctl.value)
+        objective["value/mean"] = masked_mean(rollout.values, rollout.response_mask)
+        objective.update({"time/rollout_s": rollout_s, "time/learn_s": learn_s})
+        self.log_dict(objective, on_step=True, on_epoch=False)
         log_lr(self)
         self.kl_ctl.update(float(kl), B)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
-        B = len(rollout)
-        self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
+        log_greedy_validation(self, batch)
 
     # ---- wiring ----------
     def setup(self, stage: str) -> None:
@@ -243,12 +224,7 @@ class NanoPPO(pl.LightningModule):
         return configure_optimizers(self, self.optim, self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"]["kl_coef"] = self.kl_ctl.value
+        save_kl_coef(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference_path is None:
-            raise ValueError(
-                f"resuming stage {self.name} needs stage.init_from: the frozen reference is rebuilt from it, "
-                "never stored in checkpoints"
-            )
-        self.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", self.kl_ctl.value))
+        restore_kl_coef(self, checkpoint)

@@ -21,23 +21,20 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
-from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn, RewardSetup, make_reward
+from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn
 from neuraflux.alignment.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
     check_rollout_fits,
     generate_rollouts,
-    greedy_rollout,
-    load_reference,
     policy_forward,
     score_rollout,
     sequence_kl,
 )
-from neuraflux.alignment.stats import masked_mean, masked_sum
+from neuraflux.alignment.stats import masked_sum
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
-from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
@@ -45,6 +42,7 @@ from neuraflux.stages.common import (
     configure_optimizers,
     log_lr,
 )
+from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rl_setup, rollout_metrics, save_kl_coef
 
 
 class NanoREINFORCE(pl.LightningModule):
@@ -79,17 +77,19 @@ class NanoREINFORCE(pl.LightningModule):
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
         self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
-        self.sampling = SamplingSettings(max_new_tokens, temperature, top_k, top_p)
-        self.kl = KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon)
-        self.kl_ctl = self.kl.controller_object()
-        # A custom callable (experiments, tests) replaces the configured source, so nothing else is loaded.
-        if reward_fn is not None:
-            reward = RewardSetup(reward_fn)
-        else:
-            reward = make_reward(reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight)
-        self.reward_fn = reward.fn
         self.reference_path = reference_path
-        self.frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
+        rl = rl_setup(
+            model, tokenizer, reference_path, reward_source, reward_model_path, world, judge_weights,
+            reward_model_weight, reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
+            KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon),
+        )  # fmt: skip
+        self.sampling, self.kl, self.kl_ctl, self.reward_fn, self.frozen = (
+            rl.sampling,
+            rl.kl,
+            rl.kl_ctl,
+            rl.reward_fn,
+            rl.frozen,
+        )
 
     def make_rollout(self, batch: PromptBatch) -> Rollout:
         """k sampled responses per prompt (N * k rows), scored, with the per-token KL to the reference."""
@@ -120,22 +120,9 @@ class NanoREINFORCE(pl.LightningModule):
         self._learn_start = time.perf_counter()
         out = self.reinforce_loss(rollout, advantages)
         check_finite(self.global_step, "train/loss", out.loss)
-        seq_kl = sequence_kl(rollout)  # (N * k,)
-        kl = seq_kl.mean()
-        self.log_dict(
-            {
-                **out.metrics,
-                "objective/reward": rollout.scores.mean(),
-                "objective/kl": kl,
-                "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * seq_kl).mean(),
-                "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
-                "objective/kl_coef": self.kl_ctl.value,
-                "rollout/response_length": rollout.response_lengths.float().mean(),
-                "time/rollout_s": self._learn_start - start,
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics, kl = rollout_metrics(rollout, self.kl_ctl.value)
+        metrics = {**out.metrics, **metrics, "time/rollout_s": self._learn_start - start}
+        self.log_dict(metrics, on_step=True, on_epoch=False)
         log_lr(self)
         self.kl_ctl.update(float(kl), len(rollout))
         return out.loss
@@ -145,11 +132,7 @@ class NanoREINFORCE(pl.LightningModule):
         self.log("time/learn_s", time.perf_counter() - self._learn_start, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Greedy responses to held-out prompts, scored by the training reward (no KL)."""
-        rollout = greedy_rollout(self.model, self.tokenizer, batch, self.sampling.max_new_tokens, self.reward_fn)
-        B = len(rollout)
-        self.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
+        log_greedy_validation(self, batch)
 
     def setup(self, stage: str) -> None:
         check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
@@ -165,12 +148,7 @@ class NanoREINFORCE(pl.LightningModule):
         clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["neuraflux"]["kl_coef"] = self.kl_ctl.value
+        save_kl_coef(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference_path is None:
-            raise ValueError(
-                f"resuming stage {self.name} needs stage.init_from: the frozen reference is rebuilt from it, "
-                "never stored in checkpoints"
-            )
-        self.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", self.kl_ctl.value))
+        restore_kl_coef(self, checkpoint)
