@@ -47,7 +47,7 @@ from neuraflux.stages.common import (
     configure_optimizers,
     log_lr,
 )
-from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rl_setup, rollout_metrics, save_kl_coef
+from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rollout_metrics, save_kl_coef, setup_rl
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,11 @@ class NanoPPO(pl.LightningModule):
                 model.config.dropout,
             )
             model.set_dropout(0.0)
-        self.reference_path = reference_path
-        rl = rl_setup(
-            model, tokenizer, reference_path, reward_source, reward_model_path, world, judge_weights,
-            reward_model_weight, reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
+        setup_rl(
+            self, reference_path, reward_source, reward_model_path, world, judge_weights, reward_model_weight,
+            reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
             KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon),
         )  # fmt: skip
-        self.sampling, self.kl, self.kl_ctl, self.reward_fn, self.frozen = (
-            rl.sampling,
-            rl.kl,
-            rl.kl_ctl,
-            rl.reward_fn,
-            rl.frozen,
-        )
         self.value_head = nn.Linear(model.config.n_embd, 1)
         # Zero init: values start at 0, so the first advantages are the discounted rewards themselves.
         nn.init.zeros_(self.value_head.weight)

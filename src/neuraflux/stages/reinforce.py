@@ -42,7 +42,7 @@ from neuraflux.stages.common import (
     configure_optimizers,
     log_lr,
 )
-from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rl_setup, rollout_metrics, save_kl_coef
+from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rollout_metrics, save_kl_coef, setup_rl
 
 
 class NanoREINFORCE(pl.LightningModule):
@@ -77,19 +77,11 @@ class NanoREINFORCE(pl.LightningModule):
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
         self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
-        self.reference_path = reference_path
-        rl = rl_setup(
-            model, tokenizer, reference_path, reward_source, reward_model_path, world, judge_weights,
-            reward_model_weight, reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
+        setup_rl(
+            self, reference_path, reward_source, reward_model_path, world, judge_weights, reward_model_weight,
+            reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
             KLSettings(kl_estimator, kl_controller, kl_coef, kl_target, kl_horizon),
         )  # fmt: skip
-        self.sampling, self.kl, self.kl_ctl, self.reward_fn, self.frozen = (
-            rl.sampling,
-            rl.kl,
-            rl.kl_ctl,
-            rl.reward_fn,
-            rl.frozen,
-        )
 
     def make_rollout(self, batch: PromptBatch) -> Rollout:
         """k sampled responses per prompt (N * k rows), scored, with the per-token KL to the reference."""

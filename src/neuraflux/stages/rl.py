@@ -5,7 +5,6 @@ checkpoints. Each stage keeps its own algorithm: its advantages, its loss and it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import pytorch_lightning as pl
 from torch import Tensor
@@ -21,24 +20,11 @@ from neuraflux.alignment.rollout import (
 )
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import PromptBatch
-from neuraflux.model import NanoLM
 from neuraflux.model.io import FrozenModels
 
 
-@dataclass
-class RLSetup:
-    """A policy-gradient stage's sampling, KL penalty, reward and frozen models, checked and loaded."""
-
-    sampling: SamplingSettings
-    kl: KLSettings
-    kl_ctl: object  # the KL controller: `.value` (the coefficient now) and `.update(kl, n)`
-    reward_fn: RewardFn
-    frozen: FrozenModels
-
-
-def rl_setup(
-    model: NanoLM,
-    tokenizer,
+def setup_rl(
+    module: pl.LightningModule,
     reference_path: str | None,
     reward_source: str,
     reward_model_path: str | None,
@@ -48,15 +34,21 @@ def rl_setup(
     reward_fn: RewardFn | None,
     sampling: SamplingSettings,
     kl: KLSettings,
-) -> RLSetup:
-    """The reward (a custom callable, or the configured source: then nothing else is loaded for it) and the frozen
-    reference (reloaded from `reference_path`, so a resumed run gets the initial policy) with the reward model."""
+) -> None:
+    """Give a policy-gradient stage (with `.model` and `.tokenizer` set) its `sampling`, `kl`, `kl_ctl` (the KL
+    controller), `reward_fn` and `frozen` models. The reward is a custom callable (then nothing is loaded for it)
+    or the configured source; the frozen reference is reloaded from `reference_path`, so a resumed run gets the
+    initial policy, not the resumed one."""
     if reward_fn is not None:
         reward = RewardSetup(reward_fn)
     else:
-        reward = make_reward(reward_source, tokenizer, world, reward_model_path, judge_weights, reward_model_weight)
-    frozen = FrozenModels(load_reference(reference_path, model, tokenizer), reward.reward_model)
-    return RLSetup(sampling, kl, kl.controller_object(), reward.fn, frozen)
+        reward = make_reward(
+            reward_source, module.tokenizer, world, reward_model_path, judge_weights, reward_model_weight
+        )
+    module.sampling, module.kl, module.kl_ctl = sampling, kl, kl.controller_object()
+    module.reward_fn = reward.fn
+    module.reference_path = reference_path
+    module.frozen = FrozenModels(load_reference(reference_path, module.model, module.tokenizer), reward.reward_model)
 
 
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> tuple[dict[str, Tensor | float], Tensor]:
