@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from neuraflux.callbacks.checkpoint import CheckpointExtras
+from neuraflux.callbacks.grad_norm import GradNormLogger
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.model.io import check_same_shape, load_pretrained
 from neuraflux.tokenizer import NanoTokenizer
@@ -159,7 +160,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     run_dir = settings.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    callbacks = [CheckpointExtras(), *build_callbacks(cfg)]
+    callbacks = [CheckpointExtras(), GradNormLogger(), *build_callbacks(cfg)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume_ckpt, weights_only=True)
 

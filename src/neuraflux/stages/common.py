@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 
@@ -36,19 +34,6 @@ def is_logging_step(module: pl.LightningModule) -> bool:
     if trainer is None:
         return True
     return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
-
-
-def clip_and_log_grad_norm(module: pl.LightningModule, optimizer, clip_val: float | None) -> None:
-    """Clip by global norm (when configured) and log the norm before clipping as train/grad_norm."""
-    log_now = is_logging_step(module)
-    if not clip_val and not log_now:
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not params:
-        return
-    norm = torch.nn.utils.clip_grad_norm_(params, clip_val if clip_val else math.inf)
-    if log_now:
-        module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
 
 def step_denominator(module: pl.LightningModule, batch, name: str) -> torch.Tensor | None:

@@ -66,7 +66,6 @@ from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
-    clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
     log_lr,
@@ -422,9 +421,6 @@ class NanoConstitutionalAI(pl.LightningModule):
     def configure_optimizers(self):
         # the reference is not a registered submodule: these are the policy's parameters only
         return configure_optimizers(self, self.optim, self.model.named_parameters())
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -25,7 +25,6 @@ from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     attached_trainer,
     check_finite,
-    clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
     log_lr,
@@ -224,9 +223,6 @@ class NanoDPO(pl.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optim, self.model.named_parameters())
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -13,7 +13,6 @@ from neuraflux.data.common import LMBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
-    clip_and_log_grad_norm,
     configure_optimizers,
     is_logging_step,
     log_lr,
@@ -94,6 +93,3 @@ class CausalLMStage(pl.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optim, self.model.named_parameters())
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)

@@ -30,7 +30,6 @@ from neuraflux.alignment.rollout import SamplingSettings
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
-from neuraflux.stages.common import clip_and_log_grad_norm
 from neuraflux.stages.ppo import NanoPPO
 from neuraflux.stages.reinforce import NanoREINFORCE
 from neuraflux.world.judges import JUDGES
@@ -195,7 +194,7 @@ class MultiTaskREINFORCE(NanoMultiTaskRL, NanoREINFORCE):
         super().setup(stage)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_and_log_grad_norm(self, optimizer, self.max_grad_norm)
+        self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
 
 class MultiTaskPPO(NanoMultiTaskRL, NanoPPO):

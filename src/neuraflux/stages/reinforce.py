@@ -38,7 +38,6 @@ from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,
-    clip_and_log_grad_norm,
     configure_optimizers,
     log_lr,
 )
@@ -135,9 +134,6 @@ class NanoREINFORCE(pl.LightningModule):
     def configure_optimizers(self):
         # Frozen models are not registered submodules: these are the policy's parameters only.
         return configure_optimizers(self, self.optim, self.named_parameters())
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip_and_log_grad_norm(self, optimizer, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_kl_coef(self, checkpoint)
