@@ -163,7 +163,22 @@ def ws_error(payload, client_kw=None, before=None, url="/ws") -> dict:
 
 GEN = {"type": "generate", "id": "g", "prompt": "hi"}
 
+
+def http_error(path: str, body: dict) -> dict:
+    """An HTTP request's OpenAI-style error as the WebSocket's error message would carry it."""
+    with make_client() as client:
+        r = client.post(path, json=body)
+    error = r.json()["error"]
+    assert r.status_code == ERROR_CODES[error["code"]]
+    return {"type": "error", "id": None, "code": error["code"], "message": error["message"]}
+
+
 ERROR_CASES = {
+    "model_not_found": (
+        lambda: http_error("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}),
+        None,
+        'the model "gpt-4o" does not exist',
+    ),
     "bad_json": (lambda: ws_error("{not json"), None, "message is not valid JSON"),
     "unknown_type": (
         lambda: ws_error({"type": "hello", "id": 3}),
@@ -316,6 +331,22 @@ def test_completions_continue_raw_text():
     assert body["choices"][0]["text"] == alone(model, tok, tok.encode("the tower"), 5)
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def test_an_unknown_model_gets_404_model_not_found_as_the_openai_api_does():
+    with make_client() as client:
+        for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": [
+                {"role": "user", "content": "hi"}]})):  # fmt: skip
+            r = client.post(path, json={**body, "model": "gpt-4o", "max_tokens": 2})
+            assert r.status_code == 404, path
+            error = r.json()["error"]
+            assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+            assert error["message"] == "the model \"gpt-4o\" does not exist: this server serves 'tiny' (GET /v1/models)"
+        # the served name, or none at all, is accepted
+        assert (
+            client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": "tiny"}).status_code == 200
+        )
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
 def test_openai_client_shaped_chat_request_plain_and_streamed_agree():

@@ -419,7 +419,15 @@ async def read_json(request: Request) -> dict:
 
 
 def openai_call(state: ServerState, data: dict) -> OpenAICall:
-    """The fields this server honours; others OpenAI clients send by habit (user, presence_penalty...) are ignored."""
+    """The fields this server honours; others OpenAI clients send by habit (user, presence_penalty...) are ignored.
+    A `model` other than the one served is refused as the OpenAI API does (404 `model_not_found`)."""
+    model = data.get("model")
+    if model is not None and model != state.model_name:
+        raise ServeError(
+            "model_not_found",
+            f"the model {json.dumps(model)[:80]} does not exist: this server serves {state.model_name!r} "
+            "(GET /v1/models)",
+        )
     if data.get("n", 1) != 1:
         raise ServeError("invalid_field", f"'n' must be 1: one completion per request, got {data.get('n')!r}")
     if data.get("stop") not in (None, [], ""):

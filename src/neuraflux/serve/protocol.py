@@ -43,6 +43,7 @@ ERROR_CODES: dict[str, int] = {
     "retrieval_unavailable": 400,  # use_retrieval on a server started without a retrieval store
     "unauthorized": 401,
     "not_found": 404,  # cancel of an id not in flight
+    "model_not_found": 404,  # an OpenAI-style request naming a model this server does not serve
     "cancelled": 499,  # the client cancelled (or went away)
     "overloaded": 503,  # every slot busy and the queue full
     "timeout": 504,  # over serve.request_timeout_s
