@@ -494,3 +494,40 @@ def test_import_without_the_web_stack_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[serve\]"'):
         importlib.import_module("neuraflux.serve")
+
+
+@pytest.mark.parametrize(
+    "body, code, message",
+    [
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}', "invalid_field",
+         "messages[0].content[0].text must be a string, got null"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', "invalid_field",
+         "messages[0].content[0].text must be a string, got 5"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}', "invalid_field",
+         'messages[0].content[0].text must be a string, got {"a": 1}'),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "bad_json",
+         "request body holds a lone surrogate (\\ud800), not text"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "bad_json",
+         "request body is nested too deeply to parse"),
+    ],
+    ids=["text null", "text number", "text object", "lone surrogate", "nested 100k deep"],
+)  # fmt: skip
+def test_malformed_requests_get_400_in_the_openai_error_body_not_a_500(body, code, message):
+    with make_client() as client:
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": message, "type": "invalid_request_error", "param": None, "code": code,
+        }  # fmt: skip
+        assert client.get("/health").status_code == 200
+
+
+def test_a_message_nested_100k_deep_is_an_error_and_the_socket_lives_on():
+    deep = '{"type": "generate", "id": 1, "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with make_client() as client, client.websocket_connect("/ws") as ws:
+        ws.send_text(deep)
+        assert ws.receive_json() == {
+            "type": "error", "id": None, "code": "bad_json", "message": "message is nested too deeply to parse"
+        }  # fmt: skip
+        ws.send_text(json.dumps({"type": "generate", "id": 2, "prompt": "hi", "max_new_tokens": 2}))
+        first = ws.receive_json()
+        assert first["id"] == 2 and first["type"] in ("token", "done")

@@ -37,6 +37,7 @@ from neuraflux.serve.protocol import (
     check_bool,
     check_max_new_tokens,
     check_sampling,
+    decode_json_object,
     last_user_text,
     parse_client_message,
     parse_messages,
@@ -382,10 +383,10 @@ class Connection:
 def _id_of(raw: str | bytes) -> Any:
     """The id of a message that failed a check, when it has a usable one, so the client can match the error."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = decode_json_object(raw, "message")
+    except ServeError:
         return None
-    value = data.get("id") if isinstance(data, dict) else None
+    value = data.get("id")
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
@@ -408,14 +409,7 @@ class OpenAICall:
 
 
 async def read_json(request: Request) -> dict:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ServeError("bad_json", f"request body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ServeError("bad_json", f"request body must be a JSON object, got {type(data).__name__}")
-    return data
+    return decode_json_object(await request.body(), "request body")
 
 
 def openai_call(state: ServerState, data: dict) -> OpenAICall:

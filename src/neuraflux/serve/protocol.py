@@ -125,14 +125,31 @@ class CancelMessage:
     id: str | int
 
 
-def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | CancelMessage:
-    """One WebSocket message, checked before any work; raises ServeError naming the bad field."""
+def decode_json_object(raw: str | bytes, what: str) -> dict:
+    """A JSON object from a client, or ServeError `bad_json` naming why: not JSON, nested too deeply for the parser
+    (it would otherwise raise RecursionError, a bare 500), a string holding a lone surrogate (which no tokenizer or
+    UTF-8 writer can take later), or not an object. `what` names the source ("request body", "message")."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ServeError("bad_json", f"message is not valid JSON: {err}") from None
+        raise ServeError("bad_json", f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ServeError("bad_json", f"{what} is nested too deeply to parse") from None
     if not isinstance(data, dict):
-        raise ServeError("bad_json", f"message must be a JSON object, got {type(data).__name__}")
+        raise ServeError("bad_json", f"{what} must be a JSON object, got {type(data).__name__}")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = err.object[err.start : err.end].encode("unicode_escape").decode()
+        raise ServeError("bad_json", f"{what} holds a lone surrogate ({bad}), not text") from None
+    except RecursionError:  # deep, but within what the parser accepted
+        raise ServeError("bad_json", f"{what} is nested too deeply to parse") from None
+    return data
+
+
+def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | CancelMessage:
+    """One WebSocket message, checked before any work; raises ServeError naming the bad field."""
+    data = decode_json_object(raw, "message")
     request_id = data.get("id")
     kind = data.get("type")
     if kind not in ("generate", "cancel"):
@@ -185,7 +202,19 @@ def parse_messages(value: Any, request_id: Any = None, system_as_context: bool =
             raise ServeError("invalid_field", f"messages[{i}].role must be one of {roles}, got {_show(m)}", request_id)
         content = m.get("content")
         if isinstance(content, list):  # OpenAI's content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    continue
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ServeError(
+                        "invalid_field",
+                        f"messages[{i}].content[{j}].text must be a string, got {_show(text)}",
+                        request_id,
+                    )
+                texts.append(text)
+            content = "".join(texts)
         if not isinstance(content, str):
             raise ServeError(
                 "invalid_field", f"messages[{i}].content must be a string, got {_show(content)}", request_id
