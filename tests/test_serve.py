@@ -531,3 +531,45 @@ def test_a_message_nested_100k_deep_is_an_error_and_the_socket_lives_on():
         ws.send_text(json.dumps({"type": "generate", "id": 2, "prompt": "hi", "max_new_tokens": 2}))
         first = ws.receive_json()
         assert first["id"] == 2 and first["type"] in ("token", "done")
+
+
+def test_a_plain_request_whose_client_disconnects_stops_within_half_a_second():
+    # a real server on loopback: the test client cannot drop a connection mid-request the way a browser or curl does
+    import socket
+    import threading
+
+    import uvicorn
+
+    model, tok = tiny_lm()
+    slow_down(model, 0.05)  # 20 tokens/s: 24 tokens would take over a second
+    app = create_app(BASE, model, tok, model_name="tiny")
+    engine = app.state.serve.engine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        body = json.dumps({"prompt": "the tower", "max_tokens": 24}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(head + body)
+        deadline = time.monotonic() + 5
+        while engine.stats().tokens < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats().active == 1
+        client.close()  # the client gives up mid-answer
+        gone = time.monotonic()
+        while engine.stats().active and time.monotonic() < gone + 5:
+            time.sleep(0.01)
+        stopped_after = time.monotonic() - gone
+        assert engine.stats().active == 0 and stopped_after < 0.5, stopped_after
+        assert engine.stats().tokens < 24  # it did not run on to max_tokens
+    finally:
+        server.should_exit = True
+        thread.join(10)
