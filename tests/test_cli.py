@@ -112,3 +112,26 @@ def test_generate_names_a_bad_constitution(tmp_path):
     (tmp_path / "c.yaml").write_text("principles: [{id: p, text: t, check: {type: vibes}, revision: x}]\n")
     with pytest.raises(SystemExit, match=r"--constitution: constitution .*c.yaml: principle 'p'.check.type 'vibes'"):
         main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--constitution", str(tmp_path / "c.yaml")])
+
+
+def test_a_tokenizer_that_does_not_belong_to_the_weights_is_refused_naming_both_files(tmp_path):
+    import pytest
+
+    from neuraflux.model.io import load_pretrained
+
+    # 1,000 tokens beside a 512-row embedding: before, SFT ran and generation later died with an IndexError
+    big = NanoTokenizer.train(["the cat sat on the mat. " * 50 + "".join(chr(i) for i in range(300, 1300))], 0,
+                              mode="char")  # fmt: skip
+    assert big.vocab_size > 512
+    NanoLM(NanoConfig(vocab_size=512, block_size=16, n_layer=1, n_head=1, n_embd=8)).save_pretrained(tmp_path / "m")
+    big.save(tmp_path / "m")
+    expected = (
+        f"{tmp_path / 'm' / 'tokenizer.json'} has {big.vocab_size} tokens but {tmp_path / 'm' / 'config.json'} gives "
+        "the model vocab_size=512: the tokenizer does not belong to these weights"
+    )
+    with pytest.raises(ValueError) as err:
+        load_pretrained(tmp_path / "m")
+    assert str(err.value) == expected
+    with pytest.raises(SystemExit) as exit_:  # the CLI says it in one line
+        main(["generate", "--model", str(tmp_path / "m"), "--prompt", "the"])
+    assert str(exit_.value) == f"error: --model {tmp_path / 'm'}: {expected}"

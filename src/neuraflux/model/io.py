@@ -39,7 +39,9 @@ def load_pretrained(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
     if source.is_dir():
         model_dir = source / "model" if (source / "model" / "config.json").is_file() else source
         tokenizer = NanoTokenizer.load(model_dir / "tokenizer.json")
-        return NanoLM.from_pretrained(model_dir), tokenizer
+        model = NanoLM.from_pretrained(model_dir)
+        check_tokenizer_fits(model.config, tokenizer, model_dir / "tokenizer.json", model_dir / "config.json")
+        return model, tokenizer
     ckpt = load_checkpoint_file(source)
     extras = ckpt["neuraflux"]
     model = NanoLM(NanoConfig.from_dict(extras["model_config"]))
@@ -47,6 +49,21 @@ def load_pretrained(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.transformer.")}
     load_state_checked(model, state, source=str(source))
     return model, NanoTokenizer.from_json(extras["tokenizer_json"])
+
+
+def check_tokenizer_fits(config: NanoConfig, tokenizer: NanoTokenizer, tokenizer_path, config_path) -> None:
+    """ValueError naming both files when the tokenizer can produce ids the model has no embedding row for (a
+    tokenizer from another run beside these weights): generation would otherwise fail later with an IndexError."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path} has {tokenizer.vocab_size} tokens but {config_path} gives the model "
+            f"vocab_size={config.vocab_size}: the tokenizer does not belong to these weights"
+        )
+    if config.pad_token_id != tokenizer.pad_id:
+        raise ValueError(
+            f"{tokenizer_path} pads with id {tokenizer.pad_id} but {config_path} says pad_token_id="
+            f"{config.pad_token_id}: the tokenizer does not belong to these weights"
+        )
 
 
 def load_for_inference(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
