@@ -573,3 +573,16 @@ def test_a_plain_request_whose_client_disconnects_stops_within_half_a_second():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_api_docs_are_behind_the_key_when_one_is_set():
+    with make_client(api_key="k") as client:
+        assert client.get("/docs").status_code == 401 and client.get("/openapi.json").status_code == 401
+        assert client.get("/openapi.json").json()["error"]["code"] == "unauthorized"
+        schema = client.get("/openapi.json", headers={"Authorization": "Bearer k"})
+        assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+        assert client.get("/docs", headers={"Authorization": "Bearer k"}).status_code == 200
+    with make_client() as client:  # no key: open, as every other route
+        assert (
+            client.get("/docs").status_code == 200 and "/v1/completions" in client.get("/openapi.json").json()["paths"]
+        )

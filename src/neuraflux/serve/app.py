@@ -178,7 +178,8 @@ def create_app(
         finally:
             engine.stop()
 
-    app = FastAPI(title="NeuraFlux", lifespan=lifespan)
+    # the API docs are served by the routes below, behind the key when one is set
+    app = FastAPI(title="NeuraFlux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
 
     @app.exception_handler(ServeError)
@@ -188,6 +189,18 @@ def create_app(
     def require_key(request: Request) -> None:
         if not authorized(config.api_key, request.headers.get("authorization"), None):
             raise ServeError("unauthorized", UNAUTHORIZED)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        require_key(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        require_key(request)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="NeuraFlux API")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
