@@ -164,16 +164,21 @@ def ws_error(payload, client_kw=None, before=None, url="/ws") -> dict:
 GEN = {"type": "generate", "id": "g", "prompt": "hi"}
 
 
-def http_error(path: str, body: dict) -> dict:
+def http_error(path: str, body: dict, content_type: str = "application/json") -> dict:
     """An HTTP request's OpenAI-style error as the WebSocket's error message would carry it."""
     with make_client() as client:
-        r = client.post(path, json=body)
+        r = client.post(path, content=json.dumps(body), headers={"content-type": content_type})
     error = r.json()["error"]
     assert r.status_code == ERROR_CODES[error["code"]]
     return {"type": "error", "id": None, "code": error["code"], "message": error["message"]}
 
 
 ERROR_CASES = {
+    "unsupported_media_type": (
+        lambda: http_error("/v1/completions", {"prompt": "hi"}, content_type="text/plain"),
+        None,
+        "send the body as application/json, not text/plain",
+    ),
     "model_not_found": (
         lambda: http_error("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}),
         None,
@@ -421,7 +426,10 @@ def test_completions_stream_as_server_sent_events():
 )
 def test_http_errors_have_openai_shape_and_status(path, body, status, code, message):
     with make_client() as client:
-        r = client.post(path, content=body) if isinstance(body, bytes) else client.post(path, json=body)
+        if isinstance(body, bytes):  # malformed JSON, sent as JSON (an untyped body is refused earlier: 415)
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post(path, json=body)
     assert r.status_code == status
     err = r.json()["error"]
     assert err["code"] == code and message in err["message"] and err["type"] == "invalid_request_error"
@@ -586,3 +594,15 @@ def test_the_api_docs_are_behind_the_key_when_one_is_set():
         assert (
             client.get("/docs").status_code == 200 and "/v1/completions" in client.get("/openapi.json").json()["paths"]
         )
+
+
+def test_a_post_body_that_is_not_json_typed_is_refused_before_it_is_read():
+    # a page on another origin can POST text/plain without a CORS preflight; this server only reads JSON
+    body = json.dumps({"prompt": "hi", "max_tokens": 2})
+    with make_client() as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": content_type} if content_type else {}
+            r = client.post("/v1/completions", content=body, headers=headers)
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", content_type
+        ok = client.post("/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200

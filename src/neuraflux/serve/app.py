@@ -422,6 +422,13 @@ class OpenAICall:
 
 
 async def read_json(request: Request) -> dict:
+    """The JSON object of a POST body. Only `application/json` is read: a cross-origin page may send `text/plain`
+    without a CORS preflight, so anything else is refused before the body is read."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ServeError(
+            "unsupported_media_type", f"send the body as application/json, not {media_type or 'no content type'}"
+        )
     return decode_json_object(await request.body(), "request body")
 
 

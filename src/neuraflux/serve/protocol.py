@@ -42,6 +42,7 @@ ERROR_CODES: dict[str, int] = {
     "max_new_tokens_too_large": 400,
     "retrieval_unavailable": 400,  # use_retrieval on a server started without a retrieval store
     "unauthorized": 401,
+    "unsupported_media_type": 415,  # a POST body not sent as application/json
     "not_found": 404,  # cancel of an id not in flight
     "model_not_found": 404,  # an OpenAI-style request naming a model this server does not serve
     "cancelled": 499,  # the client cancelled (or went away)
