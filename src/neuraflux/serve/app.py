@@ -11,6 +11,7 @@ import functools
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -119,6 +120,27 @@ def load_constitution(spec: str | None) -> Constitution | None:
         raise ValueError(f"serve.{err}") from None
 
 
+class RedactApiKey(logging.Filter):
+    """Blanks `api_key=...` in access-log lines: a WebSocket client may pass its key in the query string (browsers
+    cannot set headers there), and a secret must never reach a log file."""
+
+    PATTERN = re.compile(r"(api_key=)[^&\s\"]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.PATTERN.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Install `RedactApiKey` on uvicorn's access logger, once."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactApiKey) for f in access.filters):
+        access.addFilter(RedactApiKey())
+
+
 def authorized(api_key: str | None, header: str | None, query: str | None) -> bool:
     """No key configured: everyone. Otherwise `Authorization: Bearer KEY`, or `?api_key=KEY` (browsers cannot set
     headers on a WebSocket)."""
@@ -178,6 +200,7 @@ def create_app(
         finally:
             engine.stop()
 
+    redact_access_log()
     # the API docs are served by the routes below, behind the key when one is set
     app = FastAPI(title="NeuraFlux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
