@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+# the model's own classes, not neuraflux.model.io: the script also runs under checkouts older than that module
 from neuraflux.eval import world_config_for  # noqa: E402
-from neuraflux.model import generate  # noqa: E402
+from neuraflux.model import NanoLM, generate  # noqa: E402
 from neuraflux.rag import NanoRAG, world_retriever  # noqa: E402
 from neuraflux.tokenizer import NanoTokenizer  # noqa: E402
 from neuraflux.world import exact_match, generate_world, qa_items  # noqa: E402
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from neuraflux.model import NanoLM
-
     model, tok = NanoLM.from_pretrained(args.model).eval(), NanoTokenizer.load(args.model)
     world = generate_world(world_config_for(args.model))
     rag = NanoRAG(model, tok, world_retriever(world), k=1)
