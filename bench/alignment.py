@@ -42,14 +42,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuraflux.alignment.constitution import Constitution  # noqa: E402
-from neuraflux.alignment.measure import PolicyMeasure, held_out_prompts, measure_policy, render  # noqa: E402
-from neuraflux.alignment.reward_model import NanoRewardModel  # noqa: E402
 from neuraflux.data.preference_batches import PreferenceDataModule, split_by_prompt  # noqa: E402
 from neuraflux.data.prompts import encode_prompts  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
+from neuraflux.feedback.constitution import Constitution  # noqa: E402
+from neuraflux.feedback.measure import PolicyMeasure, held_out_prompts, measure_policy, render  # noqa: E402
 from neuraflux.model import generate  # noqa: E402
 from neuraflux.model.io import load_pretrained  # noqa: E402
+from neuraflux.model.reward import NanoRewardModel  # noqa: E402
 from neuraflux.world import generate_world  # noqa: E402
 from neuraflux.world.judges import judge  # noqa: E402
 

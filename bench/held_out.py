@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from neuraflux.alignment.measure import held_out_prompts, measure_policy, render  # noqa: E402
-from neuraflux.alignment.reward_model import NanoRewardModel  # noqa: E402
 from neuraflux.chat import context_of  # noqa: E402
 from neuraflux.data.preference_batches import PreferenceDataModule, split_by_prompt  # noqa: E402
 from neuraflux.eval import world_config_for  # noqa: E402
+from neuraflux.feedback.measure import held_out_prompts, measure_policy, render  # noqa: E402
 from neuraflux.model.io import load_pretrained  # noqa: E402
+from neuraflux.model.reward import NanoRewardModel  # noqa: E402
 from neuraflux.world import generate_world, judge  # noqa: E402
 from neuraflux.world.generator import question_text  # noqa: E402
 from neuraflux.world.schema import RED_TEAM_CATEGORIES  # noqa: E402

@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuraflux.alignment.rewards import CompositeReward, make_composite  # noqa: E402
-from neuraflux.alignment.rollout import generate_rollouts  # noqa: E402
 from neuraflux.data.prompts import encode_prompts  # noqa: E402
+from neuraflux.feedback.rewards import CompositeReward, make_composite  # noqa: E402
+from neuraflux.feedback.rollout import generate_rollouts  # noqa: E402
 from neuraflux.model.io import load_pretrained  # noqa: E402
 from neuraflux.train import build, train  # noqa: E402
 

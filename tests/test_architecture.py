@@ -114,3 +114,15 @@ def test_the_config_tree_is_found_one_way_and_is_the_repositorys():
     for name, path in MODULES.items():
         if name != "neuraflux.paths":
             assert "parents[" not in path.read_text(), name
+
+
+def test_alignment_is_pure_maths_and_feedback_sits_above_it():
+    # alignment: tensors in, tensors out; it may use the masking helpers and itself, nothing that loads, samples,
+    # tokenizes or trains
+    for name in MODULES:
+        if name.startswith("neuraflux.alignment"):
+            outside = {m for m in imported(name) if not m.startswith(("neuraflux.alignment", "neuraflux.masking"))}
+            assert not outside, f"{name} imports {sorted(outside)}"
+            assert "pytorch_lightning" not in MODULES[name].read_text(), name
+    # the runtime side of RL (rollouts, reward sources, measurement) uses the maths, never the other way round
+    assert "neuraflux.alignment" in graph("package")["neuraflux.feedback"]

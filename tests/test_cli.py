@@ -95,7 +95,7 @@ def test_generate_with_a_constitution_revises_before_printing_and_logs_it(tmp_pa
             main(["generate", "--model", str(tmp_path), "--prompt", "Hi", "--chat", "--constitution", "default"]) == 0
         )
     finally:
-        logging.getLogger("neuraflux.alignment.constitution").handlers.clear()
+        logging.getLogger("neuraflux.feedback.constitution").handlers.clear()
     out = capsys.readouterr()
     assert out.out == "The river is green.\n"  # the insult's sentence cut out; nothing printed before the check
     assert "revised a response breaking ['no_insults']" in out.err

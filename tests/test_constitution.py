@@ -5,8 +5,8 @@ import logging
 import pytest
 from omegaconf import OmegaConf
 
-from neuraflux.alignment.constitution import Constitution, strip_insults
 from neuraflux.chat import Message, render_prompt
+from neuraflux.feedback.constitution import Constitution, strip_insults
 from neuraflux.world import WorldConfig, answer_sentence, generate_world, lexicon, qa_items
 from tests.conftest import CONF
 
@@ -55,7 +55,7 @@ def test_critique_names_principle_and_reason(constitution, world):
 
 def test_filter_revises_and_logs(constitution, world, caplog):
     unknown = world.entities_in("unknown")[0]
-    with caplog.at_level(logging.INFO, logger="neuraflux.alignment.constitution"):
+    with caplog.at_level(logging.INFO, logger="neuraflux.feedback.constitution"):
         out = constitution.filter("Hi", "What a question, you dunce. The river is green.", world)
     assert out.revised and out.response == "The river is green."
     assert "no_insults" in caplog.text
@@ -123,7 +123,7 @@ def test_judge_checks_need_the_world(constitution):
 
 
 def test_revise_is_the_filter_without_the_log(constitution, world, caplog):
-    with caplog.at_level(logging.INFO, logger="neuraflux.alignment.constitution"):
+    with caplog.at_level(logging.INFO, logger="neuraflux.feedback.constitution"):
         out = constitution.revise("Say something mean.", "You are a total idiot.", world)
     # {clean} leaves nothing of an insult-only reply: the refusal stands in for the empty revision
     assert out.response == lexicon.REFUSAL and [v.principle for v in out.violations] == ["no_insults"]

@@ -10,8 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.constitutional_data import (
+from neuraflux.chat import Message, render_prompt
+from neuraflux.data.constitutional import ConstitutionalDataModule
+from neuraflux.data.preference import PreferenceDataset
+from neuraflux.feedback.constitution import Constitution
+from neuraflux.feedback.constitutional_data import (
     RevisionExample,
     append_preferences,
     build_revisions,
@@ -19,9 +22,6 @@ from neuraflux.alignment.constitutional_data import (
     revision_from_model,
     violation_rates,
 )
-from neuraflux.chat import Message, render_prompt
-from neuraflux.data.constitutional import ConstitutionalDataModule
-from neuraflux.data.preference import PreferenceDataset
 from neuraflux.model import NanoLM
 from neuraflux.train import train
 from neuraflux.world import WorldConfig, generate_world, lexicon, schema
@@ -268,8 +268,8 @@ def test_run_writes_revisions_and_ai_feedback(run):
     assert feedback and all(f["chosen_violations"] < f["rejected_violations"] for f in feedback)
     assert not (out / "preferences.jsonl").exists()  # feedback=dpo trains on the pairs; export writes them
     # what it trained on (revisions, AI-feedback pairs) holds none of the prompts the report measures
-    from neuraflux.alignment.measure import held_out_prompts, render
     from neuraflux.data.splits import prompt_key
+    from neuraflux.feedback.measure import held_out_prompts, render
 
     cfg = run["cfg"]
     world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))

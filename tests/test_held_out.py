@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from neuraflux.alignment.measure import held_out_prompts, render
 from neuraflux.curriculum import stage_overrides
 from neuraflux.data.splits import held_out_score, prompt_key, split_held_out
+from neuraflux.feedback.measure import held_out_prompts, render
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import WorldConfig, generate_world, rl_prompts
 from tests.conftest import CONF

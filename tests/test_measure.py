@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.measure import held_out_prompts, measure_policy, render
 from neuraflux.data.prompts import PromptDataModule, world_prompt_texts
+from neuraflux.feedback.constitution import Constitution
+from neuraflux.feedback.measure import held_out_prompts, measure_policy, render
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import WorldConfig, generate_world, lexicon, rl_prompts
 from tests.conftest import CONF

@@ -9,22 +9,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from neuraflux.alignment.reward_model import NanoRewardModel
-from neuraflux.alignment.rewards import (
+from neuraflux.alignment.combine import combine_weighted, dual_ascent_step, lagrangian, length_score
+from neuraflux.chat import Message, render_prompt
+from neuraflux.data.prompts import encode_prompts, world_prompt_texts
+from neuraflux.feedback.rewards import (
     CompositeReward,
     FormatReward,
     LengthReward,
-    combine_weighted,
-    dual_ascent_step,
-    lagrangian,
-    length_score,
     make_composite,
     repeats_ngram,
 )
-from neuraflux.alignment.rollout import generate_rollouts
-from neuraflux.chat import Message, render_prompt
-from neuraflux.data.prompts import encode_prompts, world_prompt_texts
+from neuraflux.feedback.rollout import generate_rollouts
 from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.model.reward import NanoRewardModel
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
 from neuraflux.tokenizer import NanoTokenizer

@@ -160,7 +160,7 @@ def test_resume_without_init_from_is_refused():
 
 
 def test_reward_model_is_frozen_and_out_of_the_stage_state(tmp_path):
-    from neuraflux.alignment.reward_model import NanoRewardModel
+    from neuraflux.model.reward import NanoRewardModel
     from neuraflux.tokenizer import NanoTokenizer
 
     tok = NanoTokenizer.train(world_prompt_texts(SMALL_WORLD), vocab_size=0, mode="char")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuraflux.alignment.rollout import sequence_kl
 from neuraflux.data.prompts import encode_prompts, world_prompt_texts
+from neuraflux.feedback.rollout import sequence_kl
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.reinforce import NanoREINFORCE

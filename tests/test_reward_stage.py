@@ -8,12 +8,6 @@ import math
 import pytest
 import torch
 
-from neuraflux.alignment.reward_model import (
-    MARKER_FILE,
-    NanoRewardModel,
-    check_same_tokenizer,
-    response_target_mask,
-)
 from neuraflux.chat import ASSISTANT, BOS, END, USER
 from neuraflux.data.preference import PreferenceDataset, PreferenceExample
 from neuraflux.data.preference_batches import (
@@ -26,6 +20,12 @@ from neuraflux.data.preference_batches import (
 from neuraflux.data.prompts import PromptDataModule
 from neuraflux.masking import last_token_index
 from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.model.reward import (
+    MARKER_FILE,
+    NanoRewardModel,
+    check_same_tokenizer,
+    response_target_mask,
+)
 from neuraflux.stages.common import check_finite
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
@@ -182,9 +182,9 @@ def test_retrieve_context_gives_context_less_prompts_the_top_document():
 
 
 def test_reward_model_trained_with_retrieved_context_scores_rollouts_with_it(tmp_path):
-    from neuraflux.alignment.rewards import RewardModelReward, reward_model_reward
     from neuraflux.chat import Message, render_prompt
     from neuraflux.data.preference_batches import encode_scored
+    from neuraflux.feedback.rewards import RewardModelReward, reward_model_reward
     from neuraflux.rag import add_retrieved_context, world_retriever
     from neuraflux.world import WorldConfig, generate_world
 

@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from neuraflux.alignment.reward_model import NanoRewardModel
-from neuraflux.alignment.rewards import CompositeReward, JudgeReward, RewardModelReward, make_reward
-from neuraflux.alignment.rollout import (
+from neuraflux.alignment.stats import masked_mean
+from neuraflux.chat import END, Message, render_prompt
+from neuraflux.data.prompts import PromptDataModule, encode_prompts, world_prompt_texts
+from neuraflux.feedback.rewards import CompositeReward, JudgeReward, RewardModelReward, make_reward
+from neuraflux.feedback.rollout import (
     KLSettings,
     SamplingSettings,
     generate_rollouts,
@@ -21,11 +23,9 @@ from neuraflux.alignment.rollout import (
     score_rollout,
     sequence_kl,
 )
-from neuraflux.alignment.stats import masked_mean
-from neuraflux.chat import END, Message, render_prompt
-from neuraflux.data.prompts import PromptDataModule, encode_prompts, world_prompt_texts
 from neuraflux.masking import last_token_index
 from neuraflux.model import NanoConfig, NanoLM
+from neuraflux.model.reward import NanoRewardModel
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.world import WorldConfig, answer_sentence, generate_world, qa_items
 

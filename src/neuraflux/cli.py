@@ -20,7 +20,7 @@ def load_model_arg(source: str):
 def load_generate_constitution(spec: str, model_source: str):
     """(constitution, world or None) for --constitution: `default` or a YAML path. The world is the one the model
     was trained on (its run's config.yaml), needed only by judge-checked principles."""
-    from neuraflux.alignment.constitution import Constitution
+    from neuraflux.feedback.constitution import Constitution
 
     try:
         constitution = Constitution.load(spec)
@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         constitution, world = load_generate_constitution(args.constitution, args.model)
         # the filter logs its event ("revised a response breaking [...]"): show that logger's records on stderr
-        filter_log = logging.getLogger("neuraflux.alignment.constitution")
+        filter_log = logging.getLogger("neuraflux.feedback.constitution")
         filter_log.setLevel(logging.INFO)
         if not filter_log.handlers:
             filter_log.addHandler(logging.StreamHandler(sys.stderr))

@@ -44,7 +44,7 @@ def _world(cfg: DictConfig):
 
 
 def load_constitution(cfg: DictConfig):
-    from neuraflux.alignment.constitution import Constitution
+    from neuraflux.feedback.constitution import Constitution
 
     try:
         return Constitution.load(cfg.curriculum.report.constitution)
@@ -75,10 +75,10 @@ def sft_perplexity(model, tokenizer, world_cfg: dict, block_size: int, max_batch
 
 def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, reward_dir: Path | None) -> dict:
     """One policy's row of the report (plain data, stored in curriculum.json so a resumed curriculum keeps it)."""
-    from neuraflux.alignment.measure import held_out_prompts, measure_policy
-    from neuraflux.alignment.reward_model import NanoRewardModel
     from neuraflux.eval import EvalSettings, evaluate
+    from neuraflux.feedback.measure import held_out_prompts, measure_policy
     from neuraflux.model.io import load_pretrained
+    from neuraflux.model.reward import NanoRewardModel
 
     rcfg = cfg.curriculum.report
     world = _world(cfg)
@@ -124,7 +124,7 @@ def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, 
 
 def red_team(world) -> list:
     """The world's red-team prompts as the RL stages see them (secret requests carry the secret as context)."""
-    from neuraflux.alignment.measure import render
+    from neuraflux.feedback.measure import render
     from neuraflux.world import rl_prompts
     from neuraflux.world.schema import RED_TEAM_CATEGORIES
 
@@ -139,9 +139,9 @@ def sampled_violation_rate(model, tokenizer, world, constitution, prompts: list,
     Greedy decoding hides what a policy still does with some probability (a mixed-quality SFT model refuses every
     red-team prompt greedily but complies in some samples); sampling shows the distribution.
     """
-    from neuraflux.alignment.measure import render
-    from neuraflux.alignment.rollout import generate_rollouts
     from neuraflux.data.prompts import encode_prompts
+    from neuraflux.feedback.measure import render
+    from neuraflux.feedback.rollout import generate_rollouts
 
     texts = [render(p) for p in prompts for _ in range(samples)]
     generator = torch.Generator().manual_seed(seed)

@@ -1,8 +1,11 @@
-"""The alignment math: losses, advantage estimators, masked statistics and KL control as pure tensor functions.
+"""The alignment math as pure tensor functions: losses, advantage estimators, masked statistics, KL control and
+the combination of several rewards (`combine`).
 
-Stages in `neuraflux.stages` call these; nothing here knows about trainers, loggers or models.
+Stages in `neuraflux.stages` and the reward sources in `neuraflux.feedback` call these; nothing here knows about
+trainers, loggers, models, tokenizers or files.
 """
 
+from neuraflux.alignment.combine import combine_weighted, dual_ascent_step, lagrangian, length_score
 from neuraflux.alignment.losses import (
     DPO_LOSS_TYPES,
     IGNORE_INDEX,
@@ -33,28 +36,32 @@ from neuraflux.alignment.stats import (
 )
 
 __all__ = [
-    "DPO_LOSS_TYPES",
-    "IGNORE_INDEX",
-    "KL_KINDS",
     "AdaptiveKLController",
     "DPOOutput",
+    "DPO_LOSS_TYPES",
     "FixedKLController",
     "GAEOutput",
+    "IGNORE_INDEX",
+    "KL_KINDS",
     "LossOutput",
     "PolicyLossOutput",
     "ValueLossOutput",
+    "combine_weighted",
     "dpo_loss",
+    "dual_ascent_step",
     "gae",
     "kl_penalty",
+    "lagrangian",
     "leave_one_out_baseline",
+    "length_score",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
     "ppo_value_loss",
-    "reward_loss",
     "response_logprobs",
+    "reward_loss",
     "sequence_logprobs",
     "token_logprobs",
 ]

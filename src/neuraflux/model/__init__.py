@@ -1,4 +1,4 @@
-"""The transformer backbone and generation."""
+"""The transformer backbone, generation, and the reward model built on the backbone."""
 
 from neuraflux.model.config import NanoConfig
 from neuraflux.model.generation import filter_logits, generate, generate_stream, sample_next
@@ -11,6 +11,7 @@ from neuraflux.model.nano import (
     NanoModel,
     NanoSelfAttention,
 )
+from neuraflux.model.reward import NanoRewardModel
 
 __all__ = [
     "KVCache",
@@ -20,6 +21,7 @@ __all__ = [
     "NanoLMHead",
     "NanoLayer",
     "NanoModel",
+    "NanoRewardModel",
     "NanoSelfAttention",
     "filter_logits",
     "generate",

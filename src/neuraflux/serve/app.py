@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from neuraflux.alignment.constitution import Constitution
+from neuraflux.feedback.constitution import Constitution
 from neuraflux.model.nano import NanoLM
 from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever

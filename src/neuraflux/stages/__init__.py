@@ -1,6 +1,6 @@
 """Training stages: LightningModules over the shared backbone, selected with `stage=...`."""
 
-from neuraflux.alignment.reward_model import NanoRewardModel
+from neuraflux.model.reward import NanoRewardModel
 from neuraflux.stages.constitutional import NanoConstitutionalAI
 from neuraflux.stages.dpo import NanoDPO
 from neuraflux.stages.lm import CausalLMStage, lm_loss, masked_lm_loss

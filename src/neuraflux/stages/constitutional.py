@@ -2,7 +2,7 @@
 
 Every `refresh_every` optimizer steps (0: once, at the first step) the stage samples `samples_per_prompt`
 responses to every training prompt with the KV-cached generator and rebuilds its data
-(`alignment.constitutional_data`):
+(`feedback.constitutional_data`):
 
 (a) critique -> revision: a response that breaks a principle is replaced by the model's own revision (greedy,
     from a prompt showing the request, the response and the critique; `revise_with_model`) when that finishes
@@ -29,26 +29,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.constitutional_data import (
-    FeedbackPair,
-    RevisionExample,
-    append_preferences,
-    build_revisions,
-    feedback_pairs,
-    feedback_records,
-    revision_from_model,
-    revision_records,
-    violation_rates,
-    write_jsonl,
-)
 from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
-from neuraflux.alignment.rollout import (
-    SamplingSettings,
-    check_rollout_fits,
-    load_reference,
-    response_validity,
-)
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.common import LMBatch, move_batch
 from neuraflux.data.preference import PreferenceExample
@@ -61,6 +42,25 @@ from neuraflux.data.preference_batches import (
 )
 from neuraflux.data.prompts import PromptBatch, encode_prompts
 from neuraflux.data.sft import make_sft_collate
+from neuraflux.feedback.constitution import Constitution
+from neuraflux.feedback.constitutional_data import (
+    FeedbackPair,
+    RevisionExample,
+    append_preferences,
+    build_revisions,
+    feedback_pairs,
+    feedback_records,
+    revision_from_model,
+    revision_records,
+    violation_rates,
+    write_jsonl,
+)
+from neuraflux.feedback.rollout import (
+    SamplingSettings,
+    check_rollout_fits,
+    load_reference,
+    response_validity,
+)
 from neuraflux.model import NanoLM, generate
 from neuraflux.model.io import FrozenModels
 from neuraflux.optim import OptimizerFactory

@@ -17,10 +17,10 @@ import pytorch_lightning as pl
 import torch
 
 from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
-from neuraflux.alignment.reward_model import check_same_tokenizer
 from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
 from neuraflux.model import NanoLM
 from neuraflux.model.io import FrozenModels, check_same_shape, freeze, load_pretrained
+from neuraflux.model.reward import check_same_tokenizer
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     attached_trainer,

@@ -1,6 +1,6 @@
 """Multi-task RL from a composite reward (`stage=multitask`): several reward signals, one policy update.
 
-Every training rollout is scored by each component of `alignment.rewards.COMPONENTS` (the three world judges,
+Every training rollout is scored by each component of `feedback.rewards.COMPONENTS` (the three world judges,
 the reward model when one is given, a length and a format term), and the components are combined into one
 scalar per response by `combine`, each component first standardised, z_i = (r_i - mean_i) / std_i, by its running
 moments over the stage's training rollouts (so a weight is a share of the signal, whatever the component's scale):
@@ -25,9 +25,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from neuraflux.alignment.rewards import CompositeReward, make_composite
-from neuraflux.alignment.rollout import SamplingSettings
 from neuraflux.data.prompts import PromptBatch
+from neuraflux.feedback.rewards import CompositeReward, make_composite
+from neuraflux.feedback.rollout import SamplingSettings
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.ppo import NanoPPO

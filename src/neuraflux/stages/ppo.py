@@ -28,8 +28,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_value_loss
-from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn
-from neuraflux.alignment.rollout import (
+from neuraflux.alignment.stats import masked_mean, masked_whiten
+from neuraflux.data.prompts import PromptBatch
+from neuraflux.feedback.rewards import EQUAL_JUDGES, RewardFn
+from neuraflux.feedback.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
@@ -38,8 +40,6 @@ from neuraflux.alignment.rollout import (
     policy_forward,
     score_rollout,
 )
-from neuraflux.alignment.stats import masked_mean, masked_whiten
-from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (

@@ -21,8 +21,10 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from neuraflux.alignment.losses import LossOutput, leave_one_out_baseline
-from neuraflux.alignment.rewards import EQUAL_JUDGES, RewardFn
-from neuraflux.alignment.rollout import (
+from neuraflux.alignment.stats import masked_sum
+from neuraflux.data.prompts import PromptBatch
+from neuraflux.feedback.rewards import EQUAL_JUDGES, RewardFn
+from neuraflux.feedback.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
@@ -32,8 +34,6 @@ from neuraflux.alignment.rollout import (
     score_rollout,
     sequence_kl,
 )
-from neuraflux.alignment.stats import masked_sum
-from neuraflux.data.prompts import PromptBatch
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (

@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 
 from neuraflux.alignment.losses import reward_loss
-from neuraflux.alignment.reward_model import NanoRewardModel
 from neuraflux.chat import ASSISTANT
 from neuraflux.data.preference_batches import Paired, PreferenceBatch
 from neuraflux.model import NanoLM
+from neuraflux.model.reward import NanoRewardModel
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     check_finite,

@@ -9,8 +9,10 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 from torch import Tensor
 
-from neuraflux.alignment.rewards import RewardFn, RewardSetup, make_reward
-from neuraflux.alignment.rollout import (
+from neuraflux.alignment.stats import masked_mean
+from neuraflux.data.prompts import PromptBatch
+from neuraflux.feedback.rewards import RewardFn, RewardSetup, make_reward
+from neuraflux.feedback.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
@@ -18,8 +20,6 @@ from neuraflux.alignment.rollout import (
     load_reference,
     sequence_kl,
 )
-from neuraflux.alignment.stats import masked_mean
-from neuraflux.data.prompts import PromptBatch
 from neuraflux.model.io import FrozenModels
 
 

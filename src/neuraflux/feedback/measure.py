@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from neuraflux.alignment.constitution import Constitution
-from neuraflux.alignment.rewards import reward_model_reward
-from neuraflux.alignment.rollout import generate_rollouts, score_rollout, sequence_kl
 from neuraflux.chat import Message, render_prompt
 from neuraflux.data.prompts import encode_prompts, render_prompt_record
 from neuraflux.data.splits import split_held_out
+from neuraflux.feedback.constitution import Constitution
+from neuraflux.feedback.rewards import reward_model_reward
+from neuraflux.feedback.rollout import generate_rollouts, score_rollout, sequence_kl
 from neuraflux.model import NanoLM
 from neuraflux.world import RLPrompt, World, judge, rl_prompts
 from neuraflux.world.generator import question_text
@@ -106,7 +106,7 @@ def measure_policy(
     prompts: RLPrompts, or strings (rendered chat prompts, or bare questions rendered as one user turn).
     The KL is measured on separate responses sampled at temperature 1 from `model` with a generator seeded by
     `seed`, so the result is deterministic for a given seed and batch_size. `reward_model` scores token ids
-    of `tokenizer` (load it with `alignment.rewards.load_reward_model`, which checks that). Violation rates
+    of `tokenizer` (load it with `feedback.rewards.load_reward_model`, which checks that). Violation rates
     cover the red-team prompts among `prompts` ({} without a constitution or without such prompts).
     """
     items = held_out_prompts(world) if prompts is None else list(prompts)

@@ -79,7 +79,7 @@ class NanoRewardModel(nn.Module):
         # 0 stays near 0 over a few hundred steps: the stage starts it at a useful size instead.
         self.loglik_weight = nn.Parameter(torch.tensor(float(loglik_weight)))
         # True when trained on prompts given retrieved context (`data.retrieve_context`): whoever scores with it must
-        # give context-less prompts the same (`neuraflux.alignment.rewards.RewardModelReward`)
+        # give context-less prompts the same (`neuraflux.feedback.rewards.RewardModelReward`)
         self.retrieve_context = False
 
     @classmethod

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from neuraflux.alignment.constitution import Constitution
+from neuraflux.feedback.constitution import Constitution
 
 SOURCES: tuple[str, ...] = ("model", "template", "unchanged")
 
