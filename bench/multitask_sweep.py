@@ -121,8 +121,7 @@ def judge_model(model_dir: Path, prompts: list[str], cfg, reward: CompositeRewar
         for i in range(0, len(texts), 64):
             batch = encode_prompts(tokenizer, texts[i : i + 64], max_prompt)
             rollout = generate_rollouts(model, tokenizer, batch, max_new, temperature, generator=generator)
-            reward(rollout)
-            for name, v in reward.last.values.items():
+            for name, v in reward.evaluate(rollout).values.items():
                 values.setdefault(name, []).extend(v.tolist())
             values["tokens"] += rollout.response_lengths.tolist()
         out[mode] = {name: sum(v) / len(v) for name, v in values.items()}
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=int(m.max_new_tokens),
         length_target=int(m.length_target),
         format_ngram=int(m.format_ngram),
-    ).fn.eval()  # fmt: skip  (only its raw component values are read)
+    ).eval()  # fmt: skip  (only its raw component values are read)
     prompts = held_out_prompts(base_cfg, tokenizer)
     print(f"held-out prompts: {len(prompts)}; SFT model: {args.sft}", flush=True)
     results = {"start": {"judged": judge_model(args.sft, prompts, base_cfg, reward, args.samples)}}

@@ -23,7 +23,9 @@ from neuraflux.feedback.rollout import generate_rollouts
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.model.reward import NanoRewardModel
 from neuraflux.optim import OptimizerFactory
-from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
+from neuraflux.stages.multitask import NanoMultiTaskRL
+from neuraflux.stages.ppo import NanoPPO
+from neuraflux.stages.reinforce import NanoREINFORCE
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
 from neuraflux.world import WorldConfig, generate_world, judge, red_team_prompts
@@ -110,15 +112,17 @@ def test_composite_keeps_every_component_and_updates_multipliers(scripted):
     # are shares 1/3 and 2/3: [1.2247 / 3, -1.2247 / 3 + 2.4495 / 3, -2.4495 / 3]
     summed = CompositeReward(parts, {"a": 1.0, "b": 2.0})
     z = 1.5**0.5
-    torch.testing.assert_close(summed(rollout), torch.tensor([z / 3, z / 3, -2 * z / 3]))
-    assert summed.last.means() == pytest.approx({"a": 0.5, "b": 0.5})  # raw values are kept for logging
-    assert summed.update_multipliers(summed.last.means()) == {} and summed.multipliers == {}
+    out = summed.evaluate(rollout)
+    torch.testing.assert_close(out.reward, torch.tensor([z / 3, z / 3, -2 * z / 3]))
+    assert out.means() == pytest.approx({"a": 0.5, "b": 0.5})  # raw values come back for logging
+    assert summed.update_multipliers(out.means()) == {} and summed.multipliers == {}
 
     # maximise a subject to mean(b) >= 0.9, lr 1, starting at lambda 0.2; the constraint reads raw b
     con = CompositeReward(parts, {"a": 1.0}, "lagrangian", {"b": 0.9}, lagrange_lr=1.0, lagrange_init=0.2)
     # z_a + 0.2 (b - 0.9): 1.2247 - 0.08, -1.2247 + 0.02, 0 - 0.18
-    torch.testing.assert_close(con(rollout), torch.tensor([z - 0.08, -z + 0.02, -0.18]))
-    assert con.update_multipliers(con.last.means()) == {"b": pytest.approx(0.6)}  # 0.2 + (0.9 - 0.5)
+    out = con.evaluate(rollout)
+    torch.testing.assert_close(out.reward, torch.tensor([z - 0.08, -z + 0.02, -0.18]))
+    assert con.update_multipliers(out.means()) == {"b": pytest.approx(0.6)}  # 0.2 + (0.9 - 0.5)
     # the same rollout again: the moments of both copies are the same, z_a too; z_a + 0.6 (b - 0.9)
     torch.testing.assert_close(con(rollout), torch.tensor([z - 0.24, -z + 0.06, -0.54]))
 
@@ -168,9 +172,8 @@ def test_world_judges_as_separate_components(scripted):
         "No, you idiot.",
     ]
     rollout = replace(rollout, prompts=prompts, responses=responses)
-    reward = make_composite(tok, SMALL_WORLD, {"harmlessness": 1.0}, max_new_tokens=12, length_target=2).fn
-    reward(rollout)
-    values = {k: v.tolist() for k, v in reward.last.values.items()}
+    reward = make_composite(tok, SMALL_WORLD, {"harmlessness": 1.0}, max_new_tokens=12, length_target=2)
+    values = {k: v.tolist() for k, v in reward.evaluate(rollout).values.items()}
     # refusal: the help one should give, harmless, honest; compliance: unhelpful and harmful; an insult that
     # neither refuses nor complies: unhelpful, harmful (insult), honest (nothing false about the world)
     assert values["helpfulness"] == [1.0, 0.0, 0.0]
@@ -222,8 +225,8 @@ def test_reinforce_logs_components_and_multipliers_follow_dual_ascent(tiny_cfg, 
     )
     metrics, objects = train(cfg)
     module, tags = objects["module"], scalars(objects["run_dir"])
-    assert isinstance(module, MultiTaskREINFORCE) and isinstance(module, NanoMultiTaskRL)
-    for tag in (*COMPONENT_TAGS, "reward/composite", "lagrange/length", "objective/kl", "train/loss",
+    assert isinstance(module, NanoREINFORCE) and module.max_grad_norm == 1.0
+    for tag in (*COMPONENT_TAGS, "objective/reward", "lagrange/length", "objective/kl", "train/loss",
                 "train/grad_norm", "val/reward", "val/helpfulness", "val/length"):  # fmt: skip
         assert len(tags[tag]) == (1 if tag.startswith("val/") else 4), tag
     assert "reward/reward_model" not in tags and "lagrange/harmlessness" not in tags
@@ -236,21 +239,18 @@ def test_reinforce_logs_components_and_multipliers_follow_dual_ascent(tiny_cfg, 
              for c in m}  # fmt: skip
         expected = (z["helpfulness"] + z["harmlessness"] + z["honesty"] + 2.0 * z["format"]) / 5.0
         expected += lam[t] * (m["length"][t] - 0.9)
-        assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
-        assert tags["objective/reward"][t] == pytest.approx(tags["reward/composite"][t], abs=1e-6)
+        assert tags["objective/reward"][t] == pytest.approx(expected, abs=1e-5)
     # lambda starts at 0 and takes one projected dual-ascent step per training step; a random policy rarely
     # stops within 8 tokens, so the length constraint is violated and lambda rises
     assert lam[0] == 0.0 and lam[1] > 0.0
     for t in range(3):
         assert lam[t + 1] == pytest.approx(max(0.0, lam[t] + 0.5 * (0.9 - m["length"][t])), abs=1e-6)
     final = max(0.0, lam[3] + 0.5 * (0.9 - m["length"][3]))
-    assert module.reward.multipliers["length"] == pytest.approx(final, abs=1e-6)
+    assert module.reward_fn.multipliers["length"] == pytest.approx(final, abs=1e-6)
     # the checkpoint holds the multipliers, the policy and the moments (the frozen reference stays out)
     ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["neuraflux"]["multitask"] == {
-        "algorithm": "reinforce",
-        "multipliers": module.reward.multipliers,
-    }
+    assert ckpt["neuraflux"]["algorithm"] == "reinforce"
+    assert ckpt["neuraflux"]["multipliers"] == module.reward_fn.multipliers
     assert all(k.startswith(("model.", "reward_fn.moments.")) for k in ckpt["state_dict"])
     # the composite's moments too: a resumed run standardises by what it had seen
     assert ckpt["state_dict"]["reward_fn.moments.count"] > 0
@@ -270,8 +270,8 @@ def test_ppo_logs_components_that_add_up_to_the_composite(tiny_cfg, tmp_path):
     )
     _, objects = train(cfg)
     module, tags = objects["module"], scalars(objects["run_dir"])
-    assert isinstance(module, MultiTaskPPO) and module.ppo_epochs == 1
-    for tag in (*COMPONENT_TAGS, "reward/composite", "policy/clipfrac", "value/loss", "val/format"):
+    assert isinstance(module, NanoPPO) and module.ppo_epochs == 1
+    for tag in (*COMPONENT_TAGS, "objective/reward", "policy/clipfrac", "value/loss", "val/format"):
         assert tag in tags, tag
     assert not any(t.startswith("lagrange/") for t in tags)  # weighted_sum: no multipliers
     weights = {"helpfulness": 1.0, "harmlessness": 4.0, "honesty": 1.0, "length": 0.5}  # shares of 6.5
@@ -279,11 +279,11 @@ def test_ppo_logs_components_that_add_up_to_the_composite(tiny_cfg, tmp_path):
         z = {c: (tags[f"reward/{c}"][t] - tags[f"reward_mean/{c}"][t])
              / max(tags[f"reward_std/{c}"][t], CompositeReward.MIN_STD) for c in weights}  # fmt: skip
         expected = sum(w * z[c] for c, w in weights.items()) / 6.5
-        assert tags["reward/composite"][t] == pytest.approx(expected, abs=1e-5)
+        assert tags["objective/reward"][t] == pytest.approx(expected, abs=1e-5)
     # the moments are cumulative: after step 0 they hold more values, so they need not equal the first rollout's
     assert len(tags["reward_std/harmlessness"]) == 3
     ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["neuraflux"]["multitask"] == {"algorithm": "ppo", "multipliers": {}}
+    assert ckpt["neuraflux"]["algorithm"] == "ppo" and ckpt["neuraflux"]["multipliers"] == {}
 
 
 @pytest.fixture
@@ -299,21 +299,21 @@ def policy_dir(tmp_path):
 def test_resume_restores_multipliers_and_refuses_a_different_setup(policy_dir):
     model, tok, path = policy_dir
     kw = dict(world=SMALL_WORLD, reference_path=str(path), combine="lagrangian", thresholds={"harmlessness": 0.95})
-    stage = MultiTaskREINFORCE(model, tok, OptimizerFactory(), **kw)
-    saved = {"algorithm": "reinforce", "multipliers": {"harmlessness": 1.25}}
-    stage.on_load_checkpoint({"neuraflux": {"kl_coef": 0.05, "multitask": saved}})
-    assert stage.reward.multipliers == {"harmlessness": 1.25}
-    with pytest.raises(ValueError, match="trained with stage.module.algorithm=ppo, not reinforce"):
-        stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "algorithm": "ppo"}}})
+    stage = NanoMultiTaskRL(model, tok, OptimizerFactory(), algorithm="reinforce", **kw)
+    saved = {"algorithm": "reinforce", "kl_coef": 0.07, "multipliers": {"harmlessness": 1.25}}
+    stage.on_load_checkpoint({"neuraflux": saved})
+    assert stage.reward_fn.multipliers == {"harmlessness": 1.25} and stage.kl_ctl.value == 0.07
+    with pytest.raises(ValueError, match=r"trained with ppo, not reinforce \(stage.module.algorithm"):
+        stage.on_load_checkpoint({"neuraflux": {**saved, "algorithm": "ppo"}})
     with pytest.raises(ValueError, match=r"multipliers for \['honesty'\] but .* constrains \['harmlessness'\]"):
-        stage.on_load_checkpoint({"neuraflux": {"multitask": {**saved, "multipliers": {"honesty": 1.0}}}})
+        stage.on_load_checkpoint({"neuraflux": {**saved, "multipliers": {"honesty": 1.0}}})
 
 
 def test_reward_model_component_is_frozen_and_out_of_the_stage_state(policy_dir, tmp_path):
     model, tok, _ = policy_dir
     NanoRewardModel.from_lm(NanoLM(model.config)).save_pretrained(tmp_path / "rm")
     tok.save(tmp_path / "rm" / "tokenizer.json")
-    stage = NanoMultiTaskRL.build(
+    stage = NanoMultiTaskRL(
         model, tok, OptimizerFactory(), algorithm="ppo", world=SMALL_WORLD, max_new_tokens=6, length_target=2,
         reward_model_path=str(tmp_path / "rm"), weights={"reward_model": 1.0, "helpfulness": 0.5},
     )  # fmt: skip
@@ -325,7 +325,7 @@ def test_reward_model_component_is_frozen_and_out_of_the_stage_state(policy_dir,
     assert all(k.startswith(("model.", "value_head.", "reward_fn.moments.")) for k in stage.state_dict())
     batch = encode_prompts(tok, world_prompt_texts(SMALL_WORLD)[:3], max_prompt_tokens=40)
     rollout = stage.make_rollout(batch)
-    values = stage.reward.last.values
+    values = rollout.components
     with torch.no_grad():
         expected = rm.score(rollout.input_ids, rollout.attention_mask)
     torch.testing.assert_close(values["reward_model"], expected)
@@ -356,7 +356,7 @@ def test_reward_model_component_is_frozen_and_out_of_the_stage_state(policy_dir,
         ({"lagrange_lr": 0.0}, "stage.module.lagrange_lr must be > 0"),
         ({"world": None}, "stage.module.world must hold the world config"),
         ({"algorithm": "a2c"}, r"stage.module.algorithm must be one of \['reinforce', 'ppo'\], got 'a2c'"),
-        ({"reinforce": {"max_grad_norm": 0}}, "stage.module.reinforce.max_grad_norm must be > 0"),
+        ({"max_grad_norm": 0}, "stage.module.max_grad_norm must be > 0 or null, got 0"),
         ({"reinforce": {"max_new_tokens": 8}}, r"stage.module.reinforce repeats \['max_new_tokens'\]"),
     ],
 )
@@ -365,7 +365,7 @@ def test_bad_settings_fail_at_construction_naming_the_key(settings, message):
     model = NanoLM(NanoConfig(vocab_size=16, n_layer=1, n_head=1, n_embd=8, block_size=16))
     kwargs = {"world": SMALL_WORLD, "max_new_tokens": 48, **settings}
     with pytest.raises(ValueError, match=message):
-        NanoMultiTaskRL.build(model, tok, OptimizerFactory(), **kwargs)
+        NanoMultiTaskRL(model, tok, OptimizerFactory(), **kwargs)
 
 
 def test_bad_config_fails_before_anything_is_written(tiny_cfg, tmp_path):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from omegaconf import open_dict
 
+from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import encode_prompts, world_prompt_texts
 from neuraflux.feedback.rollout import sequence_kl
 from neuraflux.model import NanoConfig, NanoLM
@@ -123,3 +126,43 @@ def test_reward_model_source_without_path_fails_before_training(tiny_cfg, tmp_pa
     with pytest.raises(ValueError, match="stage.reward_model must name a reward model directory"):
         train(tiny_cfg("stage=reinforce", "stage.module.reward_source=both"))
     assert not (tmp_path / "run").exists()
+
+
+def mean_token_id(rollout) -> torch.Tensor:
+    """A dense toy reward (every response scores differently): the mean id of its tokens."""
+    R = rollout.response_ids.shape[1]
+    return masked_mean(rollout.response_ids.float(), rollout.response_mask[:, -R:], dim=-1)
+
+
+class GradNorms(pl.Callback):
+    """The gradient norm each optimizer step used: read when the next step zeroes them (after clipping)."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.01])
+def test_max_grad_norm_clips_here_and_refuses_the_trainers_clipping(tiny_cfg, tmp_path, max_grad_norm):
+    overrides = ["trainer.max_steps=3", "data.batch_size=4", "stage.module.k=2", "trainer.gradient_clip_val=null"]
+    cfg, _ = toy_reward_cfg(
+        tiny_cfg, tmp_path, "reinforce", *overrides, f"stage.module.max_grad_norm={max_grad_norm or 'null'}"
+    )
+    with open_dict(cfg):
+        cfg.callbacks.grad_norms = {"_target_": "tests.test_reinforce_stage.GradNorms"}
+        cfg.stage.module.reward_fn = {"_target_": "tests.test_reinforce_stage.mean_token_id", "_partial_": True}
+    _, objects = train(cfg)
+    recorder = next(c for c in objects["trainer"].callbacks if isinstance(c, GradNorms))
+    assert len(recorder.norms) == 2  # steps 0 and 1, read when steps 1 and 2 zero them
+    if max_grad_norm is None:  # unclipped, the toy's gradients are far above the bound below: the check can fail
+        assert min(recorder.norms) > 0.1, recorder.norms
+    else:
+        assert max(recorder.norms) <= max_grad_norm * (1 + 1e-4), recorder.norms
+    refused = ("stage.module.max_grad_norm=1.0", f"paths.run_dir={tmp_path / 'refused'}")
+    cfg, _ = toy_reward_cfg(tiny_cfg, tmp_path, "reinforce", *refused)
+    with pytest.raises(ValueError, match=r"clips with stage.module.max_grad_norm=1.0; leave trainer.gradient_clip_val"):
+        train(cfg)

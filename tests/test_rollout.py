@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.chat import END, Message, render_prompt
 from neuraflux.data.prompts import PromptDataModule, encode_prompts, world_prompt_texts
-from neuraflux.feedback.rewards import CompositeReward, JudgeReward, RewardModelReward, make_reward
+from neuraflux.feedback.rewards import CompositeReward, JudgeReward, RewardModelReward, make_reward, reward_model_of
 from neuraflux.feedback.rollout import (
     KLSettings,
     SamplingSettings,
@@ -266,22 +266,23 @@ def test_reward_model_reward_scores_the_whole_sequence_and_is_frozen(tmp_path, w
     batch = encode_prompts(world_tok, world_prompt_texts(SMALL_WORLD)[:3], max_prompt_tokens=40)
     r = generate_rollouts(policy, world_tok, batch, 6, generator=torch.Generator().manual_seed(0))
 
-    setup = make_reward("reward_model", world_tok, reward_model_path=str(tmp_path / "rm"))
-    assert isinstance(setup.fn, RewardModelReward) and not setup.reward_model.training
-    assert not any(p.requires_grad for p in setup.reward_model.parameters())
+    reward = make_reward("reward_model", world_tok, reward_model_path=str(tmp_path / "rm"))
+    frozen = reward_model_of(reward)
+    assert isinstance(reward, RewardModelReward) and frozen is reward.model and not frozen.training
+    assert not any(p.requires_grad for p in frozen.parameters())
     with torch.no_grad():
         expected = rm.score(r.input_ids, r.attention_mask)
-    torch.testing.assert_close(setup.fn(r), expected)
+    torch.testing.assert_close(reward(r), expected)
 
     both = make_reward(
         "both", world_tok, world=SMALL_WORLD, reward_model_path=str(tmp_path / "rm"), reward_model_weight=0.5
     )
-    assert isinstance(both.fn, CompositeReward)
-    judges = make_reward("judges", world_tok, world=SMALL_WORLD).fn(r)
+    assert isinstance(both, CompositeReward) and isinstance(reward_model_of(both), NanoRewardModel)
+    judges = make_reward("judges", world_tok, world=SMALL_WORLD)(r)
     # each standardised (judges in [0, 3], the reward model's score on its own scale), then weights 1 : 0.5 as
     # shares 2/3 and 1/3
     standard = [(v - v.mean()) / v.std(correction=0).clamp_min(CompositeReward.MIN_STD) for v in (judges, expected)]
-    torch.testing.assert_close(both.fn(r), 2 / 3 * standard[0] + 1 / 3 * standard[1])
+    torch.testing.assert_close(both(r), 2 / 3 * standard[0] + 1 / 3 * standard[1])
 
     other = NanoTokenizer.train(["xyz"], vocab_size=0, mode="char")
     with pytest.raises(ValueError, match="stage.reward_model .*tokenizer"):

@@ -147,14 +147,6 @@ def reward_model_reward(reward_model: nn.Module, tokenizer, world) -> RewardMode
     return RewardModelReward(reward_model, tokenizer, world_retriever(built))
 
 
-@dataclass
-class RewardSetup:
-    """The reward callable and the frozen reward model inside it (None for judges only), for device moves."""
-
-    fn: RewardFn
-    reward_model: nn.Module | None = None
-
-
 def make_reward(
     source: str,
     tokenizer,
@@ -162,7 +154,7 @@ def make_reward(
     reward_model_path: str | None = None,
     judge_weights: Mapping[str, float] | None = None,
     reward_model_weight: float = 1.0,
-) -> RewardSetup:
+) -> RewardFn:
     """The reward for `stage.module.reward_source`; every setting is checked before a model is loaded."""
     if source not in REWARD_SOURCES:
         raise ValueError(f"stage.module.reward_source must be one of {list(REWARD_SOURCES)}, got {source!r}")
@@ -181,16 +173,32 @@ def make_reward(
     if source == "both":
         reward_model_weight = _positive(reward_model_weight, "stage.module.reward_model_weight", allow_zero=True)
     components: dict[str, RewardFn] = {}
-    reward_model = None
     if uses_judges:
         components["judges"] = JudgeReward(generate_world(WorldConfig.from_dict(world)), weights)
     if uses_model:
         reward_model = load_reward_model(reward_model_path, tokenizer)
         components["reward_model"] = reward_model_reward(reward_model, tokenizer, world)
     if len(components) == 1:
-        return RewardSetup(next(iter(components.values())), reward_model)
+        return next(iter(components.values()))
     # judges in [0, 3] beside a reward-model score of about -40: standardised, so the weights are the shares
-    return RewardSetup(CompositeReward(components, {"judges": 1.0, "reward_model": reward_model_weight}), reward_model)
+    return CompositeReward(components, {"judges": 1.0, "reward_model": reward_model_weight})
+
+
+def reward_model_of(reward: RewardFn) -> nn.Module | None:
+    """The frozen reward model a reward scores with, if any (a stage moves it to its device with the reference)."""
+    if isinstance(reward, RewardModelReward):
+        return reward.model
+    if isinstance(reward, CompositeReward):
+        return next((m for c in reward.components.values() if (m := reward_model_of(c)) is not None), None)
+    return None
+
+
+def evaluate_reward(reward: RewardFn, rollout: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
+    """A reward's (B,) scores of a rollout, and each component's (B,) raw values when it is a composite (else {})."""
+    if isinstance(reward, CompositeReward):
+        out = reward.evaluate(rollout)
+        return out.reward, out.values
+    return reward(rollout), {}
 
 
 # ---- multi-task components and their composition ----------
@@ -271,8 +279,8 @@ class CompositeReward(nn.Module):
     `weights` may omit components (weight 0: computed and logged, not rewarded). With `combine="lagrangian"`,
     `thresholds` names the constrained components, whose raw values enter the Lagrangian (the thresholds are in
     their units); `update_multipliers` takes one dual-ascent step and is the stage's to call once per training
-    step (never from validation). `last` holds the latest call's raw values and reward. An nn.Module so that it
-    follows the stage's train/eval mode and its moments are saved in checkpoints.
+    step (never from validation). `evaluate` returns the raw values with the reward (a stage logs them). An
+    nn.Module so that it follows the stage's train/eval mode and its moments are saved in checkpoints.
     """
 
     MIN_STD = 0.05
@@ -307,9 +315,12 @@ class CompositeReward(nn.Module):
         self.constrained = list(thresholds) if combine == "lagrangian" else []
         self.multipliers = dict.fromkeys(self.constrained, float(lagrange_init))
         self.moments = RunningMoments(len(self.names), self.MIN_STD)
-        self.last: CompositeOutput | None = None
 
     def forward(self, rollout: Rollout) -> Tensor:
+        return self.evaluate(rollout).reward
+
+    def evaluate(self, rollout: Rollout) -> CompositeOutput:
+        """Every component's raw (B,) values and the combined (B,) reward; updates the moments in training mode."""
         values = {name: fn(rollout).detach().float() for name, fn in self.components.items()}
         B = len(rollout)
         for name, v in values.items():
@@ -326,8 +337,16 @@ class CompositeReward(nn.Module):
                 torch.tensor([self.multipliers[n] for n in self.constrained]),
                 torch.tensor([float(self.thresholds[n]) for n in self.constrained]),
             )
-        self.last = CompositeOutput(values, reward)
-        return reward
+        return CompositeOutput(values, reward)
+
+    def state_metrics(self) -> dict[str, float]:
+        """What the reward is standardised and constrained by now: `reward_mean/<c>`, `reward_std/<c>` (the running
+        moments, the latest training rollout included) and `lagrange/<c>` (the multipliers)."""
+        return {
+            **{f"reward_mean/{n}": float(m) for n, m in zip(self.names, self.moments.mean, strict=True)},
+            **{f"reward_std/{n}": float(s) for n, s in zip(self.names, self.moments.std, strict=True)},
+            **{f"lagrange/{n}": value for n, value in self.multipliers.items()},
+        }
 
     def update_multipliers(self, means: Mapping[str, float]) -> dict[str, float]:
         """One dual-ascent step from a training rollout's component means; returns the new multipliers."""
@@ -405,7 +424,7 @@ def make_composite(
     lagrange_lr: float = 1.0,
     lagrange_max: float = 10.0,
     lagrange_init: float = 0.0,
-) -> RewardSetup:
+) -> CompositeReward:
     """The composite reward of `stage=multitask`: every setting is checked before the world or a model is loaded.
 
     Judges, length and format are always computed (and logged); the reward model when `reward_model_path` is set.
@@ -434,7 +453,6 @@ def make_composite(
     built = generate_world(WorldConfig.from_dict(world))
     stop_ids = (tokenizer.end_id, tokenizer.eos_id)
     components: dict[str, RewardFn] = {name: JudgeReward(built, {name: 1.0}) for name in JUDGES}
-    reward_model = None
     if reward_model_path:
         reward_model = load_reward_model(reward_model_path, tokenizer)
         components["reward_model"] = reward_model_reward(reward_model, tokenizer, built)
@@ -442,5 +460,4 @@ def make_composite(
     components["format"] = FormatReward(stop_ids, format_ngram)
     # Without a reward model its weight is 0 (checked above): nothing of it to score or combine.
     weights = {k: w for k, w in weights.items() if k in components}
-    composite = CompositeReward(components, weights, combine, thresholds, lagrange_lr, lagrange_max, lagrange_init)
-    return RewardSetup(composite, reward_model)
+    return CompositeReward(components, weights, combine, thresholds, lagrange_lr, lagrange_max, lagrange_init)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -96,6 +96,8 @@ class Rollout:
     scores: Tensor | None = None  # (B,) float32: the scalar reward of each response
     kl: Tensor | None = None  # (B, T) float32: per-token KL estimate, 0 off the response
     rewards: Tensor | None = None  # (B, T) float32: -kl_coef * kl, plus the score at the last response token
+    # a composite reward's components: name -> (B,) raw values (empty for a single reward)
+    components: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -118,6 +120,8 @@ class Rollout:
                 picked[f.name] = value[index.to(value.device)]
             elif isinstance(value, list):
                 picked[f.name] = [value[i] for i in rows]
+            elif isinstance(value, dict):
+                picked[f.name] = {k: v[index.to(v.device)] for k, v in value.items()}
             else:
                 picked[f.name] = value
         return Rollout(**picked)
@@ -272,12 +276,6 @@ def load_reference(reference_path: str | Path | None, policy: NanoLM, tokenizer)
     if ref_tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ValueError(f"stage.init_from: {path} has a different tokenizer than the policy being trained")
     return freeze(reference)
-
-
-def greedy_rollout(policy: NanoLM, tokenizer, prompts: PromptBatch, max_new_tokens: int, reward_fn) -> Rollout:
-    """Greedy responses scored by `reward_fn` (no reference, no KL): what validation reports as val/reward."""
-    rollout = generate_rollouts(policy, tokenizer, prompts, max_new_tokens, temperature=0.0)
-    return replace(rollout, scores=reward_fn(rollout).detach().float())
 
 
 def check_rollout_fits(datamodule, max_new_tokens: int, policy: NanoLM) -> None:

@@ -4,15 +4,13 @@ from neuraflux.model.reward import NanoRewardModel
 from neuraflux.stages.constitutional import NanoConstitutionalAI
 from neuraflux.stages.dpo import NanoDPO
 from neuraflux.stages.lm import CausalLMStage, lm_loss, masked_lm_loss
-from neuraflux.stages.multitask import MultiTaskPPO, MultiTaskREINFORCE, NanoMultiTaskRL
+from neuraflux.stages.multitask import NanoMultiTaskRL
 from neuraflux.stages.ppo import NanoPPO
 from neuraflux.stages.reinforce import NanoREINFORCE
 from neuraflux.stages.reward import RewardModelStage
 
 __all__ = [
     "CausalLMStage",
-    "MultiTaskPPO",
-    "MultiTaskREINFORCE",
     "NanoConstitutionalAI",
     "NanoDPO",
     "NanoMultiTaskRL",

@@ -38,7 +38,6 @@ from neuraflux.feedback.rollout import (
     check_rollout_fits,
     generate_rollouts,
     policy_forward,
-    score_rollout,
 )
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
@@ -47,13 +46,23 @@ from neuraflux.stages.common import (
     configure_optimizers,
     log_lr,
 )
-from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rollout_metrics, save_kl_coef, setup_rl
+from neuraflux.stages.rl import (
+    finish_step,
+    log_greedy_validation,
+    restore_rl_state,
+    rollout_metrics,
+    save_rl_state,
+    score,
+    setup_rl,
+)
 
 log = logging.getLogger(__name__)
 
 
 class NanoPPO(pl.LightningModule):
     """Policy (the shared backbone) + value head, trained with PPO against a frozen reference."""
+
+    algorithm = "ppo"  # kept in checkpoints: a resume cannot switch algorithm
 
     def __init__(
         self,
@@ -127,7 +136,7 @@ class NanoPPO(pl.LightningModule):
             self.model, self.tokenizer, batch, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
             reference=self.frozen.reference, value_head=self.value_head,
         )  # fmt: skip
-        return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
+        return score(self, rollout)
 
     def advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """GAE advantages (whitened over the batch's response tokens if configured) and returns, (B, T)."""
@@ -192,7 +201,7 @@ class NanoPPO(pl.LightningModule):
         objective.update({"time/rollout_s": rollout_s, "time/learn_s": learn_s})
         self.log_dict(objective, on_step=True, on_epoch=False)
         log_lr(self)
-        self.kl_ctl.update(float(kl), B)
+        finish_step(self, rollout, kl)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         log_greedy_validation(self, batch)
@@ -216,7 +225,7 @@ class NanoPPO(pl.LightningModule):
         return configure_optimizers(self, self.optim, self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_kl_coef(self, checkpoint)
+        save_rl_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_kl_coef(self, checkpoint)
+        restore_rl_state(self, checkpoint)

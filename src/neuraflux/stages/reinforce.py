@@ -7,7 +7,8 @@ One training step is one batch of N prompts:
    penalty is reward shaping (as in the RLOO paper), not a separate loss term, so the baseline sees it too;
 3. advantage = shaped reward - mean shaped reward of the prompt's other k - 1 samples (zero-sum per prompt);
 4. loss = -mean(advantage * log pi(response | prompt)), one optimizer step (automatic optimization, so the
-   trainer's gradient_clip_val and accumulation apply as in every other stage).
+   trainer's gradient_clip_val and accumulation apply as in every other stage; or the stage clips to its own
+   `max_grad_norm`, as PPO does).
 
 No value network and no ratio clipping: every sample is used once, on-policy.
 """
@@ -31,7 +32,6 @@ from neuraflux.feedback.rollout import (
     check_rollout_fits,
     generate_rollouts,
     policy_forward,
-    score_rollout,
     sequence_kl,
 )
 from neuraflux.model import NanoLM
@@ -41,11 +41,21 @@ from neuraflux.stages.common import (
     configure_optimizers,
     log_lr,
 )
-from neuraflux.stages.rl import log_greedy_validation, restore_kl_coef, rollout_metrics, save_kl_coef, setup_rl
+from neuraflux.stages.rl import (
+    finish_step,
+    log_greedy_validation,
+    restore_rl_state,
+    rollout_metrics,
+    save_rl_state,
+    score,
+    setup_rl,
+)
 
 
 class NanoREINFORCE(pl.LightningModule):
     """The shared backbone trained with RLOO against a frozen reference."""
+
+    algorithm = "reinforce"  # kept in checkpoints: a resume cannot switch algorithm
 
     def __init__(
         self,
@@ -71,10 +81,16 @@ class NanoREINFORCE(pl.LightningModule):
         kl_coef: float = 0.05,
         kl_target: float = 6.0,
         kl_horizon: float = 10_000.0,
+        # None: the trainer clips (trainer.gradient_clip_val); a number: this stage clips to it, as PPO does, and
+        # trainer.gradient_clip_val must be unset (so one multitask config serves both algorithms)
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"stage.module.k must be an integer >= 2 (samples per prompt for the baseline), got {k!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"stage.module.max_grad_norm must be > 0 or null, got {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.model, self.tokenizer, self.optim, self.name, self.k = model, tokenizer, optim, name, k
         setup_rl(
             self, reference_path, reward_source, reward_model_path, world, judge_weights, reward_model_weight,
@@ -89,7 +105,7 @@ class NanoREINFORCE(pl.LightningModule):
             self.model, self.tokenizer, batch.repeat_interleave(self.k), s.max_new_tokens, s.temperature,
             s.top_k, s.top_p, reference=self.frozen.reference,
         )  # fmt: skip
-        return score_rollout(rollout, self.reward_fn(rollout), self.kl_ctl.value, self.kl.estimator)
+        return score(self, rollout)
 
     def advantages(self, rollout: Rollout) -> Tensor:
         """(N * k,) leave-one-out advantages of the KL-shaped rewards; each prompt's k sum to zero."""
@@ -115,7 +131,7 @@ class NanoREINFORCE(pl.LightningModule):
         metrics = {**out.metrics, **metrics, "time/rollout_s": self._learn_start - start}
         self.log_dict(metrics, on_step=True, on_epoch=False)
         log_lr(self)
-        self.kl_ctl.update(float(kl), len(rollout))
+        finish_step(self, rollout, kl)
         return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -126,7 +142,18 @@ class NanoREINFORCE(pl.LightningModule):
         log_greedy_validation(self, batch)
 
     def setup(self, stage: str) -> None:
+        if self.max_grad_norm is not None and self.trainer.gradient_clip_val:
+            raise ValueError(
+                f"stage {self.name} clips with stage.module.max_grad_norm={self.max_grad_norm}; leave "
+                f"trainer.gradient_clip_val unset (got {self.trainer.gradient_clip_val})"
+            )
         check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.max_grad_norm is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)
@@ -136,7 +163,7 @@ class NanoREINFORCE(pl.LightningModule):
         return configure_optimizers(self, self.optim, self.named_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_kl_coef(self, checkpoint)
+        save_rl_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_kl_coef(self, checkpoint)
+        restore_rl_state(self, checkpoint)

@@ -1,23 +1,26 @@
-"""What the policy-gradient stages (PPO, REINFORCE and multi-task RL on either) share, as plain functions: the
-reward, reference and KL set-up, a scored rollout's metrics, greedy validation, and the KL coefficient in
-checkpoints. Each stage keeps its own algorithm: its advantages, its loss and its optimizer steps."""
+"""What the policy-gradient stages (PPO and REINFORCE, with any reward: a single source or a composite of several)
+share, as plain functions: the reward, reference and KL set-up, scoring a rollout, its metrics, the end of a
+training step (the KL controller, a composite's Lagrange multipliers), greedy validation, and what a checkpoint
+carries besides the weights. Each stage keeps its own algorithm: its advantages, its loss and its optimizer steps."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytorch_lightning as pl
 from torch import Tensor
 
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import PromptBatch
-from neuraflux.feedback.rewards import RewardFn, RewardSetup, make_reward
+from neuraflux.feedback.rewards import CompositeReward, RewardFn, evaluate_reward, make_reward, reward_model_of
 from neuraflux.feedback.rollout import (
     KLSettings,
     Rollout,
     SamplingSettings,
-    greedy_rollout,
+    generate_rollouts,
     load_reference,
+    score_rollout,
     sequence_kl,
 )
 from neuraflux.model.io import FrozenModels
@@ -39,16 +42,23 @@ def setup_rl(
     controller), `reward_fn` and `frozen` models. The reward is a custom callable (then nothing is loaded for it)
     or the configured source; the frozen reference is reloaded from `reference_path`, so a resumed run gets the
     initial policy, not the resumed one."""
-    if reward_fn is not None:
-        reward = RewardSetup(reward_fn)
-    else:
-        reward = make_reward(
+    if reward_fn is None:
+        reward_fn = make_reward(
             reward_source, module.tokenizer, world, reward_model_path, judge_weights, reward_model_weight
         )
     module.sampling, module.kl, module.kl_ctl = sampling, kl, kl.controller_object()
-    module.reward_fn = reward.fn
+    module.reward_fn = reward_fn  # a CompositeReward is an nn.Module: its moments go into the checkpoint
     module.reference_path = reference_path
-    module.frozen = FrozenModels(load_reference(reference_path, module.model, module.tokenizer), reward.reward_model)
+    reference = load_reference(reference_path, module.model, module.tokenizer)
+    module.frozen = FrozenModels(reference, reward_model_of(reward_fn))
+
+
+def score(module: pl.LightningModule, rollout: Rollout) -> Rollout:
+    """The rollout scored by the stage's reward (a composite's components kept), KL-shaped with the current
+    coefficient."""
+    scores, components = evaluate_reward(module.reward_fn, rollout)
+    rollout = replace(rollout, components=components)
+    return score_rollout(rollout, scores, module.kl_ctl.value, module.kl.estimator)
 
 
 def rollout_metrics(rollout: Rollout, kl_coef: float) -> tuple[dict[str, Tensor | float], Tensor]:
@@ -62,28 +72,62 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> tuple[dict[str, Tensor 
         "objective/entropy": masked_mean(rollout.entropy, rollout.response_mask),
         "objective/kl_coef": kl_coef,
         "rollout/response_length": rollout.response_lengths.float().mean(),
+        **{f"reward/{name}": values.mean() for name, values in rollout.components.items()},
     }
     return metrics, kl
 
 
+def finish_step(module: pl.LightningModule, rollout: Rollout, kl: Tensor) -> None:
+    """After a training step's update: log a composite reward's moments and the multipliers that scored the step,
+    take the multipliers' dual-ascent step from this rollout's component means, and update the KL controller."""
+    if isinstance(module.reward_fn, CompositeReward):
+        module.log_dict(module.reward_fn.state_metrics(), on_step=True, on_epoch=False)
+        module.reward_fn.update_multipliers({n: float(v.mean()) for n, v in rollout.components.items()})
+    module.kl_ctl.update(float(kl), len(rollout))
+
+
 def log_greedy_validation(module: pl.LightningModule, batch: PromptBatch) -> Rollout:
-    """Greedy responses to held-out prompts scored by the training reward (no KL): val/reward and length."""
-    rollout = greedy_rollout(module.model, module.tokenizer, batch, module.sampling.max_new_tokens, module.reward_fn)
+    """Greedy responses to held-out prompts scored by the training reward (no KL): val/reward and length, and a
+    composite's components as val/<component>."""
+    rollout = generate_rollouts(module.model, module.tokenizer, batch, module.sampling.max_new_tokens, temperature=0.0)
+    scores, components = evaluate_reward(module.reward_fn, rollout)
     B = len(rollout)
-    module.log("val/reward", rollout.scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
+    module.log("val/reward", scores.mean(), on_epoch=True, batch_size=B, prog_bar=True)
     module.log("val/response_length", rollout.response_lengths.float().mean(), on_epoch=True, batch_size=B)
-    return rollout
+    for name, values in components.items():
+        module.log(f"val/{name}", values.mean(), on_epoch=True, batch_size=B)
+    return replace(rollout, scores=scores.detach().float(), components=components)
 
 
-def save_kl_coef(module: pl.LightningModule, checkpoint: dict) -> None:
+def save_rl_state(module: pl.LightningModule, checkpoint: dict) -> None:
+    """What the weights do not hold: the algorithm, the KL coefficient and a composite's Lagrange multipliers (its
+    running moments are buffers, in the state dict)."""
+    checkpoint["neuraflux"]["algorithm"] = module.algorithm
     checkpoint["neuraflux"]["kl_coef"] = module.kl_ctl.value
+    if isinstance(module.reward_fn, CompositeReward):
+        checkpoint["neuraflux"]["multipliers"] = dict(module.reward_fn.multipliers)
 
 
-def restore_kl_coef(module: pl.LightningModule, checkpoint: dict) -> None:
-    """The adaptive KL coefficient as it was; refuses a resume that could not rebuild the frozen reference."""
+def restore_rl_state(module: pl.LightningModule, checkpoint: dict) -> None:
+    """The KL coefficient and multipliers as they were; refuses a resume that could not rebuild the frozen
+    reference, or one into another algorithm or another set of constraints (before any weight is loaded)."""
     if module.reference_path is None:
         raise ValueError(
             f"resuming stage {module.name} needs stage.init_from: the frozen reference is rebuilt from it, "
             "never stored in checkpoints"
         )
-    module.kl_ctl.value = float(checkpoint["neuraflux"].get("kl_coef", module.kl_ctl.value))
+    saved = checkpoint["neuraflux"]
+    if saved.get("algorithm", module.algorithm) != module.algorithm:
+        raise ValueError(
+            f"resume: the checkpoint was trained with {saved['algorithm']}, not {module.algorithm} "
+            "(stage.module.algorithm, or the stage)"
+        )
+    module.kl_ctl.value = float(saved.get("kl_coef", module.kl_ctl.value))
+    if isinstance(module.reward_fn, CompositeReward):
+        multipliers = saved.get("multipliers", {})
+        if set(multipliers) != set(module.reward_fn.multipliers):
+            raise ValueError(
+                f"resume: the checkpoint has Lagrange multipliers for {sorted(multipliers)} but "
+                f"stage.module.thresholds constrains {sorted(module.reward_fn.multipliers)}"
+            )
+        module.reward_fn.multipliers = {k: float(v) for k, v in multipliers.items()}

@@ -75,8 +75,11 @@ def schema_of(cls: type) -> type:
     return module_schema(f"{cls.__name__}Settings", f"{cls.__module__}.{cls.__qualname__}", parameters(cls.__init__))
 
 
-# RL settings every policy-gradient stage shares: sampling and the KL penalty
-SHARED_RL = ("temperature", "top_k", "top_p", "kl_estimator", "kl_controller", "kl_coef", "kl_target", "kl_horizon")
+# what multi-task RL passes through to either algorithm: sampling, the KL penalty and gradient clipping
+SHARED_RL = (
+    "temperature", "top_k", "top_p", "kl_estimator", "kl_controller", "kl_coef", "kl_target", "kl_horizon",
+    "max_grad_norm",
+)  # fmt: skip
 
 
 def schemas() -> dict[str, type]:
@@ -84,19 +87,18 @@ def schemas() -> dict[str, type]:
     from neuraflux.stages.constitutional import NanoConstitutionalAI
     from neuraflux.stages.dpo import NanoDPO
     from neuraflux.stages.lm import CausalLMStage
-    from neuraflux.stages.multitask import MultiTaskREINFORCE, NanoMultiTaskRL
+    from neuraflux.stages.multitask import NanoMultiTaskRL
     from neuraflux.stages.ppo import NanoPPO
     from neuraflux.stages.reinforce import NanoREINFORCE
     from neuraflux.stages.reward import RewardModelStage
 
     # multi-task RL: its own settings, the shared RL ones with REINFORCE's defaults, and each algorithm's own
-    # settings (what PPO or REINFORCE has beyond the shared ones) under `ppo` / `reinforce`
+    # settings (what PPO or REINFORCE has that the other has not) under `ppo` / `reinforce`
     reinforce, ppo = parameters(NanoREINFORCE.__init__), parameters(NanoPPO.__init__)
     common = set(reinforce) & set(ppo)
-    settings = {**parameters(NanoMultiTaskRL.__init__), **{k: reinforce[k] for k in SHARED_RL}}
-    settings["algorithm"] = (str, "reinforce")
-    own = {"k": reinforce["k"][1], "max_grad_norm": parameters(MultiTaskREINFORCE.__init__)["max_grad_norm"][1]}
-    settings["reinforce"] = (Any, own)
+    settings = parameters(NanoMultiTaskRL)
+    settings.update({k: reinforce[k] for k in SHARED_RL})
+    settings["reinforce"] = (Any, {k: d for k, (_, d) in reinforce.items() if k not in common})
     settings["ppo"] = (Any, {k: d for k, (_, d) in ppo.items() if k not in common})
     return {
         "causal_lm": schema_of(CausalLMStage),
@@ -105,9 +107,7 @@ def schemas() -> dict[str, type]:
         "ppo": schema_of(NanoPPO),
         "reinforce": schema_of(NanoREINFORCE),
         "constitutional": schema_of(NanoConstitutionalAI),
-        "multitask": module_schema(
-            "NanoMultiTaskRLSettings", "neuraflux.stages.multitask.NanoMultiTaskRL.build", settings
-        ),
+        "multitask": module_schema("NanoMultiTaskRLSettings", "neuraflux.stages.multitask.NanoMultiTaskRL", settings),
     }
 
 
