@@ -272,7 +272,7 @@ def main() -> None:
             )
             print(
                 f"full run (seed {args.seed}): {m['global_step']} steps in {time.perf_counter() - t0:.0f} s, "
-                f"val/loss {m['val/loss']:.4f}, {m['train_tokens_per_sec']:.0f} tokens/s"
+                f"val/loss {m['val/loss']:.4f}, {m['train/tokens_per_sec_mean']:.0f} tokens/s"
             )
         return
     fw, plain = [], []
@@ -287,7 +287,7 @@ def main() -> None:
                     args.threads,
                     Path(d),
                     extra=[f"model.position_encoding={args.position_encoding}"],
-                )["train_tokens_per_sec"]
+                )["train/tokens_per_sec_mean"]
             )
         plain.append(
             plain_loop(args.data, args.shape, args.steps, args.precision, args.threads, args.position_encoding)

@@ -244,7 +244,7 @@ def test_run_logs_the_constitution_the_losses_and_validation(run, constitution):
         "constitution/violation_rate/any",
         "val/violation_rate",
         "val/helpfulness",
-        "lr",
+        "train/lr",
     ):
         assert tag in tags, (tag, sorted(tags))
     for p in constitution.principles:

@@ -272,12 +272,12 @@ def test_batch_inputs_reads_every_batch_kind():
 def test_learning_rates_tags():
     p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     one = torch.optim.SGD([{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
-    assert learning_rates([one]) == {"lr-schedule/group0": 0.1, "lr-schedule/group1": 0.5}
+    assert learning_rates([one]) == {"train/lr/group0": 0.1, "train/lr/group1": 0.5}
     two = torch.optim.SGD([q], lr=0.2)
     assert learning_rates([one, two]) == {
-        "lr-schedule/optimizer0/group0": 0.1,
-        "lr-schedule/optimizer0/group1": 0.5,
-        "lr-schedule/optimizer1/group0": 0.2,
+        "train/lr/optimizer0/group0": 0.1,
+        "train/lr/optimizer0/group1": 0.5,
+        "train/lr/optimizer1/group0": 0.2,
     }
 
 
@@ -403,12 +403,12 @@ def test_activation_scalars(run):
 
 def test_learning_rate_schedule(run):
     acc, _, _ = run
-    group0 = acc.Scalars("lr-schedule/group0")
-    group1 = acc.Scalars("lr-schedule/group1")
+    group0 = acc.Scalars("train/lr/group0")
+    group1 = acc.Scalars("train/lr/group1")
     assert [e.step for e in group0] == [0, 1, 2, 3]
     assert [e.value for e in group0] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
     assert [e.value for e in group1] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
-    assert "lr" not in acc.Tags()[SCALARS]  # the stages' own `lr` tag is left to them
+    assert "train/lr" not in acc.Tags()[SCALARS]  # the stages' own `train/lr` tag is left to them
 
 
 def test_text_samples(run):
@@ -441,7 +441,7 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
     assert "attention/layer0" not in tags[IMAGES]
     # 4 batches, 2 optimizer steps: every callback logs once per step, not once per batch
     assert [e.step for e in acc.Images("attention/layer1")] == [1, 2]
-    assert [e.step for e in acc.Scalars("lr-schedule/group0")] == [0, 1]
+    assert [e.step for e in acc.Scalars("train/lr/group0")] == [0, 1]
     assert [e.step for e in acc.Scalars("grad_norm/layer0")] == [0, 1]
     assert [e.step for e in acc.Scalars("activations/layer1/std")] == [1, 2]
     assert [e.step for e in acc.Tensors("samples/text_summary")] == [2]

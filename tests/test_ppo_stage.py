@@ -28,7 +28,7 @@ PPO_TAGS = (
     "time/learn_s",
     "rollout/response_length",
     "train/grad_norm",
-    "lr",
+    "train/lr",
     "val/reward",
 )
 

@@ -28,7 +28,7 @@ REINFORCE_TAGS = (
     "rollout/response_length",
     "train/loss",
     "train/grad_norm",
-    "lr",
+    "train/lr",
     "val/reward",
 )
 

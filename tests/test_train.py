@@ -25,7 +25,7 @@ def test_pretrain_writes_tensorboard_checkpoints_and_a_loadable_model(tiny_cfg):
     metrics, objects = train(cfg)
     run = objects["run_dir"]
     tags = scalar_tags(run)
-    for tag in ("train/loss", "val/loss", "val/ppl", "lr", "train/tokens_per_sec", "train/grad_norm"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_sec", "train/grad_norm"):
         assert tag in tags, tag
     assert len(tags["train/loss"]) == 6 and len(tags["val/loss"]) == 2
     assert tags["val/ppl"][-1] == pytest.approx(torch.tensor(tags["val/loss"][-1]).exp().item(), rel=1e-4)
@@ -218,4 +218,4 @@ def test_per_step_metrics_are_computed_exactly_on_the_steps_lightning_writes(tin
     acc = EventAccumulator(str(objects["run_dir"] / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 3, 5]
-    assert [e.step for e in acc.Scalars("lr")] == [1, 3, 5]
+    assert [e.step for e in acc.Scalars("train/lr")] == [1, 3, 5]

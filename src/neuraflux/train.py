@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics["global_step"] = trainer.global_step
     throughput = next((c for c in callbacks if hasattr(c, "tokens_per_sec")), None)
     if throughput is not None:
-        metrics["train_tokens_per_sec"] = throughput.tokens_per_sec
+        metrics["train/tokens_per_sec_mean"] = throughput.tokens_per_sec
     if trainer.world_size > 1:
         metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
     if trainer.is_global_zero:

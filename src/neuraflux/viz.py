@@ -85,7 +85,7 @@ def plot_training_metrics(
 ) -> Path:
     """Plot scalar tags from a run's TensorBoard event files, one subplot per tag, and write a PNG.
 
-    tags: the tags to plot, in order (e.g. ["train/loss", "val/loss", "val/ppl", "lr"]); None plots every
+    tags: the tags to plot, in order (e.g. ["train/loss", "val/loss", "val/ppl", "train/lr"]); None plots every
     scalar tag in sorted order. figsize defaults to 4 x 3 inches per subplot, three subplots a row.
     Returns the PNG path.
     """

@@ -410,13 +410,13 @@ class ActivationStatsLogger(pl.Callback):
 
 # ---- 4. learning rate --------------------------------------------------------------------------------------
 def learning_rates(optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
-    """Tag -> LR per param group: `lr-schedule/group{i}`, or `lr-schedule/optimizer{k}/group{i}` with several.
+    """Tag -> LR per param group: `train/lr/group{i}`, or `train/lr/optimizer{k}/group{i}` with several.
 
-    Named apart from the stages' own `lr` scalar so the two never write the same tag.
+    Named apart from the stages' own `train/lr` scalar (group 0's rate) so the two never write the same tag.
     """
     rates: dict[str, float] = {}
     for k, opt in enumerate(optimizers):
-        prefix = "lr-schedule" if len(optimizers) == 1 else f"lr-schedule/optimizer{k}"
+        prefix = "train/lr" if len(optimizers) == 1 else f"train/lr/optimizer{k}"
         for i, group in enumerate(opt.param_groups):
             rates[f"{prefix}/group{i}"] = float(group["lr"])
     return rates

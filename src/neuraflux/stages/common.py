@@ -72,4 +72,4 @@ def check_finite(step: int, name: str, value: torch.Tensor, inputs: dict[str, to
 def log_lr(module: pl.LightningModule) -> None:
     opt = module.optimizers()
     opt = opt.optimizer if hasattr(opt, "optimizer") else opt
-    module.log("lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+    module.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
