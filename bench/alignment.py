@@ -1,4 +1,4 @@
-"""Issue 4's proof that the alignment stages work, measured on the built-in world.
+"""Whether the alignment stages work, measured on the built-in world.
 
 Parts (`--parts`, all by default):
 
@@ -18,8 +18,8 @@ measures on. `--train-seeds` varies `seed` (initialisation, sampling) only.
 Wall seconds include starting Python; CPU seconds are the run's own (user + system), which is what a loaded machine
 does not inflate. Prints markdown tables and writes everything to OUT/alignment.json.
 
-    python bench/alignment.py --sft /work/runs/sft_mixed/sft/model --threads 1 --train-seeds 1337 1 --out OUT
-    python bench/alignment.py --sft /work/runs/sft_mixed/sft/model --out OUT --parts policy --reuse   # re-measure OUT
+    python bench/alignment.py --sft outputs/full/<time>/sft/model --threads 1 --train-seeds 1337 1 --out OUT
+    python bench/alignment.py --sft outputs/full/<time>/sft/model --out OUT --parts policy --reuse   # re-measure OUT
     python bench/alignment.py --sft RUN/sft/model --parts policy --stages ppo --set ppo:stage.module.kl_coef=0.1
     python bench/alignment.py --sft RUN/sft/model --parts hh --hh ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
 """

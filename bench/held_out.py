@@ -12,8 +12,8 @@ full marks, with the three judge scores.
 on the training prompts: closed-book questions on seen entities (recall), questions with context (reading), unknown
 entities, red-team prompts. The first model is the baseline each later one's "gap closed" is measured against.
 
-    python bench/held_out.py pairs /work/runs/rm_final/reward_world/model --threads 1 [--wrong]
-    python bench/held_out.py answers /work/runs/full_t2/sft/model --threads 1
+    python bench/held_out.py pairs outputs/full/<time>/reward/model --threads 1 [--wrong]
+    python bench/held_out.py answers outputs/full/<time>/sft/model --threads 1
     python bench/held_out.py gaps SFT OUT/reinforce_seed1337/model OUT/dpo_seed1337/model --threads 1
 """
 

@@ -1,4 +1,4 @@
-"""How well a trained model reads its context: the figures behind docs/WORLD_TUNING.md's "second pass".
+"""How well a trained model reads its context: the figures behind docs/WORLD_TUNING.md's tables.
 
 For each model directory:
 
@@ -9,7 +9,7 @@ For each model directory:
   unseen errors   every question about the model's own world's unseen entities, with retrieval: exact match per
                   value type (vocabulary, number, city name) and what the wrong answers did.
 
-    python bench/world_reading.py /work/runs/world_e/sft/model /work/runs/world_seed1/sft/model --threads 1
+    python bench/world_reading.py outputs/world/<time>/sft/model outputs/world/<other time>/sft/model --threads 1
 """
 
 from __future__ import annotations
