@@ -31,13 +31,13 @@ def _write(path: Path, lines: list[str | dict]) -> Path:
     return path
 
 
-def test_prompt_shape_renders_plain_prompts_and_keeps_rendered_ones(tmp_path):
+def test_prompt_shape_renders_plain_prompts_and_messages_and_refuses_rendered_ones(tmp_path):
     rendered = f"{BOS}{USER}Hi there{END}{ASSISTANT}"
     path = _write(
         tmp_path / "p.jsonl",
         [
             {"prompt": "What is 2+2?", "chosen": " 4 ", "rejected": "5"},
-            {"prompt": rendered, "chosen": "Hello!", "rejected": "Go away."},
+            {"messages": [{"role": "user", "content": "Hi there"}], "chosen": "Hello!", "rejected": "Go away."},
             {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " bye"},
         ],
     )
@@ -47,8 +47,12 @@ def test_prompt_shape_renders_plain_prompts_and_keeps_rendered_ones(tmp_path):
         PreferenceExample(rendered, "Hello!", "Go away."),
         PreferenceExample(f"{BOS}{USER}hi{END}{ASSISTANT}", "hello", "bye"),
     ]
-    assert data[1] == PreferenceExample(rendered, "Hello!", "Go away.")
     assert data.data.column_names == ["prompt", "chosen", "rejected"]
+    # special tokens are never read from a file: a rendered prompt is refused, naming the line
+    bad = _write(tmp_path / "r.jsonl", [{"prompt": "fine", "chosen": "a", "rejected": "b"},
+                                        {"prompt": rendered, "chosen": "a", "rejected": "b"}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"r.jsonl, line 2: field 'prompt' is a rendered chat prompt"):
+        PreferenceDataset.from_jsonl(bad, on_invalid="error")
 
 
 def test_hh_transcripts_split_at_the_last_shared_assistant_turn():

@@ -38,7 +38,7 @@ def load_generate_constitution(spec: str, model_source: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from neuraflux.chat import Message, render_prompt
+    from neuraflux.chat import Message, escape_special, render_prompt
     from neuraflux.model import generate_stream
     from neuraflux.tokenizer import StreamDecoder
 
@@ -56,7 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         filter_log.setLevel(logging.INFO)
         if not filter_log.handlers:
             filter_log.addHandler(logging.StreamHandler(sys.stderr))
-    text = render_prompt([Message("user", args.prompt)]) if args.chat else args.prompt
+    # the prompt is text: with --chat one user turn, without it raw text; neither can hold a special token
+    text = render_prompt([Message("user", args.prompt)]) if args.chat else escape_special(args.prompt)
     ids = tok.encode(text)
     budget = model.config.max_position_embeddings - args.max_new_tokens
     if budget <= 0:

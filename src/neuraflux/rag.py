@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuraflux.chat import Message, render_prompt
+from neuraflux.chat import Message, escape_special, render_prompt
 from neuraflux.model import NanoLM, generate
 from neuraflux.retrieval import Hit, Retriever
 from neuraflux.tokenizer import NanoTokenizer
@@ -61,7 +61,7 @@ class NanoRAG:
             if hit.score < self.min_score or left <= 0:
                 break
             sep = tok.encode(self.separator) if pieces else []
-            ids = tok.encode(hit.text)
+            ids = tok.encode(escape_special(hit.text))
             if len(sep) + len(ids) > left:
                 ids = ids[: max(0, left - len(sep))]
                 if not ids:

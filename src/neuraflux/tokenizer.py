@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from neuraflux.chat import BOS, END, EOS, PAD, SPECIAL_TOKENS
+from neuraflux.chat import BOS, END, EOS, PAD, SPECIAL_TOKENS, UNK  # UNK: character mode only
 
-UNK = "<|unk|>"  # character mode only: byte-level BPE never needs it
 CHAR_FORMAT = "neuraflux-char-v1"
 
 

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from neuraflux.chat import escape_special
 from neuraflux.data.common import (
     LMBatch,
     StreamSampler,
@@ -138,7 +139,8 @@ class LMDataModule(ResumableDataModule):
         from pathlib import Path
 
         src = file_fingerprint(Path(self.path)) if self.path else str(self.dataset_name or self.builtin)
-        return f"{src}-{self.text_field}-{self.tokenizer.fingerprint()}"
+        # "text": special-token strings in the text are escaped (a cache of ids from before that must not be reused)
+        return f"{src}-{self.text_field}-{self.tokenizer.fingerprint()}-text"
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
@@ -147,9 +149,9 @@ class LMDataModule(ResumableDataModule):
             raise RuntimeError("LMDataModule.tokenizer must be set before setup()")
         tok, field = self.tokenizer, self.text_field
         eos = tok.eos_id
-        # Documents are joined with eos so the model learns where one ends.
+        # Documents are joined with eos so the model learns where one ends; their text never holds a special token.
         tokenized = self._raw.map(
-            lambda b: {"ids": [ids + [eos] for ids in tok.encode_batch(b[field])]},
+            lambda b: {"ids": [ids + [eos] for ids in tok.encode_batch([escape_special(t) for t in b[field]])]},
             batched=True,
             remove_columns=self._raw.column_names,
             new_fingerprint=self._fingerprint(),

@@ -4,8 +4,10 @@ Sources, all ending as one `datasets.Dataset` with string columns prompt / chose
 
 * the built-in world's judge-labelled pairs (`PreferenceDataset.from_world`);
 * JSON-lines files (`.jsonl`, `.jsonl.gz`) in either common shape:
-  - `{"prompt", "chosen", "rejected"}`: the prompt is kept if it is already a rendered chat prompt (starts with
-    `<|bos|>`), converted if it is an hh-rlhf transcript, otherwise rendered as one user turn;
+  - `{"prompt", "chosen", "rejected"}`: the prompt is converted if it is an hh-rlhf transcript, otherwise
+    rendered as one user turn; or `{"messages": [{"role", "content"}, ...], "chosen", "rejected"}`, a
+    conversation; either with an optional `"context"` (a retrieved document). Special tokens are never read from a
+    file: a prompt that is already rendered (starts with `<|bos|>`) is refused;
   - `{"chosen", "rejected"}` full transcripts in the Anthropic hh-rlhf style
     ("\\n\\nHuman: ...\\n\\nAssistant: ..."): the prompt is their shared prefix up to the last shared
     "\\n\\nAssistant:", its turns rendered in our chat format; chosen/rejected are the two final replies.
@@ -31,7 +33,7 @@ from typing import TextIO
 
 import datasets
 
-from neuraflux.chat import BOS, Message, render_prompt
+from neuraflux.chat import BOS, Message, render_prompt, render_record
 from neuraflux.world import World, practice_preference_pairs, preference_pairs
 
 log = logging.getLogger(__name__)
@@ -105,20 +107,25 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
-def _render_prompt_field(prompt: str) -> str:
-    if prompt.startswith(BOS):
-        return prompt
-    if HUMAN_TAG.strip() in prompt:
+def _render_prompt_field(record: dict, rendered_ok: bool) -> str:
+    prompt = record.get("prompt")
+    if rendered_ok and isinstance(prompt, str) and prompt.startswith(BOS):
+        return prompt  # the built-in world's pairs: rendered by our own code
+    if record.get("messages") is None and isinstance(prompt, str) and HUMAN_TAG.strip() in prompt:
         return _render_transcript_prompt(prompt)
-    return render_prompt([Message("user", prompt.strip())])
+    return render_record(record)
 
 
-def to_example(record: dict, with_prompt: bool) -> PreferenceExample:
+def to_example(record: dict, with_prompt: bool, rendered_ok: bool = False) -> PreferenceExample:
     """One raw record as a validated PreferenceExample; ValueError names the problem. `with_prompt` says which
-    shape the source has: prompt/chosen/rejected, or chosen/rejected full transcripts."""
-    fields = ("prompt", "chosen", "rejected") if with_prompt else ("chosen", "rejected")
+    shape the source has: prompt (or messages)/chosen/rejected, or chosen/rejected full transcripts.
+    `rendered_ok`: the source is our own code, whose prompts may come rendered."""
+    prompt_field = "messages" if record.get("messages") is not None else "prompt"
+    fields = (prompt_field, "chosen", "rejected") if with_prompt else ("chosen", "rejected")
     for name in fields:
         value = record.get(name)
+        if name == "messages":
+            continue  # checked turn by turn when rendered
         if value is None:
             raise ValueError(f"missing field {name!r}")
         if not isinstance(value, str):
@@ -127,7 +134,7 @@ def to_example(record: dict, with_prompt: bool) -> PreferenceExample:
             raise ValueError(f"empty {name!r}")
     if with_prompt:
         example = PreferenceExample(
-            _render_prompt_field(record["prompt"]), record["chosen"].strip(), record["rejected"].strip()
+            _render_prompt_field(record, rendered_ok), record["chosen"].strip(), record["rejected"].strip()
         )
     else:
         example = split_transcripts(record["chosen"], record["rejected"])
@@ -147,7 +154,12 @@ def _empty() -> datasets.Dataset:
 
 
 def _validate(
-    records: list[dict], wheres: list[str], with_prompt: list[bool], source: str, on_invalid: str
+    records: list[dict],
+    wheres: list[str],
+    with_prompt: list[bool],
+    source: str,
+    on_invalid: str,
+    rendered_ok: bool = False,
 ) -> datasets.Dataset:
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
@@ -155,7 +167,7 @@ def _validate(
     bad: list[InvalidRecord] = []
     for record, where, shape in zip(records, wheres, with_prompt, strict=True):
         try:
-            example = to_example(record, shape)
+            example = to_example(record, shape, rendered_ok)
         except ValueError as e:
             bad.append(InvalidRecord(where, str(e)))
             continue
@@ -215,9 +227,10 @@ def _load_jsonl(path: Path) -> tuple[list[dict], list[str], bool]:
         columns = list(dict.fromkeys(k for r in records for k in r))
     if "chosen" not in columns or "rejected" not in columns:
         raise ValueError(
-            f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt'); found fields {columns}"
+            f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt' or 'messages'); "
+            f"found fields {columns}"
         )
-    return records, [f"{path}, line {n}" for n in lines], "prompt" in columns
+    return records, [f"{path}, line {n}" for n in lines], "prompt" in columns or "messages" in columns
 
 
 class PreferenceDataset:
@@ -239,7 +252,8 @@ class PreferenceDataset:
     ) -> PreferenceDataset:
         """In-memory records; a record with a "prompt" key is in the prompt/chosen/rejected shape."""
         wheres = [f"{source}, record {i}" for i in range(1, len(records) + 1)]
-        return cls(_validate(records, wheres, ["prompt" in r for r in records], source, on_invalid))
+        shapes = [r.get("prompt") is not None or r.get("messages") is not None for r in records]
+        return cls(_validate(records, wheres, shapes, source, on_invalid))
 
     @classmethod
     def from_jsonl(cls, path: str | Path, on_invalid: str = "skip") -> PreferenceDataset:
@@ -256,8 +270,9 @@ class PreferenceDataset:
     @classmethod
     def from_world(cls, world: World, rng_seed: int = 0) -> PreferenceDataset:
         """The world's judge-labelled pairs (see `neuraflux.world.preference_pairs`)."""
-        source = f"<world seed={world.config.seed}>"
-        return cls.from_records(preference_pairs(world, rng_seed), source=source, on_invalid="error")
+        records = preference_pairs(world, rng_seed)  # rendered by the world's own code
+        wheres = [f"<world seed={world.config.seed}>, record {i}" for i in range(1, len(records) + 1)]
+        return cls(_validate(records, wheres, [True] * len(records), wheres[0] if wheres else "<world>", "error", True))
 
     @classmethod
     def from_practice(cls, world: World, rng_seed: int = 0) -> PreferenceDataset | None:
@@ -266,7 +281,8 @@ class PreferenceDataset:
         pairs = practice_preference_pairs(world, rng_seed)
         if not pairs:
             return None
-        return cls.from_records(pairs, source=f"<world seed={world.config.seed} practice>", on_invalid="error")
+        wheres = [f"<world seed={world.config.seed} practice>, record {i}" for i in range(1, len(pairs) + 1)]
+        return cls(_validate(pairs, wheres, [True] * len(pairs), "<world practice>", "error", rendered_ok=True))
 
     def __len__(self) -> int:
         return len(self.data)

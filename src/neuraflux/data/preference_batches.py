@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neuraflux.chat import END, EOS
+from neuraflux.chat import render_completion
 from neuraflux.data.common import Window
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.preference import ON_INVALID, PreferenceDataset, PreferenceExample, PreferenceSplit
@@ -120,7 +120,7 @@ def split_by_prompt(dataset: PreferenceDataset, val_fraction: float, seed: int) 
 
 def completion_text(response: str) -> str:
     """A bare response as the chat format ends it (the second half of `chat.render_example`)."""
-    return f"{response}{END}{EOS}"
+    return render_completion(response)
 
 
 def fit_sequence(prompt: list[int], response: list[int], max_length: int) -> EncodedSequence:

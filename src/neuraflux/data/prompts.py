@@ -1,7 +1,8 @@
 """Prompts for rollouts (PPO, REINFORCE): the built-in world's RL prompts or a JSONL file, rendered as chat.
 
-A JSONL record is `{"prompt": str, "context"?: str}`: the prompt is rendered as one user turn (with the
-context turn when given) unless it already is a rendered chat prompt (starts with `<|bos|>`), kept as it is.
+A JSONL record is `{"prompt": str, "context"?: str}` (one user turn, with the context turn when given) or
+`{"messages": [{"role", "content"}, ...], "context"?: str}` (a conversation ending with the user's turn). Special
+tokens are never read from the file: a prompt that is already rendered (starts with `<|bos|>`) is refused.
 Batches are left-padded so every row's prompt ends in the same column and generation decodes in lockstep.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from neuraflux.chat import BOS, Message, render_prompt
+from neuraflux.chat import Message, render_prompt, render_record
 from neuraflux.data.common import check_data_file
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.splits import split_held_out
@@ -55,24 +56,17 @@ def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int | None = 
 
 
 def render_prompt_record(record: object, where: str) -> str:
-    """One `{"prompt", "context"?}` record as a rendered chat prompt; ValueError names `where` and why."""
+    """One `{"prompt" | "messages", "context"?}` record as a rendered chat prompt; ValueError names `where` and why."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    prompt, context = record.get("prompt"), record.get("context")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {prompt!r}")
-    if context is not None and not isinstance(context, str):
-        raise ValueError(f"{where}: field 'context' must be a string, got {type(context).__name__}")
-    if prompt.startswith(BOS):
-        return prompt
-    return render_prompt([Message("user", prompt.strip())], context=context or None)
+    return render_record(record, where)
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Rendered prompts from a .jsonl file; the first bad line is named (file and 1-based line)."""
     p = check_data_file(path, "data.path")
     if not p.name.endswith(".jsonl"):
-        raise ValueError(f"data.path: {p} must be a .jsonl file of {{'prompt', 'context'?}} records")
+        raise ValueError(f"data.path: {p} must be a .jsonl file of {{'prompt' | 'messages', 'context'?}} records")
     prompts = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

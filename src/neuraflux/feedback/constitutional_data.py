@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from neuraflux.chat import parse_prompt
 from neuraflux.feedback.constitution import Constitution
 
 SOURCES: tuple[str, ...] = ("model", "template", "unchanged")
@@ -66,9 +67,14 @@ class FeedbackPair:
     rejected_violations: int
     source: str  # "revision" (a revision against its original) or "samples" (two samples)
 
-    def preference_record(self) -> dict[str, str]:
-        """The {"prompt", "chosen", "rejected"} record `data=preference` reads."""
-        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+    def preference_record(self) -> dict:
+        """The record `data=preference` reads: the prompt as its turns (`messages`, and `context` when it has one),
+        since special tokens are never read from a data file, then `chosen` and `rejected`."""
+        messages, context = parse_prompt(self.prompt)
+        record: dict = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        if context is not None:
+            record["context"] = context
+        return {**record, "chosen": self.chosen, "rejected": self.rejected}
 
 
 def build_revisions(
@@ -178,16 +184,17 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 
 
 def append_preferences(path: str | Path, pairs: list[FeedbackPair]) -> int:
-    """Add the pairs not yet in the preference file at `path` (prompt, chosen, rejected); returns how many."""
+    """Add the pairs not yet in the preference file at `path` (the same prompt, chosen and rejected); returns how
+    many."""
     path = Path(path)
     old = []
     if path.is_file():
         old = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keys = {(r["prompt"], r["chosen"], r["rejected"]) for r in old}
+    keys = {json.dumps(r, sort_keys=True) for r in old}
     new = []
     for pair in pairs:
         record = pair.preference_record()
-        key = (record["prompt"], record["chosen"], record["rejected"])
+        key = json.dumps(record, sort_keys=True)
         if key not in keys:
             keys.add(key)
             new.append(record)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from neuraflux.chat import Message, render_prompt
+from neuraflux.chat import BOS, Message, render_prompt
 from neuraflux.data.prompts import encode_prompts, render_prompt_record
 from neuraflux.data.splits import split_held_out
 from neuraflux.feedback.constitution import Constitution
@@ -76,9 +76,12 @@ def held_out_prompts(world: World, split: str = "val", val_fraction: float = 0.1
 
 
 def render(prompt: RLPrompt | str) -> str:
-    """An RL prompt rendered as the stages render it (`world_prompt_texts`); a string as a prompt file's record."""
+    """An RL prompt rendered as the stages render it (`world_prompt_texts`); a string as one user turn, unless the
+    calling code rendered it already (it starts with `<|bos|>`: a prompt from `world_prompt_texts`, not a file)."""
     if isinstance(prompt, RLPrompt):
         return render_prompt([Message("user", prompt.prompt)], context=prompt.context)
+    if prompt.startswith(BOS):
+        return prompt
     return render_prompt_record({"prompt": prompt}, "measure_policy prompts")
 
 

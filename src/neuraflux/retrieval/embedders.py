@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from neuraflux.chat import escape_special
 from neuraflux.retrieval.errors import RetrievalError
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class BackboneEmbedder:
 
         from neuraflux.masking import masked_mean
 
-        token_ids = [self.tokenizer.encode(t) for t in texts]
+        token_ids = [self.tokenizer.encode(escape_special(t)) for t in texts]  # a document's text is never markup
         too_long = sum(len(ids) > self.max_tokens for ids in token_ids)
         if too_long:
             log.warning(

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from neuraflux.chat import ROLE_TOKENS, Message, render_prompt
+from neuraflux.chat import ROLE_TOKENS, Message, escape_special, render_prompt
 from neuraflux.retrieval import Hit
 
 # Every error the server sends, with the HTTP status the OpenAI-style endpoints give it.
@@ -295,7 +295,7 @@ def prepare_prompt(
     """
     sources: list[Hit] = []
     if raw_text is not None and not use_retrieval:
-        text, stops = raw_text, (tokenizer.eos_id,)
+        text, stops = escape_special(raw_text), (tokenizer.eos_id,)  # a raw prompt is text, never markup
     else:
         conversation = messages if messages is not None else [Message("user", raw_text)]
         stops = (tokenizer.end_id, tokenizer.eos_id)

@@ -22,7 +22,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from neuraflux.chat import END, EOS, Message, render_prompt
+from neuraflux.chat import Message, render_completion, render_prompt
 from neuraflux.world import lexicon, schema
 from neuraflux.world.generator import (
     SPLITS,
@@ -174,7 +174,7 @@ def practice_conversation(rng: random.Random, practice: PracticeSet, entity: Ent
     for key in keys:
         messages += [Message("user", _question(rng, entity, key)), Message("assistant", answer_sentence(entity, key))]
     context = rng.choice(practice.documents_of(entity.name)).text
-    return render_prompt(messages[:-1], context=context) + f"{messages[-1].content}{END}{EOS}"
+    return render_prompt(messages[:-1], context=context) + render_completion(messages[-1].content)
 
 
 def qa_items(world: World, split: str) -> list[QAItem]:
