@@ -323,7 +323,7 @@ def test_prompt_jsonl_renders_records_and_names_a_bad_line(tmp_path, world_tok):
             for r in [
                 {"prompt": "What is Vorlak?"},
                 {"prompt": "Why?", "context": "Because."},
-                {"prompt": rendered},
+                {"messages": [{"role": "user", "content": "Who?"}]},
             ]
         )
         + "\n"
