@@ -10,9 +10,10 @@ register()  # the stages' structured configs, before Hydra composes conf/
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from neuraflux.run import run
+    from neuraflux.run import run, user_errors_exit
 
-    return run(cfg)
+    with user_errors_exit():  # a mistake in the config or a file: one line, not a traceback
+        return run(cfg)
 
 
 if __name__ == "__main__":

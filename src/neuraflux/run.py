@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from neuraflux.train import train
 
 log = logging.getLogger(__name__)
+
+# How this package refuses what a user asked for, a setting or a file, with a message naming it: `validate`, the
+# stages' and data modules' constructors, model.io and NanoConfig raise these, and Lightning raises
+# MisconfigurationException for its own settings. Anything else (AttributeError, TypeError, KeyError, ...) is a
+# bug, and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    MisconfigurationException,
+)
+
+
+@contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Turn a user's mistake into `error: <message>` on stderr and exit status 1, as the CLI does, instead of a
+    traceback through Hydra and Lightning. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {err}") from None
 
 
 def summary_table(metrics: dict, title: str):

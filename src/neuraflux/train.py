@@ -12,15 +12,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from neuraflux.callbacks.checkpoint import CheckpointExtras
+from neuraflux.callbacks.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointExtras,
+    is_stale_temp_file,
+    remove_stale_temp_files,
+)
 from neuraflux.callbacks.grad_norm import GradNormLogger
 from neuraflux.model import NanoConfig, NanoLM
-from neuraflux.model.io import check_same_shape, load_pretrained
+from neuraflux.model.io import check_same_shape, inspect_pretrained, load_pretrained
 from neuraflux.tokenizer import NanoTokenizer
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+# trainer settings that are counts, and those that are a count of batches or a fraction of the epoch; checked here
+# because Lightning compares them with numbers somewhere deep inside and fails with a TypeError naming neither
+TRAINER_INTEGERS = ("max_steps", "accumulate_grad_batches", "log_every_n_steps", "num_sanity_val_steps")
+TRAINER_NUMBERS = ("val_check_interval", "limit_val_batches", "gradient_clip_val")
 
 
 @dataclass
@@ -36,11 +45,12 @@ class Settings:
 def build(spec, **kwargs):
     """hydra.utils.instantiate, with a config error raised as itself: one line naming the key, not a wrapper."""
     from hydra.errors import InstantiationException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:
         return instantiate(spec, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError, TypeError)):
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError, TypeError, MisconfigurationException)):
             raise err.__cause__ from None
         raise
 
@@ -53,17 +63,21 @@ def validate(cfg: DictConfig) -> Settings:
     """Reject a nonsensical config with one message naming the key, before anything is written."""
     model_config = _model_config(cfg)
     build(cfg.optim)  # OptimizerFactory validates lr, betas, ...
+    check_trainer_settings(cfg.trainer)
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
-    if cfg.data.get("block_size", model_config.block_size) > model_config.max_position_embeddings:
+    block_size = cfg.data.get("block_size", model_config.block_size)
+    if not is_int(block_size):
+        raise ValueError(f"data.block_size must be an integer, got {block_size!r}")
+    if block_size > model_config.max_position_embeddings:
         raise ValueError(
-            f"data.block_size ({cfg.data.block_size}) must be <= model.max_position_embeddings "
+            f"data.block_size ({block_size}) must be <= model.max_position_embeddings "
             f"({model_config.max_position_embeddings})"
         )
     max_steps = cfg.trainer.get("max_steps", -1)
-    if max_steps is None or max_steps <= 0:
-        raise ValueError(f"trainer.max_steps must be a positive integer (training length), got {max_steps}")
+    if not is_int(max_steps) or max_steps <= 0:
+        raise ValueError(f"trainer.max_steps must be a positive integer (training length), got {max_steps!r}")
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and interval % accumulate:
@@ -74,9 +88,11 @@ def validate(cfg: DictConfig) -> Settings:
         )
     if cfg.tokenizer.mode not in ("bpe", "char"):
         raise ValueError(f"tokenizer.mode={cfg.tokenizer.mode!r} is not one of ['bpe', 'char']")
+    check_checkpoint_callbacks(cfg.get("callbacks") or {})
     run_dir = Path(cfg.paths.run_dir)
     resume = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir), cfg.stage.name)
-    if resume is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    checkpoints = run_dir / "checkpoints"
+    if resume is None and checkpoints.is_dir() and any(not is_stale_temp_file(p) for p in checkpoints.iterdir()):
         raise FileExistsError(
             f"{run_dir}/checkpoints already holds checkpoints; refusing to overwrite them. "
             "Pass resume=last (or resume=PATH) to continue, or choose another paths.run_dir"
@@ -86,7 +102,57 @@ def validate(cfg: DictConfig) -> Settings:
         init_from = Path(init_from)
         if not init_from.exists():
             raise FileNotFoundError(f"stage.init_from: {init_from} does not exist")
+    # every file a run starts from is read (all but its tensors) now, not after the data is built
+    for key, source in (("resume", resume), ("stage.init_from", init_from)):
+        if source is not None:
+            try:
+                loaded, _ = inspect_pretrained(source)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+            check_same_shape(model_config, loaded, source)
     return Settings(model_config, run_dir, resume, init_from)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """ValueError naming a trainer setting Lightning does not have (`+trainer.max_step=10`), or a count given as
+    something other than a number (`trainer.max_steps=abc`)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = trainer.get("_target_", "pytorch_lightning.Trainer")
+    try:
+        known = inspect.signature(get_class(target)).parameters
+    except (ImportError, ValueError):  # instantiating it names the target that does not import
+        known = None
+    if known is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in known.values()):
+        unknown = sorted(k for k in trainer if not str(k).startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"trainer.{unknown[0]} is not a setting of {target}")
+    for key in TRAINER_INTEGERS:
+        value = trainer.get(key)
+        if value is not None and not is_int(value):
+            raise ValueError(f"trainer.{key} must be an integer, got {value!r}")
+    for key in TRAINER_NUMBERS:
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"trainer.{key} must be a number, got {value!r}")
+
+
+def check_checkpoint_callbacks(callbacks: DictConfig) -> None:
+    """Every last.ckpt goes through AtomicCheckpointIO, except ModelCheckpoint's `save_last=link`: it removes
+    last.ckpt, then links the new one, and a run killed in between has none."""
+    for name, spec in callbacks.items():
+        if spec is not None and str(spec.get("_target_", "")).endswith("ModelCheckpoint"):
+            if spec.get("save_last") == "link":
+                raise ValueError(
+                    f"callbacks.{name}.save_last=link replaces last.ckpt by removing it and linking the new one, "
+                    "which a killed run can leave without any last.ckpt: use save_last=true"
+                )
 
 
 def resolve_resume(resume: str | None, output_dir: Path, stage_name: str) -> Path | None:
@@ -132,18 +198,20 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run the configured stage; returns (metrics, {"model", "tokenizer", "trainer", "module", "run_dir"})."""
     settings = validate(cfg)
+    # what checkpoint writes killed in earlier runs left, here or beside the checkpoint this run resumes from
+    remove_stale_temp_files(settings.run_dir / "checkpoints")
+    if settings.resume_ckpt is not None:
+        remove_stale_temp_files(settings.resume_ckpt.parent)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)  # a missing or empty data file fails here, before anything is written
 
     model_config = settings.model_config
-    if settings.resume_ckpt is not None:
+    if settings.resume_ckpt is not None:  # shapes checked by validate
         model, tokenizer = load_pretrained(settings.resume_ckpt)
-        check_same_shape(model_config, model.config, settings.resume_ckpt)
     elif settings.init_from is not None:
         model, tokenizer = load_pretrained(settings.init_from)
-        check_same_shape(model_config, model.config, settings.init_from)
     else:
         tokenizer = build_tokenizer(cfg, datamodule)
         if tokenizer.vocab_size > model_config.vocab_size:
@@ -161,7 +229,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [CheckpointExtras(), GradNormLogger(), *build_callbacks(cfg)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    # every checkpoint written atomically beside its target: a run killed mid-write keeps the previous last.ckpt
+    plugins = [AtomicCheckpointIO()]
+    trainer: pl.Trainer = build(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
     trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume_ckpt, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -175,8 +245,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
     if trainer.is_global_zero:
         export_dir = run_dir / "model"
-        exported.save_pretrained(export_dir)
-        tokenizer.save(export_dir / "tokenizer.json")
+        exported.save_pretrained(export_dir, tokenizer)  # tokenizer.json, its fingerprint in config.json
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     objects = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "module": module, "run_dir": run_dir}

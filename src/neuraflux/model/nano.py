@@ -6,8 +6,11 @@ Shapes: B batch, T query length, S key length (cache included), C n_embd, H head
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,8 +18,12 @@ import torch.nn.functional as F
 
 from neuraflux.model.config import NanoConfig
 
+if TYPE_CHECKING:
+    from neuraflux.tokenizer import NanoTokenizer
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -415,36 +422,69 @@ class NanoLM(nn.Module):
             self.train(was_training)
         return [m[0].float().cpu() for m in maps]
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json and model.safetensors (tied weights stored once)."""
+    def save_pretrained(self, directory: str | Path, tokenizer: NanoTokenizer | None = None) -> Path:
+        """Write config.json and model.safetensors (tied weights stored once). With the tokenizer the weights were
+        trained with, tokenizer.json too, and its fingerprint in config.json: `model.io.load_pretrained` then
+        refuses any other tokenizer.json put beside these weights."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_FILE)
+        self.config.save(directory / CONFIG_FILE, tokenizer.fingerprint() if tokenizer is not None else None)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "lm_head.weight"}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(directory / TOKENIZER_FILE)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> NanoLM:
-        """Rebuild from a directory written by save_pretrained; safetensors only, so no code runs."""
-        from safetensors.torch import load_file
-
+        """Rebuild from a directory written by save_pretrained; safetensors only, so no code runs. A damaged
+        config.json or model.safetensors is a ValueError naming the file, raised before the model is allocated."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(
                     f"{directory / name} not found: not a model directory written by save_pretrained"
                 )
-        model = cls(NanoConfig.load(directory / CONFIG_FILE))
-        state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        config = NanoConfig.load(directory / CONFIG_FILE)
+        state = load_weights_file(directory / WEIGHTS_FILE, map_location)
+        model = cls(config)
         load_state_checked(model, state, source=str(directory / WEIGHTS_FILE))
-        if (directory / "tokenizer.json").is_file():
+        if (directory / TOKENIZER_FILE).is_file():
             from neuraflux.tokenizer import NanoTokenizer
 
-            model.tokenizer = NanoTokenizer.load(directory / "tokenizer.json")  # a plain attribute, not a module
+            model.tokenizer = NanoTokenizer.load(directory / TOKENIZER_FILE)  # a plain attribute, not a module
         return model
+
+
+def load_weights_file(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; ValueError naming the file when it is truncated or not safetensors."""
+    from safetensors.torch import load_file
+
+    with weights_file_errors(path):
+        return load_file(str(path), device=map_location)
+
+
+def check_weights_file(path: Path) -> None:
+    """`load_weights_file`'s checks without reading a tensor: the header parses and the file holds every byte it
+    promises."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a model directory written by save_pretrained")
+    with weights_file_errors(path), safe_open(str(path), "pt"):
+        pass
+
+
+@contextmanager
+def weights_file_errors(path: Path) -> Iterator[None]:
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path} is unreadable (truncated or not safetensors): {err}") from None
 
 
 def load_state_checked(model: NanoLM, state: dict[str, torch.Tensor], source: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,10 @@ import torch.nn.functional as F
 from neuraflux.alignment.losses import token_logprobs
 from neuraflux.masking import last_token_index, masked_mean
 from neuraflux.model.config import NanoConfig
-from neuraflux.model.nano import CONFIG_FILE, WEIGHTS_FILE, NanoLM, NanoModel
+from neuraflux.model.nano import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, NanoLM, NanoModel, load_weights_file
+
+if TYPE_CHECKING:
+    from neuraflux.tokenizer import NanoTokenizer
 
 MARKER_FILE = "reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -132,13 +136,14 @@ class NanoRewardModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json and model.safetensors (the backbone, as NanoLM writes it), the head and the marker."""
+    def save_pretrained(self, directory: str | Path, tokenizer: NanoTokenizer | None = None) -> Path:
+        """Write config.json and model.safetensors (the backbone, as NanoLM writes it), the head and the marker;
+        with a tokenizer, tokenizer.json and its fingerprint in config.json, as `NanoLM.save_pretrained` does."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_FILE)
+        self.config.save(directory / CONFIG_FILE, tokenizer.fingerprint() if tokenizer is not None else None)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         is_head = lambda k: k.startswith(HEAD_PREFIX) or k == LOGLIK_KEY  # noqa: E731
         backbone = {k: v for k, v in state.items() if not is_head(k)}
@@ -153,13 +158,13 @@ class NanoRewardModel(nn.Module):
             "retrieve_context": self.retrieve_context,
         }
         (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(directory / TOKENIZER_FILE)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> NanoRewardModel:
         """Rebuild from a directory written by save_pretrained (safetensors only, so no code runs)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         marker = directory / MARKER_FILE
         if not marker.is_file():
@@ -167,14 +172,17 @@ class NanoRewardModel(nn.Module):
                 f"{directory} is not a reward model directory (no {MARKER_FILE}); a policy or SFT model "
                 "becomes a reward model through stage=reward (NanoRewardModel.from_lm)"
             )
-        meta = json.loads(marker.read_text())
+        try:
+            meta = json.loads(marker.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{marker} is unreadable (truncated or not JSON): {err}") from None
         fmt = meta.get("format")
         if fmt != FORMAT:
             raise ValueError(f"{marker}: format {fmt!r} is not {FORMAT!r}")
         lm = NanoLM.from_pretrained(directory, map_location=map_location)  # checks config and backbone shapes
         model = cls(lm.config, transformer=lm.transformer, response_token_id=meta.get("response_token_id"))
         model.retrieve_context = bool(meta.get("retrieve_context", False))
-        head = load_file(str(directory / HEAD_FILE), device=map_location)
+        head = load_weights_file(directory / HEAD_FILE, map_location)
         if LOGLIK_KEY in head:  # reward models saved before the likelihood feature have no weight: it stays 0
             model.loglik_weight.data.copy_(head.pop(LOGLIK_KEY))
         expected = {k: v.shape for k, v in model.score_head.state_dict().items()}

@@ -116,6 +116,5 @@ class RewardModelStage(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.export_dir is None or not self.trainer.is_global_zero:
             return
-        self.model.save_pretrained(self.export_dir)
-        self.tokenizer.save(self.export_dir / "tokenizer.json")
+        self.model.save_pretrained(self.export_dir, self.tokenizer)  # with tokenizer.json and its fingerprint
         log.info("reward model written to %s", self.export_dir)
