@@ -33,6 +33,7 @@ BASE = ServeConfig(
     max_queue=4,
     temperature=0.0,
     top_p=None,
+    allowed_hosts=["testserver", "127.0.0.1"],  # TestClient's Host, and a live server's (serve/guard.py)
 )
 
 
@@ -164,10 +165,10 @@ def ws_error(payload, client_kw=None, before=None, url="/ws") -> dict:
 GEN = {"type": "generate", "id": "g", "prompt": "hi"}
 
 
-def http_error(path: str, body: dict, content_type: str = "application/json") -> dict:
+def http_error(path: str, body: dict, content_type: str = "application/json", headers=None, client_kw=None) -> dict:
     """An HTTP request's OpenAI-style error as the WebSocket's error message would carry it."""
-    with make_client() as client:
-        r = client.post(path, content=json.dumps(body), headers={"content-type": content_type})
+    with make_client(**(client_kw or {})) as client:
+        r = client.post(path, content=json.dumps(body), headers={"content-type": content_type, **(headers or {})})
     error = r.json()["error"]
     assert r.status_code == ERROR_CODES[error["code"]]
     return {"type": "error", "id": None, "code": error["code"], "message": error["message"]}
@@ -201,10 +202,21 @@ ERROR_CASES = {
         "a request with id 'g' is already in flight",
     ),
     "prompt_too_long": (
-        lambda: ws_error({**GEN, "prompt": "a" * 80}),
+        lambda: ws_error({**GEN, "prompt": "a" * 58}),  # 58 characters and 4 special tokens: 62 tokens
         "g",
-        "over the limit of 60 (serve.max_prompt_tokens)",
+        "the prompt is 62 tokens, over the limit of 60 (serve.max_prompt_tokens)",
     ),
+    "forbidden": (
+        lambda: http_error("/v1/completions", {"prompt": "hi"}, headers={"origin": "http://evil.example"}),
+        None,
+        "requests from the web origin 'http://evil.example' are refused (serve.allowed_origins)",
+    ),
+    "request_too_large": (
+        lambda: ws_error({**GEN, "prompt": "a" * 2000}, {"max_body_bytes": 1000}),
+        None,
+        "the message is over 1000 bytes (serve.max_body_bytes)",
+    ),
+    "request_timeout": (lambda: slow_body_error(), None, "the request body did not arrive within 0.2 s"),
     "max_new_tokens_too_large": (
         lambda: ws_error({**GEN, "max_new_tokens": 25}),
         "g",
@@ -238,6 +250,40 @@ ERROR_CASES = {
     "timeout": (lambda: ws_error(GEN, {"request_timeout_s": 1e-9}), "g", "(serve.request_timeout_s)"),
     "internal": (lambda: internal_error(), "g", "generation failed: RuntimeError: the model broke"),
 }
+
+
+def slow_body_error() -> dict:
+    """A body that never finishes arriving, driven through the app's ASGI interface (a test client cannot trickle)."""
+    import asyncio
+
+    model, tok = tiny_lm()
+    app = create_app(dataclasses.replace(BASE, read_timeout_s=0.2), model, tok)
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 1), "http_version": "1.1",
+        "asgi": {"version": "3.0"}, "root_path": "",
+    }  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive():
+        if not sent and not hasattr(receive, "started"):
+            receive.started = True
+            return {"type": "http.request", "body": b'{"prompt": ', "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        start = time.perf_counter()
+        await app(scope, receive, send)
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    assert elapsed < 1.0 and sent[0]["status"] == 408
+    error = json.loads(sent[1]["body"])["error"]
+    return {"type": "error", "id": None, "code": error["code"], "message": error["message"]}
 
 
 def internal_error() -> dict:
@@ -421,7 +467,8 @@ def test_completions_stream_as_server_sent_events():
             "invalid_field",
             "'messages' needs at least one user message",
         ),
-        ("/v1/completions", {"prompt": "a" * 80}, 400, "prompt_too_long", "over the limit of 60"),
+        # over the characters 60 tokens can hold: refused before it is tokenized
+        ("/v1/completions", {"prompt": "a" * 80}, 400, "prompt_too_long", "80 characters, more than 60 tokens"),
     ],
 )
 def test_http_errors_have_openai_shape_and_status(path, body, status, code, message):

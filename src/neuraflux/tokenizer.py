@@ -121,6 +121,16 @@ class NanoTokenizer:
         return i
 
     @property
+    def max_chars_per_token(self) -> int:
+        """The most characters of text one token can stand for: 1 in character mode; in byte-level BPE the longest
+        token's bytes (a character is at least one byte). So a text of n characters is at least
+        n / max_chars_per_token tokens, which a server checks before tokenizing anything."""
+        if self._bpe is None:
+            return 1
+        specials = set(SPECIAL_TOKENS)
+        return max(len(t) for t in self._bpe.get_vocab() if t not in specials)
+
+    @property
     def special_ids(self) -> set[int]:
         return {self.token_to_id(t) for t in SPECIAL_TOKENS}
 

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from neuraflux.model.io import load_for_inference
     from neuraflux.serve.config import DEFAULT_CONFIG
+    from neuraflux.serve.guard import uvicorn_config
 
     args = build_parser().parse_args(argv)
     if args.config is not None and not args.config.is_file():
@@ -85,5 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
     app = create_app(config, model, tokenizer, retriever, model_name=Path(args.model).resolve().name, world=world)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(app, config)).run()
     return 0

@@ -29,6 +29,7 @@ from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever
 from neuraflux.serve.config import ServeConfig
 from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
+from neuraflux.serve.guard import Guard
 from neuraflux.serve.protocol import (
     CancelMessage,
     Limits,
@@ -65,7 +66,7 @@ class ServerState:
     world: World | None = None  # the built-in world, for the constitution's judge checks
 
 
-def limits_for(config: ServeConfig, model: NanoLM) -> Limits:
+def limits_for(config: ServeConfig, model: NanoLM, tokenizer: NanoTokenizer | None = None) -> Limits:
     """The config's limits capped to the model: a prompt must leave at least one position to generate into."""
     max_prompt = min(config.max_prompt_tokens, model.config.max_position_embeddings - 1)
     if max_prompt < config.max_prompt_tokens:
@@ -77,6 +78,8 @@ def limits_for(config: ServeConfig, model: NanoLM) -> Limits:
         max_new_tokens=config.max_new_tokens,
         default_max_new_tokens=config.default_max_new_tokens,
         default_sampling=Sampling(config.temperature, config.top_k, config.top_p),
+        max_prompt_chars=None if tokenizer is None else max_prompt * tokenizer.max_chars_per_token,
+        max_message_bytes=config.max_body_bytes,
     )
 
 
@@ -169,7 +172,7 @@ def create_app(
     constitution = load_constitution(config.constitution)  # first: a bad file fails before any other work
     if constitution is not None and constitution.needs_world and world is None:
         world = builtin_world()
-    limits = limits_for(config, model)
+    limits = limits_for(config, model, tokenizer)
     engine = Engine(
         model,
         tokenizer,
@@ -204,6 +207,7 @@ def create_app(
     # the API docs are served by the routes below, behind the key when one is set
     app = FastAPI(title="NeuraFlux", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
+    app.add_middleware(Guard, config=config)  # Host, Origin, body size and read time: before any route
 
     @app.exception_handler(ServeError)
     async def serve_error(_request: Request, err: ServeError) -> JSONResponse:
@@ -383,7 +387,7 @@ class Connection:
             if state.constitution is not None:  # no await since submit: no event of this request has run yet
                 self.held[msg.id] = Held(last_user_text(msg.conversation()))
         except ServeError as err:
-            if err.request_id is None:
+            if err.request_id is None and err.code != "request_too_large":  # an oversize message is never parsed
                 err.request_id = _id_of(raw)
             self.outbox.put_nowait(err.to_ws())
         except Exception as err:  # a bug in preparing one request must not end the connection
@@ -429,10 +433,10 @@ def _id_of(raw: str | bytes) -> Any:
 async def prepare_async(
     state: ServerState, messages, raw_text, use_retrieval: bool, max_new_tokens: int, request_id=None
 ) -> PreparedPrompt:
+    """The prompt's ids, built in a worker thread: tokenizing, embedding and search never run on the event loop
+    (a long prompt would stall every other connection)."""
     args = (state.tokenizer, state.rag, state.limits, messages, raw_text, use_retrieval, max_new_tokens, request_id)
-    if use_retrieval and state.rag is not None:
-        return await asyncio.to_thread(prepare_prompt, *args)  # embedding and search: off the event loop
-    return prepare_prompt(*args)
+    return await asyncio.to_thread(prepare_prompt, *args)
 
 
 # ---- OpenAI-shaped HTTP ---------------------------------------------------------------------------------------
@@ -452,7 +456,10 @@ async def read_json(request: Request) -> dict:
         raise ServeError(
             "unsupported_media_type", f"send the body as application/json, not {media_type or 'no content type'}"
         )
-    return decode_json_object(await request.body(), "request body")
+    body = await request.body()  # at most serve.max_body_bytes: the guard has read it
+    if len(body) > 65536:  # parsing a large body takes milliseconds: off the event loop
+        return await asyncio.to_thread(decode_json_object, body, "request body")
+    return decode_json_object(body, "request body")
 
 
 def openai_call(state: ServerState, data: dict) -> OpenAICall:

@@ -42,10 +42,29 @@ class ServeConfig:
     top_p: float | None = 0.95
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    # what a request may cost before a route runs (serve/guard.py): bytes of an HTTP body or a WebSocket message,
+    # and seconds for a request's headers, then its body, to arrive
+    max_body_bytes: int = 1_000_000
+    read_timeout_s: float = 10.0
+    # `Host` names answered (null: loopback names when bound to loopback, else any; ["*"]: any) and web origins
+    # besides the server's own that may call it (a request without an Origin header, not from a browser, always may)
+    allowed_hosts: list[str] | None = None
+    allowed_origins: list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k"):
+        for name in (
+            "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k",
+            "max_body_bytes",
+        ):  # fmt: skip
             _positive_int(name, getattr(self, name))
+        if not (isinstance(self.read_timeout_s, int | float) and 0 < self.read_timeout_s < math.inf):
+            raise ValueError(f"serve.read_timeout_s must be a positive number of seconds, got {self.read_timeout_s!r}")
+        for name in ("allowed_hosts", "allowed_origins"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"serve.{name} must be a list of strings or null, got {value!r}")
         if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 0:
             raise ValueError(f"serve.max_queue must be an integer >= 0, got {self.max_queue!r}")
         if not 0 < self.port < 65536:

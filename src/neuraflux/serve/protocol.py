@@ -42,6 +42,9 @@ ERROR_CODES: dict[str, int] = {
     "max_new_tokens_too_large": 400,
     "retrieval_unavailable": 400,  # use_retrieval on a server started without a retrieval store
     "unauthorized": 401,
+    "forbidden": 403,  # a Host or web Origin this server does not answer (serve.allowed_hosts / allowed_origins)
+    "request_timeout": 408,  # a body slower than serve.read_timeout_s
+    "request_too_large": 413,  # a body or WebSocket message over serve.max_body_bytes
     "unsupported_media_type": 415,  # a POST body not sent as application/json
     "not_found": 404,  # cancel of an id not in flight
     "model_not_found": 404,  # an OpenAI-style request naming a model this server does not serve
@@ -106,6 +109,10 @@ class Limits:
     max_new_tokens: int
     default_max_new_tokens: int
     default_sampling: Sampling
+    # a prompt's text longer than this cannot fit max_prompt_tokens (max_prompt_tokens * the tokenizer's most
+    # characters per token): refused before it is tokenized
+    max_prompt_chars: int | None = None
+    max_message_bytes: int | None = None  # a WebSocket message larger than this is refused before it is parsed
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ def decode_json_object(raw: str | bytes, what: str) -> dict:
 
 def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | CancelMessage:
     """One WebSocket message, checked before any work; raises ServeError naming the bad field."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if limits.max_message_bytes is not None and size > limits.max_message_bytes:
+        raise ServeError(
+            "request_too_large", f"the message is over {limits.max_message_bytes} bytes (serve.max_body_bytes)"
+        )
     data = decode_json_object(raw, "message")
     request_id = data.get("id")
     kind = data.get("type")
@@ -294,6 +306,14 @@ def prepare_prompt(
     `rag` is a NanoRAG or None. Retrieval searches with the last user message; the context budget is NanoRAG's.
     """
     sources: list[Hit] = []
+    chars = len(raw_text) if raw_text is not None else sum(len(m.content) for m in messages or ())
+    if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
+        raise ServeError(
+            "prompt_too_long",
+            f"the prompt is {chars} characters, more than {limits.max_prompt_tokens} tokens can hold "
+            f"(serve.max_prompt_tokens); it was not tokenized",
+            request_id,
+        )
     if raw_text is not None and not use_retrieval:
         text, stops = escape_special(raw_text), (tokenizer.eos_id,)  # a raw prompt is text, never markup
     else:
