@@ -1,0 +1,73 @@
+"""A progress line at a steady interval for runs whose output goes to a file (nohup, CI, `| tee`), where a progress
+bar writes nothing readable: step, loss, tokens/s and the time left."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytorch_lightning as pl
+
+
+def format_duration(seconds: float) -> str:
+    """`1:02:03` or `2:03` (hours only when there are some)."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLog(pl.Callback):
+    """Every `every_s` seconds of training (and at the end), one line on stdout:
+
+        sft: step 1200/4000 (30%)  train/loss 0.412  tokens/s 2,310  elapsed 2:01  left 4:43
+
+    Only when stdout is not a terminal (there the progress bar shows the same), unless `always`. The time left is
+    the elapsed training time per step so far times the steps still to go."""
+
+    def __init__(self, every_s: float = 30.0, always: bool = False):
+        if not every_s > 0:
+            raise ValueError(f"callbacks.progress_log.every_s must be > 0, got {every_s}")
+        self.every_s, self.always = float(every_s), always
+        self._start: float | None = None
+        self._last = 0.0
+        self._first_step = 0
+
+    def active(self) -> bool:
+        return self.always or not sys.stdout.isatty()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.monotonic()
+        self._first_step = trainer.global_step  # a resumed run: its rate counts only the steps it trained
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        if self._start is not None and now - self._last >= self.every_s and trainer.is_global_zero and self.active():
+            self._last = now
+            print(self.line(trainer, pl_module, now), flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._start is not None and trainer.is_global_zero and self.active():
+            print(self.line(trainer, pl_module, time.monotonic()), flush=True)
+
+    def line(self, trainer, pl_module, now: float) -> str:
+        step = trainer.global_step
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            total = int(estimated) if estimated != float("inf") else None
+        parts = [f"{getattr(pl_module, 'name', 'train')}: step {step}" + (f"/{total}" if total else "")]
+        if total:
+            parts[0] += f" ({100 * step / total:.0f}%)"
+        metrics = trainer.callback_metrics
+        for key in ("train/loss", "objective/reward"):
+            if key in metrics:
+                parts.append(f"{key} {float(metrics[key]):.4g}")
+        if "train/tokens_per_sec" in metrics:
+            parts.append(f"tokens/s {float(metrics['train/tokens_per_sec']):,.0f}")
+        elapsed = now - (self._start or now)
+        parts.append(f"elapsed {format_duration(elapsed)}")
+        done = step - self._first_step
+        if total and done > 0:
+            parts.append(f"left {format_duration(elapsed / done * max(total - step, 0))}")
+        return "  ".join(parts)

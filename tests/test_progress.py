@@ -1,0 +1,36 @@
+"""Output going to a file gets a progress line at a steady interval: step of steps, loss, throughput, time left."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from neuraflux.callbacks.progress import ProgressLog, format_duration
+from neuraflux.train import train
+
+
+def test_durations_read_as_a_clock():
+    assert [format_duration(s) for s in (0, 59.6, 61, 3600, 3723)] == ["0:00", "1:00", "1:01", "1:00:00", "1:02:03"]
+    with pytest.raises(ValueError, match="callbacks.progress_log.every_s must be > 0"):
+        ProgressLog(every_s=0)
+
+
+def test_a_run_into_a_file_prints_progress_lines(tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    train(tiny_cfg("callbacks.progress_log.every_s=0.000001"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"^\w+: step \d", line)]
+    # every step past the first, then the end again
+    steps = [int(re.match(r"^\w+: step (\d+)/6", line).group(1)) for line in lines]
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-1] == 6, lines
+    assert re.fullmatch(
+        r"pretrain: step 6/6 \(100%\)  train/loss [\d.]+  tokens/s [\d,]+  elapsed 0:\d\d  left 0:00", lines[-1]
+    ), lines[-1]
+    assert "left" in lines[0]
+
+
+def test_a_terminal_gets_no_lines(tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    train(tiny_cfg("callbacks.progress_log.every_s=0.000001"))
+    assert not re.search(r"^\w+: step \d", capsys.readouterr().out, re.M)
