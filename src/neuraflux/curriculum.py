@@ -37,6 +37,7 @@ class CurriculumState:
     metrics: dict[str, dict] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)
     measures: dict[str, dict] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the launch's command line: what resume=... composes
 
     def save(self, parent: Path) -> None:
         (parent / STATE_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
@@ -180,7 +181,9 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
         return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra))
 
     # Compose every stage before anything runs: a bad override or a missing input fails here, not mid-chain.
-    state = CurriculumState.load(parent) if (parent / STATE_FILE).is_file() else CurriculumState(stages)
+    launch = [o for o in overrides if not o.lstrip("~+").startswith(("resume", "hydra"))]
+    resuming = (parent / STATE_FILE).is_file()
+    state = CurriculumState.load(parent) if resuming else CurriculumState(stages, overrides=launch)
     # stages before start_at take part only through the outputs they left in this parent (resume)
     plans = [
         plan_stage(name, compose_stage(name, []))

@@ -56,14 +56,21 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
     """Train; the returned val/loss (of the last stage) is what a Hydra sweeper minimises."""
     from rich.console import Console
 
+    if overrides is None:  # the command line's overrides (what a resumed run may change)
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     if cfg.curriculum.stages:
         from neuraflux.curriculum import run_curriculum
         from neuraflux.eval import eval_table
 
-        if overrides is None:
-            from hydra.core.hydra_config import HydraConfig
+        if cfg.get("resume"):  # the interrupted curriculum as it was launched (its stages, its overrides)
+            from hydra import compose
 
-            overrides = list(HydraConfig.get().overrides.task)
+            from neuraflux.resume import resumed_curriculum_overrides
+
+            _, overrides = resumed_curriculum_overrides(cfg, overrides)
+            cfg = compose(config_name="config", overrides=overrides)
         result = run_curriculum(cfg, overrides)
         console = Console()
         if not console.is_terminal:
@@ -79,6 +86,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
             console.print(f"report: {result['parent'] / 'report.md'}")
         last = list(result["stages"].values())[-1] if result["stages"] else {}
         return last.get("val/loss")
+    if cfg.get("resume"):  # the interrupted run's own config, in its own directory
+        from neuraflux.resume import resumed_run_config
+
+        cfg = resumed_run_config(cfg, overrides)
     metrics, objects = train(cfg)
     if objects["trainer"].is_global_zero:
         Console().print(summary_table(metrics, f"{cfg.stage.name}: {objects['run_dir']}"))

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from neuraflux.callbacks.checkpoint import (
     AtomicCheckpointIO,
@@ -227,6 +228,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     module = instantiate(cfg.stage.module, _partial_=True)(model=model, tokenizer=tokenizer, optim=build(cfg.optim))
     run_dir = settings.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # the run's own config, from its start: what resume=... continues with
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [CheckpointExtras(), GradNormLogger(), *build_callbacks(cfg)]
     # every checkpoint written atomically beside its target: a run killed mid-write keeps the previous last.ckpt
