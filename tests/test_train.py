@@ -163,6 +163,14 @@ def test_multirun_runs_two_jobs(tmp_path):
     assert len(metrics) == 2
     lrs = sorted(json.loads((m.parent / "config.yaml").read_text().split("lr: ")[1].split("\n")[0]) for m in metrics)
     assert lrs == [1e-3, 3e-3]
+    # the sweep ends with a table of its jobs and names the best (the lowest val/loss, what train.py returns)
+    (summary_file,) = tmp_path.glob("multirun/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    losses = {str(m.parent): json.loads(m.read_text())["val/loss"] for m in metrics}
+    assert [j["overrides"][0] for j in summary["jobs"]] == ["optim.lr=0.001", "optim.lr=0.003"]  # as Hydra wrote them
+    assert {j["run_dir"]: j["objective"] for j in summary["jobs"]} == pytest.approx(losses)
+    assert summary["best"]["run_dir"] == min(losses, key=losses.get)
+    assert "multirun: 2 jobs" in out.stdout and f"best: job {summary['best']['job']} (optim.lr=" in out.stdout
 
 
 @pytest.mark.slow
