@@ -76,3 +76,31 @@ def test_markdown_table_has_a_row_per_stage_and_the_targets(tmp_path):
         "Held-out prompts: the 31 world RL prompts whose seeded hash (seed 1337) falls below held_out_fraction=0.1"
     ) in text
     assert "No stage after SFT trained on them" in text and "AI-feedback pairs" in text
+
+
+def printed(tables, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    for table in tables:
+        console.print(table)
+    return console.export_text()
+
+
+def test_the_printed_report_fits_the_terminal_and_shows_the_targets():
+    from neuraflux.report import COLUMNS, rich_tables
+
+    report = build_report(_state(), CFG)
+    wide = rich_tables(report, 250)
+    assert len(wide) == 2 and len(wide[0].columns) == len(COLUMNS)  # one stage table, then the targets
+    for width in (80, 120):
+        tables = rich_tables(report, width)
+        text = printed(tables, width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "…" not in text  # no cell or header cut
+        stage_tables = tables[:-1]
+        assert len(stage_tables) >= 2 and all(t.columns[0].header == "stage" for t in stage_tables)
+        # every column once, in order, across the parts
+        assert [c.header for t in stage_tables for c in t.columns[1:]] == list(COLUMNS[1:])
+        assert "multitask" in text and "0.850" in text  # the final model's unseen EM, in the targets
+        assert text.count(" yes") == 3 and text.count(" no ") + text.count(" no\n") >= 1

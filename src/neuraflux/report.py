@@ -252,15 +252,38 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def rich_table(report: dict):
+def rich_tables(report: dict, width: int) -> list:
+    """The report for a terminal `width` columns wide: the stage table whole if it fits, else split into tables
+    of as many columns as fit (each repeating the stage), then the targets, met or not. No cell is cut."""
     from rich.table import Table
 
-    table = Table(title=f"curriculum report: {report['curriculum']}")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    return table
+    rows = table_rows(report)
+    # a column's natural width (its widest cell or header, unwrapped) plus 3 of padding and border
+    need = [max(len(COLUMNS[i]), *(len(r[i]) for r in rows)) + 3 for i in range(len(COLUMNS))]
+    groups, current, used = [], [], need[0] + 1
+    for i in range(1, len(COLUMNS)):
+        if current and used + need[i] > width:
+            groups.append(current)
+            current, used = [], need[0] + 1
+        current.append(i)
+        used += need[i]
+    groups.append(current)
+    tables = []
+    for n, group in enumerate(groups, start=1):
+        part = f" ({n}/{len(groups)})" if len(groups) > 1 else ""
+        table = Table(title=f"curriculum report: {report['curriculum']}{part}")
+        for i in (0, *group):
+            table.add_column(COLUMNS[i], justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*(row[i] for i in (0, *group)))
+        tables.append(table)
+    targets = Table(title="targets")
+    for col, justify in (("target", "left"), ("bound", "right"), ("value", "right"), ("met", "left")):
+        targets.add_column(col, justify=justify)
+    for t in report["targets"].values():
+        met = "yes" if t["met"] else ("no" if t["met"] is False else "not measured")
+        targets.add_row(t["description"], t["target"], _fmt(t["value"]), met)
+    return [*tables, targets] if report["targets"] else tables
 
 
 def write_report(parent: Path, state, cfg: DictConfig) -> dict:

@@ -74,15 +74,16 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
         result = run_curriculum(cfg, overrides)
         console = Console()
         if not console.is_terminal:
-            console = Console(width=200)  # a log file: the 13-column report would wrap at 80 columns
+            console = Console(width=200)  # a log file: no terminal to fit, and wide lines are no harm there
         for name, metrics in result["stages"].items():
             console.print(summary_table(metrics, f"{name}: {result['parent'] / name}"))
         if result["eval"] is not None:
             console.print(eval_table(result["eval"], f"evaluation: {result['parent']}"))
         if result["report"] is not None:
-            from neuraflux.report import rich_table
+            from neuraflux.report import rich_tables
 
-            console.print(rich_table(result["report"]))
+            for table in rich_tables(result["report"], console.width):
+                console.print(table)
             console.print(f"report: {result['parent'] / 'report.md'}")
         last = list(result["stages"].values())[-1] if result["stages"] else {}
         return last.get("val/loss")
