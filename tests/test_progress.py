@@ -34,3 +34,21 @@ def test_a_terminal_gets_no_lines(tiny_cfg, capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     train(tiny_cfg("callbacks.progress_log.every_s=0.000001"))
     assert not re.search(r"^\w+: step \d", capsys.readouterr().out, re.M)
+
+
+def test_lightnings_accelerator_lines_and_adverts_are_dropped_the_rest_kept():
+    import logging
+
+    from neuraflux.train import QuietLightning, quiet_lightning
+
+    quiet_lightning()
+    quiet_lightning()  # once only
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    assert sum(isinstance(f, QuietLightning) for f in logger.filters) == 1
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord(logger.name, logging.INFO, __file__, 1, msg, None, None)
+
+    dropped = ["GPU available: False, used: False", "TPU available: False, using: 0 TPU cores", "💡 Tip: try it"]
+    kept = ["Restoring states from the checkpoint path at last.ckpt", "`Trainer.fit` stopped: `max_steps=6` reached."]
+    assert [logger.filters[-1].filter(record(m)) for m in dropped + kept] == [False] * 3 + [True] * 2

@@ -196,9 +196,32 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return callbacks
 
 
+class QuietLightning(logging.Filter):
+    """Drops Lightning's lines that tell a CPU or GPU user nothing (which accelerators exist, an advert), printed by
+    every stage of a curriculum; what Lightning says about the run itself stays."""
+
+    NOISE = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_lightning() -> None:
+    """Install `QuietLightning` on Lightning's rank-zero logger (once), and silence a deprecation warning Lightning
+    raises about its own code (utilities/_pytree.py), which no user of ours can act on."""
+    import warnings
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietLightning) for f in logger.filters):
+            logger.addFilter(QuietLightning())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", module=r".*_pytree")
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run the configured stage; returns (metrics, {"model", "tokenizer", "trainer", "module", "run_dir"})."""
     settings = validate(cfg)
+    quiet_lightning()
     # what checkpoint writes killed in earlier runs left, here or beside the checkpoint this run resumes from
     remove_stale_temp_files(settings.run_dir / "checkpoints")
     if settings.resume_ckpt is not None:
