@@ -360,7 +360,7 @@ def test_attention_images_are_row_stochastic(run):
     T = len(module.tokenizer.encode(PROBE))  # 11 characters
     for layer in (0, 1):
         events = acc.Images(f"attention/layer{layer}")
-        assert [e.step for e in events] == [2, 4]
+        assert [e.step for e in events] == [0, 2, 4]  # at the start, then every 2 steps (4 is also the end)
         for e in events:
             assert (e.height, e.width) == (T * PIXELS, (2 * T + 1) * PIXELS)
             grid = png_pixels(e.encoded_image_string)[::PIXELS, ::PIXELS]  # (T, 2T + 1)
@@ -414,8 +414,8 @@ def test_learning_rate_schedule(run):
 def test_text_samples(run):
     acc, _, _ = run
     events = acc.Tensors("samples/text_summary")
-    assert [e.step for e in events] == [3]
-    markdown = tensor_util.make_ndarray(events[0].tensor_proto).item().decode()
+    assert [e.step for e in events] == [0, 3, 4]  # at the start, every 3 steps, and at the end
+    markdown = tensor_util.make_ndarray(events[1].tensor_proto).item().decode()
     assert markdown.startswith("**Prompt 1**\n\n```\nthe\n```\n\n**Sample 1**")
     assert "**Prompt 2**\n\n```\na dog\n```" in markdown
 
@@ -440,11 +440,11 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
     tags = acc.Tags()
     assert "attention/layer0" not in tags[IMAGES]
     # 4 batches, 2 optimizer steps: every callback logs once per step, not once per batch
-    assert [e.step for e in acc.Images("attention/layer1")] == [1, 2]
+    assert [e.step for e in acc.Images("attention/layer1")] == [0, 1, 2]
     assert [e.step for e in acc.Scalars("train/lr/group0")] == [0, 1]
     assert [e.step for e in acc.Scalars("grad_norm/layer0")] == [0, 1]
     assert [e.step for e in acc.Scalars("activations/layer1/std")] == [1, 2]
-    assert [e.step for e in acc.Tensors("samples/text_summary")] == [2]
+    assert [e.step for e in acc.Tensors("samples/text_summary")] == [0, 2]
     values = [e.value for tag in tags[SCALARS] for e in acc.Scalars(tag)]
     assert values and all(math.isfinite(v) for v in values)
 

@@ -168,6 +168,7 @@ class AttentionMapLogger(pl.Callback):
         self.layers = None if layers is None else [int(i) for i in layers]
         self._ids: torch.Tensor | None = None  # (1, T), set in setup
         self._step_before = 0
+        self._logged_at: int | None = None
         self._tokens_logged = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -187,12 +188,24 @@ class AttentionMapLogger(pl.Callback):
         self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if crossed_multiple(self._step_before, trainer.global_step, self.every_n_steps):
+            self.log_maps(trainer, pl_module)
+
+    # also when training starts and ends: a stage shorter than every_n_steps (the RL stages) still shows them
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps:
+            self.log_maps(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_steps and self._logged_at != trainer.global_step:
+            self.log_maps(trainer, pl_module)
+
+    def log_maps(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        if not crossed_multiple(self._step_before, step, self.every_n_steps):
-            return
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
+        self._logged_at = step
         model = pl_module.model
         ids = self._ids.to(pl_module.device)
         with trainer.precision_plugin.forward_context(), eval_mode(model), torch.no_grad():
@@ -558,6 +571,7 @@ class TextSampleLogger(pl.Callback):
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self._step_before = 0
+        self._logged_at: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.every_n_steps:
@@ -580,12 +594,24 @@ class TextSampleLogger(pl.Callback):
         self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if crossed_multiple(self._step_before, trainer.global_step, self.every_n_steps):
+            self.log_samples(trainer, pl_module)
+
+    # also when training starts and ends: a stage shorter than every_n_steps (the RL stages) still shows them
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_steps and self._logged_at != trainer.global_step:
+            self.log_samples(trainer, pl_module)
+
+    def log_samples(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        if not crossed_multiple(self._step_before, step, self.every_n_steps):
-            return
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
+        self._logged_at = step
         samples = sample_texts(
             pl_module.model,
             pl_module.tokenizer,
