@@ -157,3 +157,22 @@ def test_full_curriculum_part_writes_the_report(tmp_path):
     md = (parent / "report.md").read_text()
     assert "| sft |" in md and "| constitutional |" in md and "## Targets" in md
     assert f"init_from: {parent / 'sft' / 'model'}" in (parent / "constitutional" / "config.yaml").read_text()
+
+
+def test_print_stages_shows_each_stages_composed_config_and_trains_nothing(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from neuraflux.run import run as run_job
+
+    overrides = [*SMALL, "curriculum.print_stages=true", "curriculum.overrides.sft=['optim.lr=0.005']",
+                 f"paths.output_dir={tmp_path}", f"paths.run_dir={tmp_path / 'world' / 'run1'}"]  # fmt: skip
+    cfg = compose_cfg(tmp_path, *overrides, tiny=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert run_job(cfg, overrides) is None
+    out = capsys.readouterr().out
+    parts = out.split("# ---- stage ")[1:]
+    assert [p.split(" ", 1)[0] for p in parts] == ["pretrain", "sft"]
+    stages = {p.split(" ", 1)[0]: OmegaConf.create(p.split("\n", 1)[1]) for p in parts}
+    assert stages["sft"].optim.lr == 0.005 and stages["pretrain"].optim.lr == cfg.optim.lr  # its own overrides
+    assert stages["sft"].stage.name == "sft" and stages["sft"].trainer.max_steps == 4
+    assert not (tmp_path / "world" / "run1").exists()  # nothing trained, nothing written

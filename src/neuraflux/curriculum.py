@@ -162,6 +162,19 @@ def _existing(path, key: str) -> Path | None:
     return path
 
 
+def stage_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
+    """Each stage's composed config, as the curriculum will train it (its per-stage overrides, the command line's,
+    its own; the previous stage's model appears as `stage.init_from` only when the chain runs)."""
+    from hydra import compose
+
+    user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
+    parent = Path(cfg.paths.run_dir)
+    return {
+        name: compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, []))
+        for name in stage_names(cfg)
+    }
+
+
 def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
     """Run the stages in order; returns {"stages": {name: metrics}, "parent": dir, "eval": result or None,
     "report": report dict or None}.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from neuraflux.train import train
 
@@ -64,6 +64,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
         from neuraflux.curriculum import run_curriculum
         from neuraflux.eval import eval_table
 
+        if cfg.curriculum.get("print_stages"):
+            from neuraflux.curriculum import stage_configs
+
+            for name, stage_cfg in stage_configs(cfg, overrides).items():
+                print(f"# ---- stage {name} " + "-" * 60 + "\n" + OmegaConf.to_yaml(stage_cfg), flush=True)
+            return None
         if cfg.get("resume"):  # the interrupted curriculum as it was launched (its stages, its overrides)
             from hydra import compose
 
