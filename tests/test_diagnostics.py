@@ -359,7 +359,9 @@ def test_attention_images_are_row_stochastic(run):
     acc, module, _ = run
     T = len(module.tokenizer.encode(PROBE))  # 11 characters
     for layer in (0, 1):
-        events = acc.Images(f"attention/layer{layer}")
+        # the readable figure, and the exact weights as pixels
+        assert [e.step for e in acc.Images(f"attention/layer{layer}")] == [0, 2, 4]
+        events = acc.Images(f"attention_raw/layer{layer}")
         assert [e.step for e in events] == [0, 2, 4]  # at the start, then every 2 steps (4 is also the end)
         for e in events:
             assert (e.height, e.width) == (T * PIXELS, (2 * T + 1) * PIXELS)
@@ -438,7 +440,7 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
     fit(tmp_path, callbacks, max_steps=2, precision="bf16-mixed", accumulate_grad_batches=2)
     acc = read_events(tmp_path)
     tags = acc.Tags()
-    assert "attention/layer0" not in tags[IMAGES]
+    assert "attention/layer0" not in tags[IMAGES] and "attention_raw/layer0" not in tags[IMAGES]
     # 4 batches, 2 optimizer steps: every callback logs once per step, not once per batch
     assert [e.step for e in acc.Images("attention/layer1")] == [0, 1, 2]
     assert [e.step for e in acc.Scalars("train/lr/group0")] == [0, 1]

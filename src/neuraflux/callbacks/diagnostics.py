@@ -139,9 +139,10 @@ def to_uint8_image(image: torch.Tensor) -> torch.Tensor:
 class AttentionMapLogger(pl.Callback):
     """Every `every_n_steps` steps, the attention of each selected layer on a fixed probe text.
 
-    One grayscale image per layer, tag `attention/layer{i}`: heads left to right, query positions down, key
-    positions across, brightness = attention weight, each token `pixels_per_token` pixels wide. The probe's
-    tokens are logged once as text under `attention/tokens` so the axes can be read.
+    Per layer, tag `attention/layer{i}`: a figure of heatmaps, one per head, with the probe's tokens on both axes
+    (queries down, keys across) and a colour scale (`viz.attention_figure`); and `attention_raw/layer{i}`, the
+    exact weights as one grayscale image (heads left to right, brightness = weight, each token `pixels_per_token`
+    pixels wide). The tokens are also logged once as text under `attention/tokens`.
 
     Args:
         text: the probe text; its first `max_tokens` tokens are used (also capped at the model's
@@ -210,11 +211,17 @@ class AttentionMapLogger(pl.Callback):
         ids = self._ids.to(pl_module.device)
         with trainer.precision_plugin.forward_context(), eval_mode(model), torch.no_grad():
             _, maps = model.transformer(ids, need_weights=True)  # per layer (1, H, T, T)
+        from neuraflux.viz import attention_figure
+
+        tokens = [pl_module.tokenizer.decode([t]) for t in self._ids[0].tolist()]
+        stack = [m[0].float().cpu().numpy() for m in maps]  # per layer (H, T, T)
         for i in self.layers if self.layers is not None else range(len(maps)):
             grid = attention_grid(maps[i][0].float(), self.pixels_per_token)
-            writer.add_image(f"attention/layer{i}", to_uint8_image(grid), step, dataformats="HW")
+            writer.add_image(f"attention_raw/layer{i}", to_uint8_image(grid), step, dataformats="HW")
+            figure = attention_figure(stack, tokens, layer=i, dpi=80)
+            figure.suptitle(f"step {step}", fontsize=9)
+            writer.add_figure(f"attention/layer{i}", figure, step, close=False)
         if not self._tokens_logged:
-            tokens = [pl_module.tokenizer.decode([t]) for t in self._ids[0].tolist()]
             writer.add_text("attention/tokens", " | ".join(f"`{t!r}`" for t in tokens), step)
             self._tokens_logged = True
 
