@@ -95,5 +95,5 @@ def test_sft_bad_repeats_name_the_record(tmp_path, value):
     f.write_text(
         f'{{"prompt": "hi", "response": "yo", "repeats": 1}}\n{{"prompt": "a", "response": "b", "repeats": {value}}}\n'
     )
-    with pytest.raises(ValueError, match=r"record 2 has repeats=.*must be an integer >= 1"):
+    with pytest.raises(ValueError, match=rf"^{f}, line 2: field 'repeats' is .*; it must be an integer >= 1$"):
         SFTDataModule(path=str(f))

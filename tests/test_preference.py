@@ -128,7 +128,7 @@ def test_file_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         PreferenceDataset.from_jsonl(tmp_path / "missing.jsonl")
     bad_json = _write(tmp_path / "broken.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, '{"prompt": q'])
-    with pytest.raises(ValueError, match=r"broken.jsonl: line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 2: not valid JSON"):
         PreferenceDataset.from_jsonl(bad_json)
     wrong_fields = _write(tmp_path / "fields.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(

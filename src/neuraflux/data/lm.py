@@ -124,7 +124,9 @@ class LMDataModule(ResumableDataModule):
             from neuraflux.data.builtin import builtin_pretrain_texts
 
             return datasets.Dataset.from_dict({"text": builtin_pretrain_texts(self.builtin, self.world_cfg)})
-        ds = load_local_or_hub(self.path, self.dataset_name, "train", "data.path" if self.path else "data.dataset")
+        key = "data.path" if self.path else "data.dataset"
+        # every document a string: otherwise tokenizer training fails on it with a TypeError naming neither
+        ds = load_local_or_hub(self.path, self.dataset_name, "train", key, string_fields=(self.text_field,))
         if self.text_field not in ds.column_names:
             raise ValueError(f"data.text_field: column {self.text_field!r} not in {ds.column_names}")
         if len(ds) == 0 or not any(ds[: min(len(ds), 100)][self.text_field]):

@@ -15,25 +15,24 @@ Sources, all ending as one `datasets.Dataset` with string columns prompt / chose
 
 Every record is validated before use (missing field, non-string, empty text, chosen identical to rejected,
 transcripts that cannot be split); problems name the file and the 1-based line. With `on_invalid="error"` they
-raise one ValueError listing them; with `on_invalid="skip"` the records are dropped with one logged warning.
-Tokenisation and batching happen elsewhere.
+raise one ValueError listing them; with `on_invalid="skip"` the records are dropped with one logged warning. A file
+that cannot be read as records (a line that is not UTF-8, not JSON or not an object; a .gz that is not valid gzip)
+is refused whatever `on_invalid` says, naming the file and the line. Tokenisation and batching happen elsewhere.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import datasets
 
 from neuraflux.chat import BOS, Message, render_prompt, render_record
+from neuraflux.data.common import read_json_lines
 from neuraflux.world import World, practice_preference_pairs, preference_pairs
 
 log = logging.getLogger(__name__)
@@ -182,49 +181,16 @@ def _validate(
     return datasets.Dataset.from_list(good) if good else _empty()
 
 
-def _open_text(path: Path) -> TextIO:
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
-
-
-def _record_lines(path: Path) -> list[int]:
-    """1-based numbers of the non-blank lines: the JSON reader skips blank lines, so row i sits on line [i]."""
-    with _open_text(path) as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
-
-
-def _read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
-    """Records and their 1-based line numbers, parsed one line at a time; ValueError names a bad line."""
-    records, numbers = [], []
-    with _open_text(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{path}: line {n}: not a JSON object (got {type(value).__name__})")
-            records.append(value)
-            numbers.append(n)
-    return records, numbers
-
-
 def _load_jsonl(path: Path) -> tuple[list[dict], list[str], bool]:
-    """Rows of a JSON-lines file, where each came from ("path, line n"), and whether the file has prompts."""
-    lines = _record_lines(path)
-    if not lines:
+    """Rows of a JSON-lines file, where each came from ("path, line n"), and whether the file has prompts.
+
+    Read line by line, not through Arrow: its errors name neither file nor line, and this way the records validated
+    are exactly what the file holds.
+    """
+    records, lines = read_json_lines(path)
+    if not records:
         raise ValueError(f"{path}: the file holds no records")
-    try:
-        table = datasets.load_dataset("json", data_files=str(path), split="train")
-        records, columns = table.to_list(), table.column_names
-    except Exception:
-        # The Arrow reader refuses bad JSON and mixed-type fields with errors that name neither file nor line;
-        # read line by line instead, so a bad line is named and mixed types reach per-record validation.
-        records, columns = [], []
-    if len(records) != len(lines):  # failed above, or a line that is not an object was read as several rows
-        records, lines = _read_json_lines(path)
-        columns = list(dict.fromkeys(k for r in records for k in r))
+    columns = list(dict.fromkeys(k for r in records for k in r))
     if "chosen" not in columns or "rejected" not in columns:
         raise ValueError(
             f"{path}: records need 'chosen' and 'rejected' fields (and optionally 'prompt' or 'messages'); "

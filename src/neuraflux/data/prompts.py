@@ -8,7 +8,6 @@ Batches are left-padded so every row's prompt ends in the same column and genera
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from neuraflux.chat import Message, render_prompt, render_record
-from neuraflux.data.common import check_data_file
+from neuraflux.data.common import check_data_file, read_json_lines
 from neuraflux.data.lm import ResumableDataModule
 from neuraflux.data.splits import split_held_out
 
@@ -63,19 +62,13 @@ def render_prompt_record(record: object, where: str) -> str:
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Rendered prompts from a .jsonl file; the first bad line is named (file and 1-based line)."""
+    """Rendered prompts from a .jsonl file; the first bad line (not UTF-8, not a JSON object, not a prompt record) is
+    named by file and 1-based line."""
     p = check_data_file(path, "data.path")
     if not p.name.endswith(".jsonl"):
         raise ValueError(f"data.path: {p} must be a .jsonl file of {{'prompt' | 'messages', 'context'?}} records")
-    prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}, line {n}: not valid JSON ({e.msg})") from None
-        prompts.append(render_prompt_record(record, f"{p}, line {n}"))
+    records, lines = read_json_lines(p)
+    prompts = [render_prompt_record(record, f"{p}, line {n}") for record, n in zip(records, lines, strict=True)]
     if not prompts:
         raise ValueError(f"data.path: {p} holds no prompts")
     return prompts

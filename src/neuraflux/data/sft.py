@@ -1,4 +1,9 @@
-"""Supervised fine-tuning data: prompt/response pairs in the chat format, loss on response tokens only."""
+"""Supervised fine-tuning data: prompt/response pairs in the chat format, loss on response tokens only.
+
+A record is `{"prompt": str, "response": str, "context"?: str | null, "repeats"?: int >= 1}`. JSON-lines files are
+read here, line by line, so that a record of the wrong shape is refused naming the file, the 1-based line and the
+field: through Arrow a number or a list where text belongs would arrive as such, or as a string, without a word.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from neuraflux.chat import render_example
-from neuraflux.data.common import LMBatch, load_local_or_hub
+from neuraflux.data.common import LMBatch, check_data_file, json_type, load_local_or_hub, read_json_lines
 from neuraflux.data.lm import ResumableDataModule
 
 log = logging.getLogger(__name__)
@@ -59,8 +64,33 @@ def make_sft_collate(pad_id: int):
 
 
 def _whole_count(value) -> bool:
-    # JSON files arrive through Arrow, which turns a column of 1 and 1.5 into floats: 1.0 is a count, True is not
+    # a count may arrive as 1.0 (JSON writers, Arrow columns of 1 and 1.5); True is not a count
     return type(value) in (int, float) and float(value).is_integer() and value >= 1
+
+
+def sft_record(record: dict, where: str) -> dict:
+    """One raw record as {prompt, response, context, repeats} (context "" and repeats 1 when absent); ValueError
+    names `where` ("path, line 3") and the field."""
+    missing = [name for name in ("prompt", "response") if name not in record]
+    if missing:
+        raise ValueError(f"{where}: SFT records need fields {missing}; found {sorted(record)}")
+    for name in ("prompt", "response"):
+        if not isinstance(record[name], str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got a JSON {json_type(record[name])}")
+        if not record[name]:
+            raise ValueError(f"{where}: field {name!r} is empty")
+    context = record.get("context")
+    if context is not None and not isinstance(context, str):
+        raise ValueError(f"{where}: field 'context' must be a string or null, got a JSON {json_type(context)}")
+    repeats = record.get("repeats", 1)
+    if not _whole_count(repeats):
+        raise ValueError(f"{where}: field 'repeats' is {repeats!r}; it must be an integer >= 1")
+    return {
+        "prompt": record["prompt"],
+        "response": record["response"],
+        "context": context or "",
+        "repeats": int(repeats),
+    }
 
 
 class SFTDataModule(ResumableDataModule):
@@ -96,21 +126,35 @@ class SFTDataModule(ResumableDataModule):
         if self.builtin is not None:
             from neuraflux.data.builtin import builtin_sft_records
 
-            return datasets.Dataset.from_list(builtin_sft_records(self.builtin, self.world_cfg))
-        key = "data.path" if self.path else "data.dataset"
-        ds = load_local_or_hub(self.path, self.dataset_name, "train", key)
-        missing = {"prompt", "response"} - set(ds.column_names)
-        if missing:
-            raise ValueError(f"{key}: SFT records need fields {sorted(missing)}; found {ds.column_names}")
-        if "context" not in ds.column_names:
-            ds = ds.add_column("context", [""] * len(ds))
-        has_repeats = "repeats" in ds.column_names
-        for i, row in enumerate(ds):
-            if not row["prompt"] or not row["response"]:
-                raise ValueError(f"{key}: record {i + 1} has an empty prompt or response")
-            if has_repeats and not _whole_count(row["repeats"]):
-                raise ValueError(f"{key}: record {i + 1} has repeats={row['repeats']!r}; it must be an integer >= 1")
-        return ds
+            rows = builtin_sft_records(self.builtin, self.world_cfg)
+            wheres = [f"data.builtin={self.builtin}, record {i}" for i in range(1, len(rows) + 1)]
+        elif self.path is not None and str(self.path).endswith((".jsonl", ".jsonl.gz")):
+            path = check_data_file(self.path, "data.path")
+            rows, lines = read_json_lines(path)
+            wheres = [f"{path}, line {n}" for n in lines]
+        else:  # a .json file, a saved datasets folder or a hub name: records as Arrow typed them
+            key = "data.path" if self.path else "data.dataset"
+            ds = load_local_or_hub(self.path, self.dataset_name, "train", key)
+            missing = {"prompt", "response"} - set(ds.column_names)
+            if missing:
+                raise ValueError(f"{key}: SFT records need fields {sorted(missing)}; found {ds.column_names}")
+            ds = ds.select_columns([c for c in ("prompt", "response", "context", "repeats") if c in ds.column_names])
+            rows = list(ds)
+            wheres = [f"{self.path or self.dataset_name}, record {i}" for i in range(1, len(rows) + 1)]
+        if not rows:
+            raise ValueError(f"data: {self.path or self.dataset_name or self.builtin} holds no SFT records")
+        records = [sft_record(row, where) for row, where in zip(rows, wheres, strict=True)]
+        return datasets.Dataset.from_dict(
+            {name: [r[name] for r in records] for name in ("prompt", "response", "context", "repeats")},
+            features=datasets.Features(
+                {
+                    "prompt": datasets.Value("string"),
+                    "response": datasets.Value("string"),
+                    "context": datasets.Value("string"),
+                    "repeats": datasets.Value("int64"),
+                }
+            ),
+        )
 
     def texts(self) -> list[str]:
         """Rendered conversations, for training a tokenizer."""
@@ -126,7 +170,7 @@ class SFTDataModule(ResumableDataModule):
             desc="tokenizing",
         )
         records = [{"ids": ids, "response_start": s} for ids, s in zip(encoded["ids"], encoded["response_start"])]
-        repeats = [int(r) for r in self._raw["repeats"]] if "repeats" in self._raw.column_names else [1] * len(records)
+        repeats = list(self._raw["repeats"])
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(records), generator=g).tolist()
         n_val = max(1, int(len(records) * self.val_fraction))
