@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from neuraflux.cli import main
@@ -135,3 +136,71 @@ def test_a_tokenizer_that_does_not_belong_to_the_weights_is_refused_naming_both_
     with pytest.raises(SystemExit) as exit_:  # the CLI says it in one line
         main(["generate", "--model", str(tmp_path / "m"), "--prompt", "the"])
     assert str(exit_.value) == f"error: --model {tmp_path / 'm'}: {expected}"
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--temperature", "nan", "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+        ("--temperature", "inf", "--temperature must be a finite number >= 0 (0 is greedy), got inf"),
+        ("--temperature", "-0.5", "--temperature must be a finite number >= 0 (0 is greedy), got -0.5"),
+        ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+        ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+        ("--top-p", "nan", "--top-p must be in (0, 1], got nan"),
+        ("--top-k", "0", "--top-k must be a positive integer, got 0"),
+        ("--max-new-tokens", "0", "--max-new-tokens must be a positive integer, got 0"),
+        ("--max-new-tokens", "-3", "--max-new-tokens must be a positive integer, got -3"),
+        ("--prompt", "", "--prompt is empty: give the text to continue (with --chat, the user's message)"),
+    ],
+)
+def test_generate_refuses_a_meaningless_argument_in_one_line_before_loading_the_model(tmp_path, flag, value, message):
+    # no model at that path: an argument checked only after loading would be reported as a missing --model instead
+    # (before, nan reached the sampler and --max-new-tokens 0 printed the prompt back as if it were an answer)
+    args = ["generate", "--model", str(tmp_path / "no-model"), "--prompt", "the river", flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == f"error: {message}"
+
+
+def test_a_meaningless_generate_argument_is_one_stderr_line_and_exit_status_1(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "neuraflux.cli", "generate", "--model", str(tmp_path), "--prompt", "hi",
+         "--temperature", "nan"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout, out.stderr) == (
+        1,
+        "",
+        "error: --temperature must be a finite number >= 0 (0 is greedy), got nan\n",
+    )
+
+
+def test_generate_slides_past_the_context_and_says_when_it_cuts_the_prompt(tmp_path, capsys):
+    import torch
+
+    from neuraflux.model import generate
+    from tests.test_serve_engine import tiny_lm
+
+    model, tok = tiny_lm(max_positions=64)  # greedy: one printable character per token, never a stop token
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    args = ["generate", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "150"]
+    assert main([*args, "--prompt", "the cat "]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # the prompt fits: nothing to say
+    text = captured.out[len("the cat ") : -1]
+    assert len(text) == 150  # more than the 64 positions the model has
+    # the first round is plain greedy decoding of the prompt (64 positions: rounds of 32 tokens)
+    first = generate(model.eval(), torch.tensor([tok.encode("the cat ")]), 32, temperature=0)[0, 8:]
+    assert text[:32] == tok.decode(first.tolist())
+    # the second round reads the last 32 tokens written so far, as a fresh prompt would, and writes 32 more
+    second = generate(model, torch.tensor([tok.encode(text[:32])]), 32, temperature=0)[0, 32:]
+    assert text[32:64] == tok.decode(second.tolist())
+    assert main([*args, "--prompt", "a" * 100, "--max-new-tokens", "4"]) == 0
+    assert (
+        capsys.readouterr().err
+        == "note: the prompt is 100 tokens and the model reads 64 at a time: it sees the last 60 of them\n"
+    )

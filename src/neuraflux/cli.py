@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,24 @@ def load_generate_constitution(spec: str, model_source: str):
     return constitution, generate_world(world_config_for(path if path.is_dir() else path.parent))
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming the argument, what argparse lets through but generation cannot mean (nan, inf and
+    negative temperatures, top-p outside (0, 1], no tokens to generate, an empty prompt): before the model is loaded,
+    not as a sampling error or a silent empty answer after it."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SystemExit(f"error: --temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:  # nan fails the comparison too
+        raise SystemExit(f"error: --top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"error: --top-k must be a positive integer, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise SystemExit("error: --prompt is empty: give the text to continue (with --chat, the user's message)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_generate_args(args)
     import torch
 
     from neuraflux.chat import Message, escape_special, render_prompt
@@ -59,33 +77,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the prompt is text: with --chat one user turn, without it raw text; neither can hold a special token
     text = render_prompt([Message("user", args.prompt)]) if args.chat else escape_special(args.prompt)
     ids = tok.encode(text)
-    budget = model.config.max_position_embeddings - args.max_new_tokens
-    if budget <= 0:
-        raise SystemExit(f"error: --max-new-tokens must be below {model.config.max_position_embeddings}")
-    ids = ids[-budget:]  # keep the end of an over-long prompt
+    window = model.config.max_position_embeddings
+    # Past the model's context the window slides: each round reads the last `window - step` tokens and writes up to
+    # `step` more (the KV cache is rebuilt each round), so a continuation may be longer than the context.
+    step = min(args.max_new_tokens, max(1, window // 2))
+    if len(ids) > window - step:
+        print(
+            f"note: the prompt is {len(ids)} tokens and the model reads {window} at a time: it sees the last "
+            f"{window - step} of them",
+            file=sys.stderr,
+        )
     if not args.chat:
         sys.stdout.write(args.prompt)
     decoder = StreamDecoder(tok)
     stops = [tok.eos_id, tok.end_id] if args.chat else [tok.eos_id]
     # With a constitution nothing is shown before the whole response is checked (and revised if it breaks a principle).
     held: list[str] | None = [] if args.constitution is not None else None
-    for token, finished in generate_stream(
-        model,
-        torch.tensor([ids]),
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_id=stops,
-    ):
-        if bool(finished[0]):
-            break
-        piece = decoder.push(int(token[0]))
-        if held is not None:
-            held.append(piece)
-            continue
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    left, stopped = args.max_new_tokens, False
+    while left > 0 and not stopped:
+        n = min(step, left)
+        context = ids[-(window - n) :]
+        for token, finished in generate_stream(
+            model,
+            torch.tensor([context]),
+            n,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=stops,
+        ):
+            if bool(finished[0]):
+                stopped = True
+                break
+            ids.append(int(token[0]))
+            left -= 1
+            piece = decoder.push(int(token[0]))
+            if held is not None:
+                held.append(piece)
+                continue
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     if held is None:
         sys.stdout.write(decoder.flush() + "\n")
         return 0
