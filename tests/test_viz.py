@@ -64,8 +64,11 @@ def test_plot_training_metrics_writes_png_of_the_asked_size(run_dir, tmp_path):
     assert out == tmp_path / "plots" / "metrics.png"
     assert out.stat().st_size > 1000
     assert png_size(out) == (300, 150)
-    # default: every tag, three to a row at 4 x 3 inches each
-    out = plot_training_metrics(run_dir / "tensorboard", tmp_path / "all.png", dpi=20)
+    # default: the headline curves it has (train/loss, val/loss; not the bare `lr`), 4 x 3 inches each
+    out = plot_training_metrics(run_dir / "tensorboard", tmp_path / "default.png", dpi=20)
+    assert png_size(out) == (160, 60)
+    # "all": every tag, three to a row
+    out = plot_training_metrics(run_dir / "tensorboard", tmp_path / "all.png", tags="all", dpi=20)
     assert png_size(out) == (240, 60)
 
 
@@ -73,6 +76,7 @@ def test_metrics_figure_has_one_titled_subplot_per_tag(run_dir):
     fig = metrics_figure(run_dir, tags=["val/loss", "lr", "train/loss", "val/loss"])
     # a 2 x 3 grid with the two unused axes removed
     assert [ax.get_title() for ax in fig.axes] == ["val/loss", "lr", "train/loss", "val/loss"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "lr", "loss", "loss"] and fig.axes[0].get_xlabel() == "step"
     line = fig.axes[0].get_lines()[0]
     assert list(line.get_xdata()) == [4, 9] and list(line.get_ydata()) == [3.5, 3.0]
 

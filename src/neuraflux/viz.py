@@ -67,26 +67,35 @@ def load_scalars(run_dir: str | Path) -> dict[str, ScalarSeries]:
     }
 
 
-def save_figure(fig: Figure, out_png: str | Path) -> Path:
+def save_figure(fig: Figure, out_png: str | Path, tight: bool = False) -> Path:
+    """Write `fig` as a PNG; `tight`: grown or cropped to what is drawn, so no label is cut at an edge."""
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure
-    fig.savefig(out, format="png")
+    fig.savefig(out, format="png", **({"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}))
     log.info("wrote %s", out)
     return out
+
+
+# what a stage's curves are read for, in this order; a run plots those it logged
+DEFAULT_TAGS = (
+    "train/loss", "val/loss", "val/ppl", "objective/reward", "val/reward", "objective/kl", "rewards/accuracies",
+    "rewards/margins", "val/accuracies", "train/dpo_loss", "val/violation_rate", "train/lr",
+)  # fmt: skip
 
 
 def plot_training_metrics(
     run_dir_or_event_dir: str | Path,
     out_png: str | Path,
-    tags: Sequence[str] | None = None,
+    tags: Sequence[str] | str | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: int = 100,
 ) -> Path:
     """Plot scalar tags from a run's TensorBoard event files, one subplot per tag, and write a PNG.
 
-    tags: the tags to plot, in order (e.g. ["train/loss", "val/loss", "val/ppl", "train/lr"]); None plots every
-    scalar tag in sorted order. figsize defaults to 4 x 3 inches per subplot, three subplots a row.
+    tags: the tags to plot, in order (e.g. ["train/loss", "val/loss", "val/ppl", "train/lr"]); None plots the
+    run's headline curves (`DEFAULT_TAGS` it has: losses, rewards, KL, accuracy, learning rate), "all" every scalar
+    tag in sorted order. figsize defaults to 4 x 3 inches per subplot, three subplots a row.
     Returns the PNG path.
     """
     return save_figure(metrics_figure(run_dir_or_event_dir, tags, figsize, dpi), out_png)
@@ -94,7 +103,7 @@ def plot_training_metrics(
 
 def metrics_figure(
     run_dir_or_event_dir: str | Path,
-    tags: Sequence[str] | None = None,
+    tags: Sequence[str] | str | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: int = 100,
 ) -> Figure:
@@ -102,7 +111,12 @@ def metrics_figure(
     series = load_scalars(run_dir_or_event_dir)
     if not series:
         raise ValueError(f"the event files under {run_dir_or_event_dir} hold no scalars")
-    chosen = list(series) if tags is None else list(tags)
+    if tags == "all":
+        chosen = list(series)
+    elif tags is None:
+        chosen = [t for t in DEFAULT_TAGS if t in series] or list(series)  # a run of other tags: all of them
+    else:
+        chosen = list(tags)
     missing = [t for t in chosen if t not in series]
     if missing:
         raise ValueError(
@@ -121,6 +135,7 @@ def metrics_figure(
         ax.plot(s.steps, s.values, marker="o" if len(s.steps) <= 20 else None, markersize=3)
         ax.set_title(tag)
         ax.set_xlabel("step")
+        ax.set_ylabel(tag.rsplit("/", 1)[-1])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(chosen) :]:
         fig.delaxes(ax)
@@ -172,7 +187,8 @@ def plot_attention_patterns(
     tokens: T labels for the axes. layer: plot only this layer of a stacked input (None: every layer).
     heads: head indices to plot (None: all). Returns the PNG path.
     """
-    return save_figure(attention_figure(attention, tokens, layer, heads, figsize, dpi), out_png)
+    # an asked size is kept; the default one grows to whatever the labels need
+    return save_figure(attention_figure(attention, tokens, layer, heads, figsize, dpi), out_png, tight=figsize is None)
 
 
 def attention_figure(
@@ -204,9 +220,12 @@ def attention_figure(
 
     nrows, ncols = len(layer_ids), len(head_ids)
     cell = max(2.0, 0.16 * T)  # inches per heatmap: room for T tick labels
-    fig = Figure(figsize=figsize or (cell * ncols + 1.0, cell * nrows + 0.5), dpi=dpi, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
     labels = [display_token(t) for t in tokens] if tokens is not None else None
+    # room for the token labels beside and below the heatmaps (the x labels stand rotated), titles and axis names
+    margin = 0.6 + (0.075 * max(len(t) for t in labels) if labels else 0.0)
+    size = (cell * ncols + 1.2 + margin, cell * nrows + 0.8 + margin)
+    fig = Figure(figsize=figsize or size, dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     image = None
     for r, li in enumerate(layer_ids):
         for c, hi in enumerate(head_ids):
