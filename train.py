@@ -10,9 +10,12 @@ register()  # the stages' structured configs, before Hydra composes conf/
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
     from neuraflux.run import run, user_errors_exit
 
-    with user_errors_exit():  # a mistake in the config or a file: one line, not a traceback
+    # a mistake in the config or a file: one line, not a traceback, and no stub run directory left behind
+    with user_errors_exit(HydraConfig.get().runtime.output_dir):
         return run(cfg)
 
 

@@ -33,7 +33,21 @@ def tiny_model_dir(cfg, path):
 def test_a_setting_of_the_wrong_type_is_one_line_naming_it(tmp_path):
     out = run_cli("debug=tiny", "curriculum=none", f"paths.output_dir={tmp_path}", "trainer.max_steps=abc")
     assert one_line_error(out) == "error: trainer.max_steps must be an integer, got 'abc'"
-    assert not list(tmp_path.rglob("checkpoints"))  # Hydra's .hydra/ only
+    assert list(tmp_path.iterdir()) == []  # no stub run directory: Hydra's files of the refused job are removed
+
+
+def test_a_curriculum_checks_every_stage_before_it_writes_anything(tmp_path):
+    out = run_cli("debug=tiny", f"paths.output_dir={tmp_path}", "trainer.max_steps=abc")
+    assert one_line_error(out) == "error: stage pretrain: trainer.max_steps must be an integer, got 'abc'"
+    assert list(tmp_path.iterdir()) == []  # no curriculum.json that resume=last would take for an interrupted run
+    # a run directory that holds a run's files is never removed
+    keep = tmp_path / "none" / "2026-01-01_00-00-00"
+    (keep / ".hydra").mkdir(parents=True)
+    (keep / "metrics.json").write_text("{}")
+    from neuraflux.run import remove_stub
+
+    remove_stub(keep)
+    assert (keep / "metrics.json").is_file()
 
 
 def test_a_stage_setting_refused_by_the_stage_is_one_line_naming_it(tiny_cfg, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from neuraflux.paths import CONF_DIR
-from neuraflux.train import train
+from neuraflux.train import check_settings, train
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +198,15 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
     resuming = (parent / STATE_FILE).is_file()
     state = CurriculumState.load(parent) if resuming else CurriculumState(stages, overrides=launch)
     # stages before start_at take part only through the outputs they left in this parent (resume)
-    plans = [
-        plan_stage(name, compose_stage(name, []))
-        for name in cfg.curriculum.stages
-        if name in stages or name in state.completed
-    ]
+    composed = {n: compose_stage(n, []) for n in cfg.curriculum.stages if n in stages or n in state.completed}
+    plans = [plan_stage(name, stage_cfg) for name, stage_cfg in composed.items()]
     check_inputs(plans, cfg, user)
+    for name, stage_cfg in composed.items():  # every setting of every stage to come, before anything is written
+        if name not in state.completed:
+            try:
+                check_settings(stage_cfg)
+            except ValueError as err:
+                raise ValueError(f"stage {name}: {err}") from None
 
     parent.mkdir(parents=True, exist_ok=True)
     state.save(parent)

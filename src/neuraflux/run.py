@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -28,16 +31,32 @@ USER_ERRORS = (
 )
 
 
+# what Hydra writes into a job's directory before our code runs
+HYDRA_FILES = {".hydra", "train.log"}
+
+
 @contextmanager
-def user_errors_exit() -> Iterator[None]:
+def user_errors_exit(job_dir: str | Path | None = None) -> Iterator[None]:
     """Turn a user's mistake into `error: <message>` on stderr and exit status 1, as the CLI does, instead of a
-    traceback through Hydra and Lightning. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors."""
+    traceback through Hydra and Lightning. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors.
+    `job_dir`, Hydra's directory for this job, is removed when it holds nothing but Hydra's own files: a launch
+    refused before any work leaves no stub run behind."""
     try:
         yield
     except USER_ERRORS as err:
+        if job_dir is not None:
+            remove_stub(Path(job_dir))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise SystemExit(f"error: {err}") from None
+
+
+def remove_stub(job_dir: Path) -> None:
+    """Delete `job_dir` if it holds only what Hydra wrote (its .hydra folder and log), never anything of a run."""
+    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= HYDRA_FILES:
+        shutil.rmtree(job_dir)
+        with contextlib.suppress(OSError):  # its parent (outputs/<name>/) too, if that is now empty
+            job_dir.parent.rmdir()
 
 
 def summary_table(metrics: dict, title: str):

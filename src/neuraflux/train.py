@@ -60,8 +60,9 @@ def _model_config(cfg: DictConfig) -> NanoConfig:
     return NanoConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def validate(cfg: DictConfig) -> Settings:
-    """Reject a nonsensical config with one message naming the key, before anything is written."""
+def check_settings(cfg: DictConfig):
+    """The checks of `validate` that read only the config (no file, no directory): a curriculum runs them for
+    every stage before it writes anything. Returns the model config."""
     model_config = _model_config(cfg)
     build(cfg.optim)  # OptimizerFactory validates lr, betas, ...
     check_trainer_settings(cfg.trainer)
@@ -89,6 +90,12 @@ def validate(cfg: DictConfig) -> Settings:
         )
     if cfg.tokenizer.mode not in ("bpe", "char"):
         raise ValueError(f"tokenizer.mode={cfg.tokenizer.mode!r} is not one of ['bpe', 'char']")
+    return model_config
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Reject a nonsensical config with one message naming the key, before anything is written."""
+    model_config = check_settings(cfg)
     check_checkpoint_callbacks(cfg.get("callbacks") or {})
     run_dir = Path(cfg.paths.run_dir)
     resume = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir), cfg.stage.name)

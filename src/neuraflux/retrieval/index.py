@@ -10,6 +10,7 @@ Rows are numbered 0, 1, ... in the order they were added; the retriever maps row
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from neuraflux.retrieval.errors import RetrievalError
+
+# FAISS's loader logs, at INFO, each CPU-specific build it tries and fails to find (11 lines) before the one it loads
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 try:
     import faiss
