@@ -96,6 +96,9 @@ def test_user_errors_become_one_line_and_bugs_keep_their_traceback(monkeypatch):
         ("model.dropout=abc", "model.dropout must be a number, got 'abc'"),
         ("+model.pad_token_id=first", "model.pad_token_id must be an integer, got 'first'"),
         ("model.vocab_size=1000000000000", "model.vocab_size must be <= 2,097,152, got 1,000,000,000,000"),
+        ("trainer.devices=abc", "trainer.devices must be a count, a list of device indices or 'auto', got 'abc'"),
+        ("+data.bogus=1", "data.bogus is not a setting of neuraflux.data.LMDataModule"),
+        ("+optim.momentum=0.9", "optim.momentum is not a setting of neuraflux.optim.OptimizerFactory"),
     ],
 )
 def test_a_setting_of_the_wrong_type_is_named_before_anything_is_written(tiny_cfg, tmp_path, override, message):

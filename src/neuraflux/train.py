@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from neuraflux.callbacks.checkpoint import (
@@ -43,16 +44,24 @@ class Settings:
     init_from: Path | None
 
 
-def build(spec, **kwargs):
-    """hydra.utils.instantiate, with a config error raised as itself: one line naming the key, not a wrapper."""
+UNKNOWN_ARGUMENT = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def build(spec, key: str | None = None, **kwargs):
+    """hydra.utils.instantiate, with a config error raised as itself: one line naming the key, not a wrapper. A
+    setting the target does not take (`+data.bogus=1`) is a ValueError naming `key.setting`."""
     from hydra.errors import InstantiationException
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:
         return instantiate(spec, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError, TypeError, MisconfigurationException)):
-            raise err.__cause__ from None
+        cause = err.__cause__
+        unknown = UNKNOWN_ARGUMENT.search(str(cause)) if isinstance(cause, TypeError) else None
+        if unknown and key is not None:
+            raise ValueError(f"{key}.{unknown[1]} is not a setting of {spec.get('_target_')}") from None
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError, MisconfigurationException)):
+            raise cause from None
         raise
 
 
@@ -64,7 +73,7 @@ def check_settings(cfg: DictConfig):
     """The checks of `validate` that read only the config (no file, no directory): a curriculum runs them for
     every stage before it writes anything. Returns the model config."""
     model_config = _model_config(cfg)
-    build(cfg.optim)  # OptimizerFactory validates lr, betas, ...
+    build(cfg.optim, key="optim")  # OptimizerFactory validates lr, betas, ...
     check_trainer_settings(cfg.trainer)
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
@@ -145,6 +154,11 @@ def check_trainer_settings(trainer: DictConfig) -> None:
         value = trainer.get(key)
         if value is not None and not is_int(value):
             raise ValueError(f"trainer.{key} must be an integer, got {value!r}")
+    devices = trainer.get("devices")
+    listed = isinstance(devices, list | ListConfig) and all(is_int(d) for d in devices)
+    text = isinstance(devices, str) and (devices == "auto" or re.fullmatch(r"-?\d+|(\d+\s*,\s*)*\d+,?", devices))
+    if devices is not None and not (is_int(devices) or listed or text):
+        raise ValueError(f"trainer.devices must be a count, a list of device indices or 'auto', got {devices!r}")
     for key in TRAINER_NUMBERS:
         value = trainer.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
@@ -236,7 +250,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)  # a missing or empty data file fails here, before anything is written
+    datamodule = build(cfg.data, key="data")  # a missing or empty data file fails here, before anything is written
 
     model_config = settings.model_config
     if settings.resume_ckpt is not None:  # shapes checked by validate
