@@ -52,3 +52,11 @@ def test_lightnings_accelerator_lines_and_adverts_are_dropped_the_rest_kept():
     dropped = ["GPU available: False, used: False", "TPU available: False, using: 0 TPU cores", "💡 Tip: try it"]
     kept = ["Restoring states from the checkpoint path at last.ckpt", "`Trainer.fit` stopped: `max_steps=6` reached."]
     assert [logger.filters[-1].filter(record(m)) for m in dropped + kept] == [False] * 3 + [True] * 2
+
+
+def test_the_bar_counts_the_runs_steps_under_the_stage_name(tiny_cfg):
+    from neuraflux.callbacks.progress import StepProgressBar
+
+    _, objects = train(tiny_cfg("+callbacks.progress_bar._target_=neuraflux.callbacks.progress.StepProgressBar"))
+    (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, StepProgressBar)]
+    assert bar.shown == ("pretrain step", 6, 6)  # not "Epoch 0/-2"

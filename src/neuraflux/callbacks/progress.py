@@ -71,3 +71,27 @@ class ProgressLog(pl.Callback):
         if total and done > 0:
             parts.append(f"left {format_duration(elapsed / done * max(total - step, 0))}")
         return "  ".join(parts)
+
+
+class StepProgressBar(pl.callbacks.RichProgressBar):
+    """Lightning's rich progress bar counting the run's optimizer steps ("sft step 1200/4000"), which is how a run
+    is sized (`trainer.max_steps`), instead of the batches of an epoch under "Epoch 0/-2" (a run bounded by steps
+    has no epoch count, and a resumed one showed counts like 600/499)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.show_steps(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.show_steps(trainer, pl_module)
+
+    def show_steps(self, trainer, pl_module) -> None:
+        if self.progress is None or self.train_progress_bar_id is None:
+            return
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.shown = (f"{getattr(pl_module, 'name', 'train')} step", trainer.global_step, total)
+        self.progress.update(
+            self.train_progress_bar_id, description=self.shown[0], completed=self.shown[1], total=total
+        )
+        self.refresh()
