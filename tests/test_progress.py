@@ -60,3 +60,14 @@ def test_the_bar_counts_the_runs_steps_under_the_stage_name(tiny_cfg):
     _, objects = train(tiny_cfg("+callbacks.progress_bar._target_=neuraflux.callbacks.progress.StepProgressBar"))
     (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, StepProgressBar)]
     assert bar.shown == ("pretrain step", 6, 6)  # not "Epoch 0/-2"
+
+
+def test_the_model_summary_leaves_out_flops_and_mode_counts(capsys):
+    from neuraflux.callbacks.progress import ModelSummary
+
+    data = [(" ", ["0"]), ("Name", ["model"]), ("Type", ["NanoLM"]), ("Params", ["1.0 K"]), ("Mode", ["train"]),
+            ("FLOPs", ["0"])]  # fmt: skip
+    ModelSummary.summarize(data, 1000, 900, 0.004, {"train": 1, "eval": 0}, 0)
+    out = capsys.readouterr().out
+    assert "NanoLM" in out and "1.0 K" in out and "params: 900 trainable, 100 frozen, 0.0 MB" in out
+    assert "FLOPs" not in out and "train mode" not in out and "Mode" not in out

@@ -95,3 +95,31 @@ class StepProgressBar(pl.callbacks.RichProgressBar):
             self.train_progress_bar_id, description=self.shown[0], completed=self.shown[1], total=total
         )
         self.refresh()
+
+
+class ModelSummary(pl.callbacks.RichModelSummary):
+    """Lightning's rich model summary without what says nothing here: FLOPs (0 unless the module declares an
+    example input, which no stage does) and the counts of modules in train and eval mode."""
+
+    @staticmethod
+    def summarize(
+        summary_data, total_parameters: int, trainable_parameters: int, model_size: float, *args, **kwargs
+    ) -> None:
+        from pytorch_lightning.utilities.model_summary.model_summary import get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = dict(summary_data)
+        table = Table(header_style="bold magenta")
+        shown = [name for name in ("Name", "Type", "Params", "Params per Device") if name in columns]
+        for name in shown:
+            table.add_column(name, justify="right" if name.startswith("Params") else "left")
+        for row in zip(*(columns[name] for name in shown), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        frozen = total_parameters - trainable_parameters
+        console.print(
+            f"params: {get_human_readable_count(int(trainable_parameters)).strip()} trainable, "
+            f"{get_human_readable_count(int(frozen)).strip()} frozen, {model_size:.1f} MB"
+        )
