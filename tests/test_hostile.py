@@ -302,9 +302,15 @@ WS_MESSAGE = st.fixed_dictionaries(
         "extra": JSON,
     },
 )
-# derandomized: the same 150 cases every run, so CI is reproducible (raise max_examples locally to search wider)
+# derandomized: the same 150 cases every run, so CI is reproducible; NEURAFLUX_FUZZ_EXAMPLES=2000 searches wider
+# (and at random)
+FUZZ_EXAMPLES = int(os.environ.get("NEURAFLUX_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+    derandomize="NEURAFLUX_FUZZ_EXAMPLES" not in os.environ,
 )
 
 
