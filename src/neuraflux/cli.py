@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="`default` or a constitution YAML: check the whole response and revise it if it breaks a principle",
     )
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="an interactive session in the terminal, with retrieval over --docs or --world")
+    c.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
+    c.add_argument("--docs", nargs="+", default=None, help="text/markdown files or folders to retrieve from")
+    c.add_argument("--world", action="store_true", help="retrieve from the built-in world's documents")
+    c.add_argument("--k", type=int, default=2, help="documents retrieved per question")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.set_defaults(func=cmd_chat)
     s = sub.add_parser(
         "serve",
         help="WebSocket + OpenAI-style HTTP server and a chat page (see `neuraflux serve --help`)",
@@ -160,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from neuraflux.terminal import Chat, build_store
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SystemExit(f"error: --temperature must be a number >= 0, got {args.temperature}")
+    if args.k < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --k and --max-new-tokens must be at least 1")
+    try:
+        store = build_store(args.docs, args.world)  # before the model: a bad path fails at once
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    model, tokenizer = load_model_arg(args.model)
+    return Chat(model, tokenizer, store, args.k, args.max_new_tokens, args.temperature).run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
