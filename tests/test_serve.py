@@ -150,6 +150,26 @@ def test_retrieval_sends_sources_before_tokens():
     assert end["type"] == "done"
 
 
+def test_a_server_with_a_store_retrieves_unless_a_request_opts_out():
+    store = Retriever()
+    store.add(["the tower of zorn is tall", "bread is baked"], ids=["d1", "d2"])
+    body = {"messages": [{"role": "user", "content": "how tall is zorn?"}], "max_tokens": 2}
+    with make_client(retriever=store, retrieval_k=1, max_prompt_tokens=90) as client:
+        assert client.get("/health").json()["retrieval"] is True  # what the page's checkbox starts as
+        assert [d["id"] for d in client.post("/v1/chat/completions", json=body).json()["sources"]] == ["d1"]
+        assert "sources" not in client.post("/v1/chat/completions", json={**body, "use_retrieval": False}).json()
+        with client.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "generate", "id": "q", "prompt": "how tall is zorn?", "max_new_tokens": 2})
+            assert ws.receive_json()["type"] == "sources"
+            until_end(ws, "q")
+            ws.send_json({**GEN, "id": "r", "use_retrieval": False, "max_new_tokens": 2})
+            assert ws.receive_json()["type"] == "token"  # no sources first
+            until_end(ws, "r")
+    with make_client() as client:  # no store: nothing to retrieve, and no error for not asking
+        assert client.get("/health").json()["retrieval"] is False
+        assert "sources" not in client.post("/v1/chat/completions", json=body).json()
+
+
 # ---- every error code -----------------------------------------------------------------------------------------
 def ws_error(payload, client_kw=None, before=None, url="/ws") -> dict:
     """Send `before` messages (answers read and dropped), then `payload`; return the first error message."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -184,6 +185,8 @@ def create_app(
     rag = None
     if retriever is not None:
         rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
+        # a server with a store retrieves for every request that does not opt out ("use_retrieval": false)
+        limits = dataclasses.replace(limits, retrieval_default=True)
     state = ServerState(
         config,
         limits,
@@ -483,7 +486,7 @@ def openai_call(state: ServerState, data: dict) -> OpenAICall:
         max_new_tokens=check_max_new_tokens(max_tokens, state.limits, "max_tokens"),
         sampling=check_sampling(data, state.limits.default_sampling),
         stream=check_bool(data, "stream"),
-        use_retrieval=check_bool(data, "use_retrieval"),
+        use_retrieval=check_bool(data, "use_retrieval", default=state.limits.retrieval_default),
     )
 
 

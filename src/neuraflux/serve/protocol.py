@@ -3,7 +3,7 @@
 WebSocket `/ws`, JSON text messages. Client to server::
 
     {"type": "generate", "id": "a1", "prompt": "..." | "messages": [{"role", "content"}, ...],
-     "max_new_tokens": 64, "temperature": 0.7, "top_k": null, "top_p": 0.95, "use_retrieval": false}
+     "max_new_tokens": 64, "temperature": 0.7, "top_k": null, "top_p": 0.95, "use_retrieval": true}
     {"type": "cancel", "id": "a1"}
 
 Server to client: `token` {id, text}, `sources` {id, docs: [{id, text, score}]}, `done` {id, finish_reason,
@@ -113,6 +113,7 @@ class Limits:
     # characters per token): refused before it is tokenized
     max_prompt_chars: int | None = None
     max_message_bytes: int | None = None  # a WebSocket message larger than this is refused before it is parsed
+    retrieval_default: bool = False  # a request that does not say retrieves when the server has a store
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | 
         messages=messages,
         max_new_tokens=check_max_new_tokens(data.get("max_new_tokens"), limits, "max_new_tokens", request_id),
         sampling=check_sampling(data, limits.default_sampling, request_id),
-        use_retrieval=check_bool(data, "use_retrieval", request_id),
+        use_retrieval=check_bool(data, "use_retrieval", request_id, default=limits.retrieval_default),
     )
 
 

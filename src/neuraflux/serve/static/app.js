@@ -111,4 +111,9 @@ $("stop").addEventListener("click", () => {
 $("new-chat").addEventListener("click", () => { history.length = 0; log.textContent = ""; });
 $("api-key").addEventListener("change", () => { if (socket) socket.close(); connect(); });
 
+// the box starts as the server's default: checked when it has a retrieval store (and only then can it be used)
+fetch("/health").then((r) => r.json()).then((h) => {
+  $("retrieval").checked = Boolean(h.retrieval);
+  $("retrieval").disabled = !h.retrieval;
+}).catch(() => {});
 connect();
