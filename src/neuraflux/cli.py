@@ -54,6 +54,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_args(args)
+    if (args.docs or args.world) and not args.chat:
+        raise SystemExit(
+            "error: --docs and --world need --chat: retrieved documents go in the chat format's context turn"
+        )
     import torch
 
     from neuraflux.chat import Message, escape_special, render_prompt
@@ -74,8 +78,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         filter_log.setLevel(logging.INFO)
         if not filter_log.handlers:
             filter_log.addHandler(logging.StreamHandler(sys.stderr))
-    # the prompt is text: with --chat one user turn, without it raw text; neither can hold a special token
-    text = render_prompt([Message("user", args.prompt)]) if args.chat else escape_special(args.prompt)
+    sources = []
+    if args.docs or args.world:  # the question with the retrieved documents as its context turn
+        from neuraflux.rag import NanoRAG
+        from neuraflux.terminal import build_store
+
+        try:
+            store = build_store(args.docs, args.world)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        rag = NanoRAG(model, tok, store, k=args.k)
+        text, sources = rag.build_prompt(args.prompt, store.search(args.prompt, args.k), args.max_new_tokens)
+    else:
+        # the prompt is text: with --chat one user turn, without it raw text; neither can hold a special token
+        text = render_prompt([Message("user", args.prompt)]) if args.chat else escape_special(args.prompt)
     ids = tok.encode(text)
     window = model.config.max_position_embeddings
     # Past the model's context the window slides: each round reads the last `window - step` tokens and writes up to
@@ -119,9 +135,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     if held is None:
         sys.stdout.write(decoder.flush() + "\n")
-        return 0
-    response = "".join(held) + decoder.flush()
-    sys.stdout.write(constitution.filter(args.prompt, response, world).response + "\n")
+    else:
+        response = "".join(held) + decoder.flush()
+        sys.stdout.write(constitution.filter(args.prompt, response, world).response + "\n")
+    sys.stdout.flush()
+    for hit in sources:  # after the answer, on stderr: stdout stays the answer alone
+        print(f"source [{hit.id}] {hit.text[:70].strip()}  ({hit.score:.2f})", file=sys.stderr)
     return 0
 
 
@@ -152,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="`default` or a constitution YAML: check the whole response and revise it if it breaks a principle",
     )
+    g.add_argument(
+        "--docs", nargs="+", default=None, help="with --chat: text/markdown files or folders to retrieve from"
+    )
+    g.add_argument("--world", action="store_true", help="with --chat: retrieve from the built-in world's documents")
+    g.add_argument("--k", type=int, default=2, help="documents retrieved for the question")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="an interactive session in the terminal, with retrieval over --docs or --world")
     c.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
