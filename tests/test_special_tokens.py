@@ -197,3 +197,16 @@ def test_prompt_and_preference_files_refuse_rendered_prompts_and_take_messages(t
         PreferenceDataset.from_jsonl(prefs, on_invalid="error")
     data = PreferenceDataset.from_jsonl(prefs, on_invalid="skip")
     assert len(data) == 1 and data[0].prompt == render_prompt([Message(t["role"], t["content"]) for t in turns])
+
+
+def test_the_built_in_worlds_reading_exercises_keep_the_chat_format(tok):
+    """The world's pretraining text is the project's own: its chat-format exercises are meant to hold the format's
+    tokens (escaping them cost the default curriculum 0.06 of unseen exact match)."""
+    from neuraflux.data.lm import LMDataModule
+
+    world = {"pretrain_practice_entities": 5, "pretrain_practice_questions": 1}  # (conf/world/default.yaml: 1000, 4)
+    dm = LMDataModule(builtin="world", block_size=64, batch_size=1, val_fraction=0.1, world=world)
+    dm.tokenizer = tok
+    dm.setup("fit")
+    ids = set(torch.cat([dm.train_tokens, dm.val_tokens]).tolist())
+    assert {tok.token_to_id(t) for t in (CONTEXT, USER, ASSISTANT, END)} <= ids

@@ -151,9 +151,12 @@ class LMDataModule(ResumableDataModule):
             raise RuntimeError("LMDataModule.tokenizer must be set before setup()")
         tok, field = self.tokenizer, self.text_field
         eos = tok.eos_id
-        # Documents are joined with eos so the model learns where one ends; their text never holds a special token.
+        # Documents are joined with eos so the model learns where one ends. Text from a file or a dataset never
+        # holds a special token; the built-in world's text is ours, and its chat-format reading exercises are meant
+        # to carry the chat format's tokens (pretraining learns to read a context turn from them).
+        text = (lambda t: t) if self.builtin is not None else escape_special
         tokenized = self._raw.map(
-            lambda b: {"ids": [ids + [eos] for ids in tok.encode_batch([escape_special(t) for t in b[field]])]},
+            lambda b: {"ids": [ids + [eos] for ids in tok.encode_batch([text(t) for t in b[field]])]},
             batched=True,
             remove_columns=self._raw.column_names,
             new_fingerprint=self._fingerprint(),
