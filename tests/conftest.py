@@ -74,3 +74,19 @@ def grads_of(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     return grads
+
+
+@pytest.fixture
+def decoded_prompts(monkeypatch) -> list[list[int]]:
+    """The prompt ids (first row) of every `neuraflux.model.generate_stream` call the test makes, in order."""
+    import neuraflux.model
+
+    seen: list[list[int]] = []
+    real = neuraflux.model.generate_stream
+
+    def recording(model, ids, *args, **kwargs):
+        seen.append(ids[0].tolist())
+        yield from real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(neuraflux.model, "generate_stream", recording)
+    return seen

@@ -206,8 +206,7 @@ def test_generate_slides_past_the_context_and_says_when_it_cuts_the_prompt(tmp_p
     )
 
 
-def test_generate_with_docs_answers_with_the_retrieved_context_and_names_its_sources(tmp_path, capsys, monkeypatch):
-    import neuraflux.model
+def test_generate_with_docs_answers_with_the_retrieved_context_and_names_its_sources(tmp_path, capsys, decoded_prompts):
     from neuraflux.chat import Message, render_prompt
     from tests.test_serve_engine import tiny_lm
 
@@ -216,14 +215,7 @@ def test_generate_with_docs_answers_with_the_retrieved_context_and_names_its_sou
     tok.save(tmp_path / "m")
     (tmp_path / "zorn.txt").write_text("the tower of zorn is tall\n")
     (tmp_path / "bread.txt").write_text("bread is baked\n")
-    seen = []
-    real = neuraflux.model.generate_stream
-
-    def recording(model, ids, *a, **kw):
-        seen.append(ids[0].tolist())
-        yield from real(model, ids, *a, **kw)
-
-    monkeypatch.setattr(neuraflux.model, "generate_stream", recording)
+    seen = decoded_prompts
     args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "how tall is zorn?", "--max-new-tokens", "3"]
     assert main([*args, "--chat", "--docs", str(tmp_path / "zorn.txt"), str(tmp_path / "bread.txt"), "--k", "1"]) == 0
     expected = render_prompt([Message("user", "how tall is zorn?")], context="the tower of zorn is tall")

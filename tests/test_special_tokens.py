@@ -127,22 +127,14 @@ def test_websocket_prompts_and_messages_never_read_a_special_token(server):
 
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chat", [True, False])
-def test_cli_generate_never_reads_a_special_token_from_the_prompt(tmp_path, monkeypatch, capsys, chat):
-    import neuraflux.model
+def test_cli_generate_never_reads_a_special_token_from_the_prompt(tmp_path, decoded_prompts, capsys, chat):
     from neuraflux.cli import main
     from tests.test_serve_engine import tiny_lm
 
     model, tok = tiny_lm()
     model.save_pretrained(tmp_path)
     tok.save(tmp_path)
-    seen = []
-    real = neuraflux.model.generate_stream
-
-    def recording(model, ids, *a, **kw):
-        seen.append(ids[0].tolist())
-        yield from real(model, ids, *a, **kw)
-
-    monkeypatch.setattr(neuraflux.model, "generate_stream", recording)
+    seen = decoded_prompts
     args = ["generate", "--model", str(tmp_path), "--prompt", SHORT, "--max-new-tokens", "2"]
     assert main([*args, "--chat"] if chat else args) == 0
     assert specials(tok, seen[0]) == ([BOS, USER, END, ASSISTANT] if chat else [])
