@@ -18,12 +18,10 @@ unset.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -31,14 +29,7 @@ from neuraflux.alignment.losses import LossOutput, gae, ppo_policy_loss, ppo_val
 from neuraflux.alignment.stats import masked_mean, masked_whiten
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.feedback.rewards import EQUAL_JUDGES, RewardFn
-from neuraflux.feedback.rollout import (
-    KLSettings,
-    Rollout,
-    SamplingSettings,
-    check_rollout_fits,
-    generate_rollouts,
-    policy_forward,
-)
+from neuraflux.feedback.rollout import KLSettings, Rollout, SamplingSettings, check_rollout_fits, policy_forward
 from neuraflux.model import NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
@@ -47,16 +38,17 @@ from neuraflux.stages.common import (
     log_lr,
 )
 from neuraflux.stages.rl import (
+    check_manual_precision,
+    disable_dropout,
     finish_step,
     log_greedy_validation,
+    minibatch_updates,
     restore_rl_state,
     rollout_metrics,
+    sample_and_score,
     save_rl_state,
-    score,
     setup_rl,
 )
-
-log = logging.getLogger(__name__)
 
 
 class NanoPPO(pl.LightningModule):
@@ -110,14 +102,7 @@ class NanoPPO(pl.LightningModule):
         self.gamma, self.lam, self.ppo_epochs, self.mini_batch_size = gamma, lam, ppo_epochs, mini_batch_size
         self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
         self.max_grad_norm, self.whiten_advantages = max_grad_norm, whiten_advantages
-        # The PPO ratio compares the update's log-probs with the rollout's: dropout would make them differ.
-        if model.config.dropout > 0:
-            log.info(
-                "stage %s: dropout %.2f -> 0 (PPO needs the rollout's log-probs reproducible)",
-                name,
-                model.config.dropout,
-            )
-            model.set_dropout(0.0)
+        disable_dropout(model, name)
         setup_rl(
             self, reference_path, reward_source, reward_model_path, world, judge_weights, reward_model_weight,
             reward_fn, SamplingSettings(max_new_tokens, temperature, top_k, top_p),
@@ -131,12 +116,7 @@ class NanoPPO(pl.LightningModule):
     # ---- rollouts ----------
     def make_rollout(self, batch: PromptBatch) -> Rollout:
         """Sample and score one response per prompt; rewards shaped with the current KL coefficient."""
-        s = self.sampling
-        rollout = generate_rollouts(
-            self.model, self.tokenizer, batch, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-            reference=self.frozen.reference, value_head=self.value_head,
-        )  # fmt: skip
-        return score(self, rollout)
+        return sample_and_score(self, batch, value_head=self.value_head)
 
     def advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """GAE advantages (whitened over the batch's response tokens if configured) and returns, (B, T)."""
@@ -173,29 +153,13 @@ class NanoPPO(pl.LightningModule):
         rollout_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        opt, B = self.optimizers(), len(rollout)
-        chunks = [
-            perm[i : i + self.mini_batch_size]
-            for perm in (torch.randperm(B, device=adv.device) for _ in range(self.ppo_epochs))
-            for i in range(0, B, self.mini_batch_size)
-        ]
-        metrics: dict[str, list[Tensor]] = {}
-        for n, idx in enumerate(chunks):
-            out = self.ppo_loss(rollout.select(idx), adv[idx], returns[idx])
-            for name, value in out.metrics.items():
-                if name.endswith("loss"):
-                    check_finite(self.global_step, name, value)
-            opt.zero_grad()
-            self.manual_backward(out.loss)
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-            # Only the last update goes through Lightning's optimizer, so global_step counts rollout batches.
-            (opt if n == len(chunks) - 1 else opt.optimizer).step()
-            for k, v in {**out.metrics, "train/grad_norm": norm}.items():
-                metrics.setdefault(k, []).append(v.detach())
-        self.lr_schedulers().step()
+        metrics = minibatch_updates(
+            self, len(rollout), self.ppo_epochs, self.mini_batch_size, self.max_grad_norm,
+            lambda idx: self.ppo_loss(rollout.select(idx), adv[idx], returns[idx]),
+        )  # fmt: skip
         learn_s = time.perf_counter() - start
 
-        self.log_dict({k: torch.stack(v).mean() for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
         objective, kl = rollout_metrics(rollout, self.kl_ctl.value)
         objective["value/mean"] = masked_mean(rollout.values, rollout.response_mask)
         objective.update({"time/rollout_s": rollout_s, "time/learn_s": learn_s})
@@ -208,13 +172,7 @@ class NanoPPO(pl.LightningModule):
 
     # ---- wiring ----------
     def setup(self, stage: str) -> None:
-        # Lightning itself rejects trainer.gradient_clip_val under manual optimization. fp16 would scale the
-        # loss in manual_backward, and training_step clips and steps on gradients it assumes unscaled.
-        if str(self.trainer.precision).startswith("16"):
-            raise ValueError(
-                f"stage {self.name} does not support trainer.precision={self.trainer.precision}; "
-                "use bf16-mixed or 32-true"
-            )
+        check_manual_precision(self)
         check_rollout_fits(getattr(self.trainer, "datamodule", None), self.sampling.max_new_tokens, self.model)
 
     def on_fit_start(self) -> None:

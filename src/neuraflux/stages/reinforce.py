@@ -30,7 +30,6 @@ from neuraflux.feedback.rollout import (
     Rollout,
     SamplingSettings,
     check_rollout_fits,
-    generate_rollouts,
     policy_forward,
     sequence_kl,
 )
@@ -46,8 +45,8 @@ from neuraflux.stages.rl import (
     log_greedy_validation,
     restore_rl_state,
     rollout_metrics,
+    sample_and_score,
     save_rl_state,
-    score,
     setup_rl,
 )
 
@@ -100,12 +99,7 @@ class NanoREINFORCE(pl.LightningModule):
 
     def make_rollout(self, batch: PromptBatch) -> Rollout:
         """k sampled responses per prompt (N * k rows), scored, with the per-token KL to the reference."""
-        s = self.sampling
-        rollout = generate_rollouts(
-            self.model, self.tokenizer, batch.repeat_interleave(self.k), s.max_new_tokens, s.temperature,
-            s.top_k, s.top_p, reference=self.frozen.reference,
-        )  # fmt: skip
-        return score(self, rollout)
+        return sample_and_score(self, batch, self.k)
 
     def advantages(self, rollout: Rollout) -> Tensor:
         """(N * k,) leave-one-out advantages of the KL-shaped rewards; each prompt's k sum to zero."""

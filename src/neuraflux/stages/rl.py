@@ -1,16 +1,21 @@
-"""What the policy-gradient stages (PPO and REINFORCE, with any reward: a single source or a composite of several)
-share, as plain functions: the reward, reference and KL set-up, scoring a rollout, its metrics, the end of a
-training step (the KL controller, a composite's Lagrange multipliers), greedy validation, and what a checkpoint
-carries besides the weights. Each stage keeps its own algorithm: its advantages, its loss and its optimizer steps."""
+"""What the policy-gradient stages (PPO, REINFORCE and GRPO, with any reward: a single source or a composite of
+several) share, as plain functions: the reward, reference and KL set-up, sampling k responses per prompt and scoring
+them, a rollout's metrics, the clipped stages' mini-batch updates, the end of a training step (the KL controller, a
+composite's Lagrange multipliers), greedy validation, and what a checkpoint carries besides the weights. Each stage
+keeps its own algorithm: its advantages and its loss."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import pytorch_lightning as pl
+import torch
+import torch.nn as nn
 from torch import Tensor
 
+from neuraflux.alignment.losses import LossOutput
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import PromptBatch
 from neuraflux.feedback.rewards import CompositeReward, RewardFn, evaluate_reward, make_reward, reward_model_of
@@ -23,7 +28,11 @@ from neuraflux.feedback.rollout import (
     score_rollout,
     sequence_kl,
 )
+from neuraflux.model import NanoLM
 from neuraflux.model.io import FrozenModels
+from neuraflux.stages.common import check_finite
+
+log = logging.getLogger(__name__)
 
 
 def setup_rl(
@@ -53,6 +62,20 @@ def setup_rl(
     module.frozen = FrozenModels(reference, reward_model_of(reward_fn))
 
 
+def sample_and_score(
+    module: pl.LightningModule, batch: PromptBatch, k: int = 1, value_head: nn.Module | None = None
+) -> Rollout:
+    """k sampled responses per prompt (N * k rows, a prompt's k contiguous), with the policy's and the frozen
+    reference's per-token log-probs (and the value head's estimates, PPO), scored by `score`."""
+    s = module.sampling
+    prompts = batch.repeat_interleave(k) if k > 1 else batch
+    rollout = generate_rollouts(
+        module.model, module.tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+        reference=module.frozen.reference, value_head=value_head,
+    )  # fmt: skip
+    return score(module, rollout)
+
+
 def score(module: pl.LightningModule, rollout: Rollout) -> Rollout:
     """The rollout scored by the stage's reward (a composite's components kept), KL-shaped with the current
     coefficient."""
@@ -75,6 +98,59 @@ def rollout_metrics(rollout: Rollout, kl_coef: float) -> tuple[dict[str, Tensor 
         **{f"reward/{name}": values.mean() for name, values in rollout.components.items()},
     }
     return metrics, kl
+
+
+def disable_dropout(model: NanoLM, stage: str) -> None:
+    """A clipped ratio compares the update's log-probs with the rollout's: dropout would make them differ."""
+    if model.config.dropout > 0:
+        log.info("stage %s: dropout %.2f -> 0 (the clipped ratio needs the rollout's log-probs reproducible)",
+                 stage, model.config.dropout)  # fmt: skip
+        model.set_dropout(0.0)
+
+
+def check_manual_precision(module: pl.LightningModule) -> None:
+    """Refuse fp16 for a stage that steps its own optimizer: it would scale the loss in manual_backward, and
+    `minibatch_updates` clips and steps on gradients it assumes unscaled. (Lightning itself refuses
+    trainer.gradient_clip_val under manual optimization.)"""
+    if str(module.trainer.precision).startswith("16"):
+        raise ValueError(
+            f"stage {module.name} does not support trainer.precision={module.trainer.precision}; "
+            "use bf16-mixed or 32-true"
+        )
+
+
+def minibatch_updates(
+    module: pl.LightningModule,
+    rows: int,
+    epochs: int,
+    mini_batch_size: int,
+    max_grad_norm: float,
+    loss_of: Callable[[Tensor], LossOutput],
+) -> dict[str, Tensor]:
+    """`epochs` passes over a rollout's `rows` in shuffled chunks of `mini_batch_size`, each one optimizer update of
+    `loss_of(index)` with gradients clipped to `max_grad_norm` (manual optimization); returns each metric's mean
+    over the updates, and `train/grad_norm`'s. Only the last update goes through Lightning's optimizer, so
+    global_step counts rollout batches, and the scheduler steps once."""
+    opt = module.optimizers()
+    chunks = [
+        perm[i : i + mini_batch_size]
+        for perm in (torch.randperm(rows, device=module.device) for _ in range(epochs))
+        for i in range(0, rows, mini_batch_size)
+    ]
+    metrics: dict[str, list[Tensor]] = {}
+    for n, idx in enumerate(chunks):
+        out = loss_of(idx)
+        for name, value in out.metrics.items():
+            if name.endswith("loss"):
+                check_finite(module.global_step, name, value)
+        opt.zero_grad()
+        module.manual_backward(out.loss)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+        (opt if n == len(chunks) - 1 else opt.optimizer).step()
+        for k, v in {**out.metrics, "train/grad_norm": norm}.items():
+            metrics.setdefault(k, []).append(v.detach())
+    module.lr_schedulers().step()
+    return {k: torch.stack(v).mean() for k, v in metrics.items()}
 
 
 def finish_step(module: pl.LightningModule, rollout: Rollout, kl: Tensor) -> None:

@@ -86,6 +86,7 @@ def schemas() -> dict[str, type]:
     """The structured config of every stage, by the name a stage YAML selects it with."""
     from neuraflux.stages.constitutional import NanoConstitutionalAI
     from neuraflux.stages.dpo import NanoDPO
+    from neuraflux.stages.grpo import NanoGRPO
     from neuraflux.stages.lm import CausalLMStage
     from neuraflux.stages.multitask import NanoMultiTaskRL
     from neuraflux.stages.ppo import NanoPPO
@@ -106,6 +107,7 @@ def schemas() -> dict[str, type]:
         "dpo": schema_of(NanoDPO),
         "ppo": schema_of(NanoPPO),
         "reinforce": schema_of(NanoREINFORCE),
+        "grpo": schema_of(NanoGRPO),
         "constitutional": schema_of(NanoConstitutionalAI),
         "multitask": module_schema("NanoMultiTaskRLSettings", "neuraflux.stages.multitask.NanoMultiTaskRL", settings),
     }
