@@ -6,6 +6,7 @@ trainers, loggers, models, tokenizers or files.
 """
 
 from neuraflux.alignment.combine import combine_weighted, dual_ascent_step, lagrangian, length_score
+from neuraflux.alignment.kto import KTOOutput, kto_loss, kto_reference_point
 from neuraflux.alignment.losses import (
     DPO_LOSS_TYPES,
     IGNORE_INDEX,
@@ -43,6 +44,7 @@ __all__ = [
     "GAEOutput",
     "IGNORE_INDEX",
     "KL_KINDS",
+    "KTOOutput",
     "LossOutput",
     "PolicyLossOutput",
     "ValueLossOutput",
@@ -51,6 +53,8 @@ __all__ = [
     "dual_ascent_step",
     "gae",
     "kl_penalty",
+    "kto_loss",
+    "kto_reference_point",
     "lagrangian",
     "leave_one_out_baseline",
     "length_score",

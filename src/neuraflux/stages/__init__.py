@@ -4,6 +4,7 @@ from neuraflux.model.reward import NanoRewardModel
 from neuraflux.stages.constitutional import NanoConstitutionalAI
 from neuraflux.stages.dpo import NanoDPO
 from neuraflux.stages.grpo import NanoGRPO
+from neuraflux.stages.kto import NanoKTO
 from neuraflux.stages.lm import CausalLMStage, lm_loss, masked_lm_loss
 from neuraflux.stages.multitask import NanoMultiTaskRL
 from neuraflux.stages.ppo import NanoPPO
@@ -15,6 +16,7 @@ __all__ = [
     "NanoConstitutionalAI",
     "NanoDPO",
     "NanoGRPO",
+    "NanoKTO",
     "NanoMultiTaskRL",
     "NanoPPO",
     "NanoREINFORCE",

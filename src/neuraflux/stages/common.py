@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 
+from neuraflux.model import NanoLM
+from neuraflux.model.io import check_same_shape, freeze, load_pretrained
+from neuraflux.model.reward import check_same_tokenizer
 from neuraflux.optim import OptimizerFactory
 
 
@@ -55,6 +60,22 @@ def step_denominator(module: pl.LightningModule, batch, name: str) -> torch.Tens
     if ranks > 1:
         total = module.trainer.strategy.reduce(total, reduce_op="sum")
     return total.clamp(min=1.0) / (window.micro_batches * ranks)
+
+
+def reload_reference(reference_from: str | None, policy: NanoLM, tokenizer, stage: str) -> NanoLM:
+    """The frozen reference of a preference stage resuming from a checkpoint: the model the run started from,
+    loaded again from `reference_from` (stage.init_from), since the policy restored from the checkpoint has moved.
+    ValueError when there is no source, or its tokenizer or shapes are not the policy's."""
+    if reference_from is None:
+        raise ValueError(
+            f"resuming {stage} needs stage.module.reference_from (the model the run started from, normally "
+            "stage.init_from): the policy restored from the checkpoint has moved and is no reference"
+        )
+    where = f"stage.module.reference_from={reference_from}"
+    reference, ref_tokenizer = load_pretrained(Path(reference_from))
+    check_same_tokenizer(ref_tokenizer, tokenizer, where)
+    check_same_shape(policy.config, reference.config, where, "the reference", "the policy has")
+    return freeze(reference)
 
 
 def check_finite(step: int, name: str, value: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None) -> None:

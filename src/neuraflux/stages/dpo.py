@@ -11,7 +11,6 @@ import copy
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -19,8 +18,7 @@ import torch
 from neuraflux.alignment.losses import DPOOutput, dpo_loss, response_logprobs
 from neuraflux.data.preference_batches import SPLITS, Paired, PreferenceBatch
 from neuraflux.model import NanoLM
-from neuraflux.model.io import FrozenModels, check_same_shape, freeze, load_pretrained
-from neuraflux.model.reward import check_same_tokenizer
+from neuraflux.model.io import FrozenModels, freeze
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.common import (
     attached_trainer,
@@ -28,6 +26,7 @@ from neuraflux.stages.common import (
     configure_optimizers,
     is_logging_step,
     log_lr,
+    reload_reference,
     step_denominator,
 )
 from neuraflux.stages.reward import preference_metrics
@@ -229,14 +228,5 @@ class NanoDPO(pl.LightningModule):
         checkpoint["neuraflux"]["reference_from"] = self.reference_from
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference_from is None:
-            raise ValueError(
-                "resuming DPO needs stage.module.reference_from (the model the run started from, normally "
-                "stage.init_from): the policy restored from the checkpoint has moved and is no reference"
-            )
-        where = f"stage.module.reference_from={self.reference_from}"
-        reference, tokenizer = load_pretrained(Path(self.reference_from))
-        check_same_tokenizer(tokenizer, self.tokenizer, where)
-        check_same_shape(self.model.config, reference.config, where, "the reference", "the policy has")
-        self.frozen = FrozenModels(freeze(reference))
+        self.frozen = FrozenModels(reload_reference(self.reference_from, self.model, self.tokenizer, "DPO"))
         self.precomputed = {}

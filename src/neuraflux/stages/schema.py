@@ -87,6 +87,7 @@ def schemas() -> dict[str, type]:
     from neuraflux.stages.constitutional import NanoConstitutionalAI
     from neuraflux.stages.dpo import NanoDPO
     from neuraflux.stages.grpo import NanoGRPO
+    from neuraflux.stages.kto import NanoKTO
     from neuraflux.stages.lm import CausalLMStage
     from neuraflux.stages.multitask import NanoMultiTaskRL
     from neuraflux.stages.ppo import NanoPPO
@@ -105,6 +106,7 @@ def schemas() -> dict[str, type]:
         "causal_lm": schema_of(CausalLMStage),
         "reward": schema_of(RewardModelStage),
         "dpo": schema_of(NanoDPO),
+        "kto": schema_of(NanoKTO),
         "ppo": schema_of(NanoPPO),
         "reinforce": schema_of(NanoREINFORCE),
         "grpo": schema_of(NanoGRPO),
