@@ -191,7 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     s.set_defaults(func=cmd_serve)
+    e = sub.add_parser("export", help="write a model for other libraries (hf: transformers, no custom code)")
+    e.add_argument("model", help="run directory, model directory or .ckpt file")
+    e.add_argument("out", type=Path, help="the directory to write (absent or empty, unless --force)")
+    e.add_argument("--format", default="hf", help="hf: a GPT-2 / GPT-NeoX checkpoint, tokenizer and model card")
+    e.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing same-named files")
+    e.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from neuraflux.model.export import export_model
+
+    try:
+        out = export_model(args.model, args.out, args.format, force=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {out}: transformers' AutoModelForCausalLM and AutoTokenizer load it")
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -73,6 +73,12 @@ def inspect_pretrained(source: str | Path) -> tuple[NanoConfig, NanoTokenizer]:
         config_path, tokenizer_path = model_dir / CONFIG_FILE, model_dir / TOKENIZER_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a model directory written by save_pretrained")
+        from neuraflux.model.hf import inspect_transformers, is_transformers_directory
+
+        if is_transformers_directory(model_dir):  # a GPT-2 / GPT-NeoX checkpoint, e.g. from `neuraflux export`
+            config, tokenizer, recorded = inspect_transformers(model_dir)
+            check_tokenizer_fits(config, tokenizer, tokenizer_path, config_path, recorded)
+            return config, tokenizer
         config = NanoConfig.load(config_path)
         tokenizer = read_tokenizer(tokenizer_path)
         recorded = recorded_tokenizer_fingerprint(config_path)
@@ -97,6 +103,10 @@ def load_pretrained(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
     source = Path(source)
     config, tokenizer = inspect_pretrained(source)
     if source.is_dir():
+        from neuraflux.model.hf import is_transformers_directory, load_transformers
+
+        if is_transformers_directory(model_directory(source)):
+            return load_transformers(model_directory(source), config), tokenizer
         return NanoLM.from_pretrained(model_directory(source)), tokenizer
     ckpt = load_checkpoint_file(source)
     model = NanoLM(config)
