@@ -15,8 +15,10 @@ from neuraflux.data.prompts import encode_prompts, world_prompt_texts
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.grpo import NanoGRPO
+from neuraflux.stages.multitask import NanoMultiTaskRL
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
+from tests.test_multitask import COMPONENT_TAGS, multitask_cfg
 from tests.test_ppo_stage import scalars
 from tests.test_rollout import SMALL_WORLD, token_share
 
@@ -300,3 +302,52 @@ def test_resume_without_init_from_or_into_another_algorithm_is_refused(stage, tm
                        reward_fn=module.reward_fn)  # fmt: skip
     with pytest.raises(ValueError, match=r"trained with reinforce, not grpo"):
         resumed.on_load_checkpoint({"neuraflux": {"algorithm": "reinforce"}})
+
+
+
+def test_multitask_hands_its_composite_reward_to_grpo(tiny_cfg, tmp_path):
+    cfg = multitask_cfg(
+        tiny_cfg,
+        tmp_path,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "stage.module.algorithm=grpo",
+        "stage.module.grpo.group_size=2",
+        "stage.module.grpo.beta=0.1",
+        "stage.module.combine=lagrangian",
+    )
+    metrics, objects = train(cfg)
+    module, tags = objects["module"], scalars(objects["run_dir"])
+    assert isinstance(module, NanoGRPO) and module.group_size == 2 and module.kl_ctl.value == 0.1
+    for tag in (*COMPONENT_TAGS, "objective/reward", "lagrange/harmlessness", "group/reward_std", "val/honesty"):
+        assert tag in tags, tag
+    ckpt = torch.load(objects["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["neuraflux"]["algorithm"] == "grpo" and set(ckpt["neuraflux"]["multipliers"]) == {"harmlessness"}
+    assert all(k.startswith(("model.", "reward_fn.moments.")) for k in ckpt["state_dict"])
+    assert metrics["global_step"] == 2
+
+
+def test_multitask_grpo_refuses_the_shared_kl_settings():
+    tok = NanoTokenizer.train(["abc"], vocab_size=0, mode="char")
+    model = NanoLM(NanoConfig(vocab_size=16, n_layer=1, n_head=1, n_embd=8, block_size=16))
+    with pytest.raises(ValueError, match="stage.module.kl_coef does not apply to algorithm=grpo: .*stage.module.grpo.beta"):
+        NanoMultiTaskRL(model, tok, OptimizerFactory(), algorithm="grpo", world=SMALL_WORLD, kl_coef=0.3)
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_steps=2", "trainer.val_check_interval=2", f"paths.run_dir={tmp_path / 'pre'}"))
+    common = [
+        "stage=grpo", f"stage.init_from={tmp_path / 'pre' / 'model'}", "trainer.val_check_interval=2",
+        "stage.module.max_new_tokens=8", "stage.module.group_size=2", "stage.module.mini_batch_size=4",
+        "optim.total_steps=4", "data.batch_size=4",
+    ]  # fmt: skip
+    _, straight = train(tiny_cfg(*common, "trainer.max_steps=4", f"paths.run_dir={tmp_path / 'a'}"))
+    train(tiny_cfg(*common, "trainer.max_steps=2", f"paths.run_dir={tmp_path / 'b'}"))
+    _, resumed = train(
+        tiny_cfg(*common, "trainer.max_steps=4", f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}")
+    )
+    assert resumed["trainer"].global_step == 4
+    # sampling RNG, data position, optimizer and scheduler continue where they stopped; the reference is rebuilt
+    for (name, a), (_, b) in zip(straight["module"].named_parameters(), resumed["module"].named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)

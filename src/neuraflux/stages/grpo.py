@@ -95,7 +95,7 @@ class NanoGRPO(pl.LightningModule):
             raise ValueError(
                 f"stage.module.grpo_epochs ({grpo_epochs}) and mini_batch_size ({mini_batch_size}) must be >= 1"
             )
-        if clip_eps <= 0 or beta < 0 or max_grad_norm <= 0:
+        if clip_eps <= 0 or beta < 0 or max_grad_norm is None or max_grad_norm <= 0:
             raise ValueError(
                 f"stage.module.clip_eps and max_grad_norm must be > 0 and beta >= 0, got clip_eps={clip_eps}, "
                 f"max_grad_norm={max_grad_norm}, beta={beta}"

@@ -95,13 +95,15 @@ def schemas() -> dict[str, type]:
     from neuraflux.stages.reward import RewardModelStage
 
     # multi-task RL: its own settings, the shared RL ones with REINFORCE's defaults, and each algorithm's own
-    # settings (what PPO or REINFORCE has that the other has not) under `ppo` / `reinforce`
+    # settings (what PPO or REINFORCE has that the other has not, what GRPO has that both have not) under
+    # `ppo` / `reinforce` / `grpo`
     reinforce, ppo = parameters(NanoREINFORCE.__init__), parameters(NanoPPO.__init__)
     common = set(reinforce) & set(ppo)
     settings = parameters(NanoMultiTaskRL)
     settings.update({k: reinforce[k] for k in SHARED_RL})
     settings["reinforce"] = (Any, {k: d for k, (_, d) in reinforce.items() if k not in common})
     settings["ppo"] = (Any, {k: d for k, (_, d) in ppo.items() if k not in common})
+    settings["grpo"] = (Any, {k: d for k, (_, d) in parameters(NanoGRPO.__init__).items() if k not in common})
     return {
         "causal_lm": schema_of(CausalLMStage),
         "reward": schema_of(RewardModelStage),
