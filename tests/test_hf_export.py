@@ -4,6 +4,7 @@ the NanoLM does, the tokenizer and chat template give NeuraFlux's ids and text, 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -287,6 +288,30 @@ def test_a_config_field_the_exporter_does_not_map_is_refused_before_writing(tmp_
     with pytest.raises(ValueError, match="model.rope_theta has no transformers equivalent in this exporter"):
         export_model(tmp_path / "model", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_config_says_full_rotary_to_transformers_4_too(tmp_path, tokenizers):
+    """transformers 4.x reads rotary_pct (default 0.25: a quarter of each head rotated), 5.x rope_parameters."""
+    data = json.loads((export(tmp_path, tiny_model("rope", 320), tokenizers["bpe"]) / "config.json").read_text())
+    assert data["rotary_pct"] == 1.0 and data["rotary_emb_base"] == 500.0
+    assert data["rope_parameters"] == {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}
+    assert not data["use_parallel_residual"] and data["tie_word_embeddings"] and data["hidden_act"] == "gelu"
+
+
+def test_without_transformers_export_names_the_extra_and_reading_back_needs_none(tmp_path, tokenizers, monkeypatch):
+    model = tiny_model("learned", 320)
+    out = export(tmp_path, model, tokenizers["bpe"])
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path / "model"), str(tmp_path / "again")])
+    assert str(exc.value) == (
+        "error: exporting to the transformers format needs the `transformers` package: pip install 'neuraflux[bench]'"
+    )
+    assert not (tmp_path / "again").exists()
+    back, _ = load_pretrained(out)  # stage.init_from: safetensors and JSON only
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids), model(ids))
 
 
 def test_the_model_card_quotes_the_run(tmp_path, tokenizers):

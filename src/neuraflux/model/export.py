@@ -35,11 +35,12 @@ def export_model(source: str | Path, out: str | Path, format: str = "hf", force:
     """Write the model of `source` (run directory, model directory or .ckpt) to `out` in `format`, with a model
     card. `out` must be absent or empty unless `force` (then files of the same name are replaced, others kept),
     and is never where the model is read from."""
-    from neuraflux.model.hf import write_transformers
+    from neuraflux.model.hf import require_transformers, write_transformers
     from neuraflux.model.io import load_pretrained, model_directory
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {format!r}")
+    require_transformers()  # a missing extra is said before anything is read
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such run directory, model directory or checkpoint")

@@ -221,10 +221,16 @@ def transformers_config(config: NanoConfig, tokenizer: NanoTokenizer) -> dict:
         "use_parallel_residual": False,
         "attention_bias": config.bias,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 1.0},
-        # the same two settings under the names transformers 4.x reads (its default rotary_pct is 0.25)
-        "rotary_pct": 1.0,
-        "rotary_emb_base": config.rope_theta,
     }
+
+
+def legacy_keys(config: NanoConfig) -> dict:
+    """The rotary settings again under the names transformers 4.x reads, whose default rotary_pct of 0.25 would
+    otherwise rotate a quarter of each head there. transformers 5 reads `rope_parameters` and drops these when it
+    writes a config, so they are added to the written file."""
+    if config.position_encoding != "rope":
+        return {}
+    return {"rotary_pct": 1.0, "rotary_emb_base": config.rope_theta}
 
 
 def module_names(config: NanoConfig) -> list[tuple[str, str]]:
@@ -486,6 +492,8 @@ def write_transformers(model: NanoLM, tokenizer: NanoTokenizer, directory: str |
         bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id
     )
     config_class(**hf).save_pretrained(directory)
+    written = json.loads((directory / CONFIG_FILE).read_text())
+    (directory / CONFIG_FILE).write_text(json.dumps({**written, **legacy_keys(model.config)}, indent=2) + "\n")
     generation.save_pretrained(directory)
     save_file(to_transformers_state(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / TOKENIZER_FILE).write_text(tokenizer_json(tokenizer))
