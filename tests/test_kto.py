@@ -399,3 +399,17 @@ def test_settings_are_checked_when_the_stage_is_built(init_dir):  # noqa: F811
     with pytest.raises(ValueError, match=r"^stage.module: kto desirable_weight must be > 0, got 0"):
         NanoKTO(model, tokenizer, OptimizerFactory(), desirable_weight=0.0)
     assert math.isclose(NanoKTO(model, tokenizer, OptimizerFactory()).beta, 0.1)
+
+
+def test_resume_reloads_the_reference_and_matches_an_uninterrupted_run(tiny_cfg, tmp_path, init_dir):  # noqa: F811
+    common = ["stage=kto", f"stage.init_from={init_dir}", "optim.total_steps=8", "trainer.val_check_interval=4"]
+    _, straight = train(tiny_cfg(*common, "trainer.max_steps=8", f"paths.run_dir={tmp_path / 'a'}"))
+    train(tiny_cfg(*common, "trainer.max_steps=4", f"paths.run_dir={tmp_path / 'b'}"))
+    _, resumed = train(
+        tiny_cfg(*common, "trainer.max_steps=8", f"resume={tmp_path / 'b'}", f"paths.run_dir={tmp_path / 'c'}")
+    )
+    initial = NanoLM.from_pretrained(init_dir).state_dict()
+    for name, tensor in resumed["module"].reference.state_dict().items():
+        torch.testing.assert_close(tensor, initial[name], atol=0, rtol=0, msg=name)
+    for (name, a), (_, c) in zip(straight["model"].named_parameters(), resumed["model"].named_parameters()):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0, msg=name)

@@ -25,7 +25,7 @@ class KTOOutput(NamedTuple):
 def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """z0 = max(0, mean(policy - reference)) over mismatched pairs `(N,)` each -> scalar, detached.
 
-    The paper's biased estimate of KL(pi_theta(y'|x) || pi_ref(y'|x)) (sec. 4.1): each prompt x_i is paired with
+    The paper's biased estimate of KL(pi_theta(y'|x) || pi_ref(y'|x)) in the KTO loss: each prompt x_i is paired with
     the completion of another example of the batch, so y' is a plausible but unrelated output; the mean log-ratio
     over those pairs, floored at 0 (a KL is not negative), is the point gains and losses are measured from. It is
     detached: z0 is a baseline, not something the policy is trained to move (TRL detaches it too).
@@ -47,14 +47,14 @@ def kto_loss(
 ) -> KTOOutput:
     """Per-example KTO losses from sequence log-probs: `(B,)`, `(B,)`, `(B,)` bool, scalar z0 -> `KTOOutput`.
 
-    Ethayarajh et al. 2024, eq. 7 (arXiv 2402.01306; the equation TRL's KTOTrainer cites). With the implied reward
-    r = log pi_theta(y|x) - log pi_ref(y|x) and z0 from `kto_reference_point`:
+    Ethayarajh et al. 2024 (arXiv 2402.01306), the KTO loss: eq. 7 as TRL's KTOTrainer cites it. With the implied
+    reward r = log pi_theta(y|x) - log pi_ref(y|x) and z0 from `kto_reference_point`:
     - desirable y:   lambda_D * (1 - sigma(beta * (r - z0)))
     - undesirable y: lambda_U * (1 - sigma(beta * (z0 - r)))
     which is lambda_y - v(x, y), the paper's loss, per example. The mean over the batch (desirable and undesirable
-    together) is the training loss; weights lambda_D / lambda_U rebalance unequal class counts (the paper's eq. 8
-    asks for lambda_D n_D / (lambda_U n_U) in [1, 4/3]). Rewards are beta * r, detached; gradients reach only the
-    policy log-probs.
+    together) is the training loss; the weights rebalance unequal class counts (the paper keeps
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3]: eq. 8 as TRL cites it). Rewards are beta * r, detached; gradients
+    reach only the policy log-probs.
     """
     if beta <= 0:
         raise ValueError(f"kto beta must be > 0, got {beta}")

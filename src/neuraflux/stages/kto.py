@@ -54,8 +54,8 @@ class NanoKTO(pl.LightningModule):
         optim: OptimizerFactory,
         name: str = "kto",
         beta: float = 0.1,
-        # lambda_D and lambda_U: the paper (eq. 8) keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the world's
-        # pairs unpair into as many desirable as undesirable examples, so 1 and 1
+        # lambda_D and lambda_U: the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3] (eq. 8 as TRL cites it);
+        # the world's pairs unpair into as many desirable as undesirable examples, so 1 and 1
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         reference_from: str | None = None,
