@@ -331,7 +331,7 @@ def test_the_model_card_quotes_the_run(tmp_path, tokenizers):
     assert "Stage `sft`" in card and "builtin: world" in card and "trainer.max_steps=6 steps, seed 1337" in card
     assert "| val/loss | 1.23457 |" in card and "| global_step | 6 |" in card
     assert "Curriculum stages: pretrain, sft; completed: pretrain." in card
-    assert "## Curriculum report: demo" in card and "| sft | 42 |" in card
+    assert "\n### Curriculum report: demo\n" in card and "| sft | 42 |" in card
     bare = tmp_path / "bare"
     tiny_model("rope", 320, bias=False).save_pretrained(bare, tok)
     card = (export_model(bare, tmp_path / "hf2") / "README.md").read_text()

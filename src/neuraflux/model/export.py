@@ -184,7 +184,7 @@ def training_section(run: Path | None) -> list[str]:
         lines.append(f"The run wrote no {METRICS}.")
     report = run.parent / CURRICULUM_REPORT
     if report.is_file():
-        # the report's headings one level down, under this card's own
-        body = [("#" + line) if line.startswith("#") else line for line in report.read_text().splitlines()]
+        # the report's headings two levels down, under this card's own
+        body = [("##" + line) if line.startswith("#") else line for line in report.read_text().splitlines()]
         lines += ["", "## Curriculum report", "", f"From `{report}`:", "", *body]
     return lines
