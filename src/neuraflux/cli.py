@@ -8,14 +8,31 @@ import sys
 from pathlib import Path
 
 
-def load_model_arg(source: str):
-    """`--model`: the model in eval mode, or exit with one line naming the argument and what is wrong."""
+def load_model_arg(source: str, quantize: str | None = None):
+    """`--model` (and `--quantize`): the model in eval mode, or exit with one line naming the argument and what is
+    wrong."""
     from neuraflux.model.io import load_for_inference
+    from neuraflux.model.quantize import QuantizationError
 
     try:
-        return load_for_inference(source)
+        return load_for_inference(source, quantize)
+    except QuantizationError as err:
+        raise SystemExit(
+            f"error: --quantize {quantize}: {err}" if quantize else f"error: --model {source}: {err}"
+        ) from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --model {source}: {err}") from None
+
+
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    from neuraflux.model.quantize import MODES
+
+    parser.add_argument(
+        "--quantize",
+        choices=MODES,
+        default=None,
+        help="int8 weights (int8-dynamic: int8 activations too), with torchao; see docs/BENCHMARKS.md",
+    )
 
 
 def load_generate_constitution(spec: str, model_source: str):
@@ -64,11 +81,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neuraflux.model import generate_stream
     from neuraflux.tokenizer import StreamDecoder
 
+    if args.quantize is not None and args.dtype != "float32":
+        raise SystemExit("error: --dtype and --quantize: give one (an int8 model computes in float32)")
     torch.manual_seed(args.seed)
-    model, tok = load_model_arg(args.model)
+    model, tok = load_model_arg(args.model, args.quantize)
     # bfloat16 weights halve the bytes a decoding step reads, which is what bounds it at batch 1 on a CPU
     # (docs/BENCHMARKS.md, "Generation"); sampling still runs on float32 logits
-    model = model.to(getattr(torch, args.dtype))
+    if args.quantize is None:
+        model = model.to(getattr(torch, args.dtype))
     if args.constitution is not None:
         import logging
 
@@ -176,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--world", action="store_true", help="with --chat: retrieve from the built-in world's documents")
     g.add_argument("--k", type=int, default=2, help="documents retrieved for the question")
+    add_quantize_arg(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="an interactive session in the terminal, with retrieval over --docs or --world")
     c.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
@@ -184,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, default=2, help="documents retrieved per question")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=0.7)
+    add_quantize_arg(c)
     c.set_defaults(func=cmd_chat)
+    from neuraflux.model.quantize import MODES
+
+    q = sub.add_parser("quantize", help="write an int8 copy of a model that loads without re-quantizing")
+    q.add_argument("model", help="run directory, model directory or .ckpt file (float)")
+    q.add_argument("out", type=Path, help="the quantized model directory to write (must not exist or be empty)")
+    q.add_argument("--mode", choices=MODES, default="int8")
+    q.set_defaults(func=cmd_quantize)
     s = sub.add_parser(
         "serve",
         help="WebSocket + OpenAI-style HTTP server and a chat page (see `neuraflux serve --help`)",
@@ -222,8 +251,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         store = build_store(args.docs, args.world)  # before the model: a bad path fails at once
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    model, tokenizer = load_model_arg(args.model)
+    model, tokenizer = load_model_arg(args.model, args.quantize)
     return Chat(model, tokenizer, store, args.k, args.max_new_tokens, args.temperature).run()
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import shutil
+
+    from neuraflux.model.quantize import quantized_size, save_quantized
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"error: {args.out} already exists and is not empty: give a new directory")
+    model, tokenizer = load_model_arg(args.model, args.mode)
+    save_quantized(model, tokenizer, args.out)
+    source = Path(args.model)
+    run_dir = source if source.is_dir() else source.parent
+    for candidate in (run_dir / "config.yaml", run_dir.parent / "config.yaml"):
+        if candidate.is_file():  # the run's config: evaluation finds the world the model was trained on
+            shutil.copyfile(candidate, args.out / "config.yaml")
+            break
+    print(f"wrote {args.out} ({args.mode}, {quantized_size(args.out) / 1e6:.2f} MB)")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from neuraflux.model.quantize import MODES as QUANT_MODES
 from neuraflux.rag import NanoRAG, world_retriever
 from neuraflux.world import (
     SPLITS,
@@ -153,13 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=EvalSettings.limit, help="questions per split; 0 = all")
     p.add_argument("--k", type=int, default=EvalSettings.k, help="retrieved chunks in the prompt")
     p.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: beside the model)")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="evaluate an int8 copy (torchao)")
     args = p.parse_args(argv)
-    from neuraflux.model.io import load_for_inference
+    from neuraflux.cli import load_model_arg
 
-    try:
-        model, tokenizer = load_for_inference(args.model)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: --model {args.model}: {err}") from None
+    model, tokenizer = load_model_arg(args.model, args.quantize)
     source = Path(args.model)
     world = generate_world(world_config_for(source if source.is_dir() else source.parent))
     result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit, k=args.k))

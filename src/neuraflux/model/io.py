@@ -25,6 +25,7 @@ from neuraflux.model.nano import (
     check_weights_file,
     load_state_checked,
 )
+from neuraflux.model.quantize import QUANT_FILE
 from neuraflux.tokenizer import NanoTokenizer
 
 # what must agree between two models for weights to move from one to the other
@@ -71,6 +72,11 @@ def inspect_pretrained(source: str | Path) -> tuple[NanoConfig, NanoTokenizer]:
     if source.is_dir():
         model_dir = model_directory(source)
         config_path, tokenizer_path = model_dir / CONFIG_FILE, model_dir / TOKENIZER_FILE
+        if (model_dir / QUANT_FILE).is_file():  # model/quantize.py's directory: int8, inference only
+            raise ValueError(
+                f"{model_dir} holds an int8-quantized model, which is for inference (generate, chat, serve, eval): "
+                "train from the float model it was quantized from"
+            )
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a model directory written by save_pretrained")
         from neuraflux.model.hf import inspect_transformers, is_transformers_directory
@@ -169,10 +175,27 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}"
 
 
-def load_for_inference(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
-    """`load_pretrained`, in eval mode."""
+def load_for_inference(source: str | Path, quantize: str | None = None) -> tuple[NanoLM, NanoTokenizer]:
+    """`load_pretrained`, in eval mode; a directory written by `neuraflux quantize` loads as it was saved, and
+    `quantize` ("int8" or "int8-dynamic", model/quantize.py) quantizes a float model after loading it. Asking a
+    quantized directory for another mode is a ValueError: its float weights are gone."""
+    from neuraflux.model import quantize as q
+
+    if q.is_quantized_directory(source):
+        model, tokenizer = q.load_quantized(source)
+        if quantize is not None and quantize != model.quantization:
+            raise q.QuantizationError(
+                f"{source} is already quantized to {model.quantization}; quantize the float model to get {quantize}"
+            )
+        return model, tokenizer
+    if quantize is not None:
+        q.check_mode(quantize)
+        q.torchao_quantization()  # a missing torchao is said before the weights are read
     model, tokenizer = load_pretrained(source)
-    return model.eval(), tokenizer
+    model.eval()
+    if quantize is not None:
+        q.quantize_model(model, quantize)
+    return model, tokenizer
 
 
 def check_same_shape(

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from neuraflux.model.quantize import MODES as QUANT_MODES
 from neuraflux.serve.app import builtin_world, create_app, load_constitution, load_retriever
 from neuraflux.serve.config import ServeConfig, load_serve_config
 from neuraflux.serve.engine import Engine, GenerationRequest
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env NEURAFLUX_API_KEY)")
     p.add_argument("--config", type=Path, default=None, help="a serve YAML instead of conf/serve/default.yaml")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="serve an int8 copy (torchao)")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. max_concurrent=16 retrieval=world")
     return p
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from neuraflux.model.io import load_for_inference
+    from neuraflux.model.quantize import QuantizationError
     from neuraflux.serve.config import DEFAULT_CONFIG
     from neuraflux.serve.guard import uvicorn_config
 
@@ -67,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --config {args.config}: no such file")
     try:
         config = load_serve_config(args.overrides, args.config or DEFAULT_CONFIG)
-        given = {
-            k: v for k, v in (("host", args.host), ("port", args.port), ("api_key", args.api_key)) if v is not None
-        }
+        flags = (("host", args.host), ("port", args.port), ("api_key", args.api_key), ("quantize", args.quantize))
+        given = {k: v for k, v in flags if v is not None}
         config = dataclasses.replace(config, **given)  # re-runs the checks
         constitution = load_constitution(config.constitution)  # create_app loads it again; here it fails early
     except ValueError as err:
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        model, tokenizer = load_for_inference(args.model)
+        model, tokenizer = load_for_inference(args.model, config.quantize)
+    except QuantizationError as err:
+        raise SystemExit(f"error: quantize={config.quantize}: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --model {args.model}: {err}") from None
     needs_world = config.retrieval == "world" or (constitution is not None and constitution.needs_world)

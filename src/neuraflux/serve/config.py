@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from neuraflux.model.quantize import MODES as QUANT_MODES
 from neuraflux.paths import conf_file
 
 DEFAULT_CONFIG = conf_file("serve", "default.yaml")
@@ -42,6 +43,7 @@ class ServeConfig:
     top_p: float | None = 0.95
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    quantize: str | None = None  # None (the model's float weights), int8 or int8-dynamic (model/quantize.py)
     # what a request may cost before a route runs (serve/guard.py): bytes of an HTTP body or a WebSocket message,
     # and seconds for a request's headers, then its body, to arrive
     max_body_bytes: int = 1_000_000
@@ -67,6 +69,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be a list of strings or null, got {value!r}")
         if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 0:
             raise ValueError(f"serve.max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if self.quantize is not None and self.quantize not in QUANT_MODES:
+            raise ValueError(f"serve.quantize must be null or one of {', '.join(QUANT_MODES)}, got {self.quantize!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port}")
         if not (isinstance(self.request_timeout_s, int | float) and 0 < self.request_timeout_s < math.inf):

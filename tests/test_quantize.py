@@ -1,0 +1,184 @@
+"""Int8 quantization (model/quantize.py): what is quantized, how close the logits stay, the saved directory loading
+back to the same numbers without re-quantizing, and each refusal in one line."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from neuraflux.cli import main  # noqa: E402
+from neuraflux.model import NanoConfig, NanoLM, generate  # noqa: E402
+from neuraflux.model.io import load_for_inference, load_pretrained  # noqa: E402
+from neuraflux.model.quantize import (  # noqa: E402
+    MODES,
+    QuantizationError,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
+from neuraflux.tokenizer import NanoTokenizer  # noqa: E402
+
+TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Per position encoding, a float model directory (trained once for the module), its tokenizer and ids."""
+    root = tmp_path_factory.mktemp("float")
+    return {pe: train_model_dir(root, pe) for pe in ("learned", "rope")}
+
+
+@pytest.fixture
+def model_dir(trained, tmp_path):
+    """model_dir(tmp_path, position_encoding): a copy of the trained float model in this test's tmp_path."""
+    import shutil
+
+    def copy(_, position_encoding="learned"):
+        path, tok, ids = trained[position_encoding]
+        shutil.copytree(path, tmp_path / path.name)
+        return tmp_path / path.name, tok, ids
+
+    return copy
+
+
+def train_model_dir(tmp_path, position_encoding="learned"):
+    """A float model directory with a model briefly trained to predict TEXT (random weights give near-uniform
+    logits, where any rounding flips the argmax)."""
+    tok = NanoTokenizer.train([TEXT], 0, mode="char")
+    torch.manual_seed(0)
+    config = NanoConfig(
+        vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=2, n_head=2, n_embd=32,
+        position_encoding=position_encoding, dropout=0.0,
+    )  # fmt: skip
+    model = NanoLM(config)
+    ids = torch.tensor([tok.encode(TEXT)[:33]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path / f"float-{position_encoding}"
+    model.save_pretrained(out, tok)
+    return out, tok, ids[:, :-1]
+
+
+@pytest.mark.parametrize("position_encoding", ["learned", "rope"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_matrix_is_int8_and_the_logits_stay_close(tmp_path, mode, position_encoding, model_dir):
+    path, tok, ids = model_dir(tmp_path, position_encoding)
+    reference, _ = load_for_inference(path)
+    quantized, _ = load_for_inference(path, mode)
+    kinds = {name: type(p).__name__ for name, p in quantized.named_parameters()}
+    matrices = [n for n in kinds if n.endswith(".weight") and "ln" not in n and "position" not in n]
+    # 2 layers x (qkv, attention out, mlp in, mlp out) + the head + the token table
+    assert len(matrices) == 2 * 4 + 2
+    assert {kinds[n] for n in matrices} <= {"Int8Tensor", "IntxUnpackedToInt8Tensor"}
+    assert kinds["transformer.embeddings.token.weight"] == "IntxUnpackedToInt8Tensor"
+    assert kinds["lm_head.weight"] == "Int8Tensor"
+    with torch.no_grad():
+        want, got = reference(ids), quantized(ids)
+    # per-row int8 rounds each weight by at most half a step (|w|max / 254): the logits move by a few percent of
+    # their spread, and the trained model's next-token choice survives at (nearly) every position
+    spread = want.std().item()
+    assert (got - want).abs().max().item() < 0.1 * spread
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_saved_int8_directory_loads_to_the_same_numbers_without_float_weights(tmp_path, mode, model_dir):
+    path, tok, ids = model_dir(tmp_path)
+    quantized, _ = load_for_inference(path, mode)
+    out = save_quantized(quantized, tok, tmp_path / "q")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    # the vocabulary matrix is stored once per use, as int8 rows: no float copy of it is left
+    assert dtypes["transformer.embeddings.token.weight.qdata"] == "I8"
+    assert dtypes["lm_head.weight.qdata"] == "I8"
+    assert "transformer.embeddings.token.weight" not in dtypes and "lm_head.weight" not in dtypes
+    assert json.loads((out / "quantization.json").read_text())["mode"] == mode
+    loaded, loaded_tok = load_for_inference(out)
+    assert loaded.quantization == mode and loaded_tok.fingerprint() == tok.fingerprint()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), quantized(ids))  # the stored int8 data, not a second rounding
+    # and it decodes (the KV-cache path) exactly as the in-memory quantized model does
+    prompt = ids[:, :5]
+    assert torch.equal(generate(loaded, prompt, 10, temperature=0), generate(quantized, prompt, 10, temperature=0))
+
+
+def test_quantize_command_writes_a_directory_generate_uses_and_training_refuses(tmp_path, capsys, model_dir):
+    path, tok, ids = model_dir(tmp_path)
+    (tmp_path / "config.yaml").write_text("world:\n  seed: 3\n")  # the run's config, beside its model directory
+    out = tmp_path / "int8"
+    assert main(["quantize", str(path.parent / path.name), str(out)]) == 0
+    assert "int8" in capsys.readouterr().out
+    assert (out / "config.yaml").read_text() == "world:\n  seed: 3\n"  # evaluation finds the run's world
+    with pytest.raises(SystemExit, match="already exists and is not empty"):
+        main(["quantize", str(path), str(out)])
+    argv = ["generate", "--model", str(out), "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(argv) == 0
+    expected = generate(load_quantized(out)[0], torch.tensor([tok.encode("the ")]), 8, temperature=0)
+    assert capsys.readouterr().out == "the " + tok.decode(expected[0, 4:], skip_special_tokens=True) + "\n"
+    with pytest.raises(SystemExit, match=r"error: --quantize int8-dynamic: .* already quantized to int8"):
+        main([*argv, "--quantize", "int8-dynamic"])
+    with pytest.raises(SystemExit, match="error: --dtype and --quantize: give one"):
+        main(["generate", "--model", str(path), *argv[3:], "--quantize", "int8", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="int8-quantized model, which is for inference"):
+        load_pretrained(out)  # what stage.init_from and resume go through
+
+
+def test_no_silent_float_fallback(tmp_path, monkeypatch, model_dir):
+    path, _, _ = model_dir(tmp_path)
+    import torchao.quantization as tq
+
+    real = tq.quantize_
+
+    def skips_linears(model, config, filter_fn=None):  # a torchao that leaves the linear layers alone
+        if isinstance(config, tq.IntxWeightOnlyConfig):
+            real(model, config, filter_fn=filter_fn)
+
+    monkeypatch.setattr(tq, "quantize_", skips_linears)
+    with pytest.raises(QuantizationError, match=r"weights left in float after quantizing to int8: \['transformer"):
+        load_for_inference(path, "int8")
+
+
+def test_a_missing_torchao_names_the_extra_before_the_weights_are_read(tmp_path, monkeypatch, model_dir):
+    import sys
+
+    path, _, _ = model_dir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import raises ImportError
+    monkeypatch.setattr("neuraflux.model.io.load_pretrained", lambda *a: pytest.fail("weights read first"))
+    with pytest.raises(SystemExit, match=r"error: --quantize int8: quantization needs torchao: pip install"):
+        main(["generate", "--model", str(path), "--prompt", "x", "--quantize", "int8"])
+
+
+def test_a_damaged_quantized_directory_is_named(tmp_path, model_dir):
+    path, tok, _ = model_dir(tmp_path)
+    out = save_quantized(load_for_inference(path, "int8")[0], tok, tmp_path / "q")
+    record = json.loads((out / "quantization.json").read_text())
+    record["tensors"].pop("lm_head.weight")  # the head's int8 parts are now unexpected plain tensors
+    (out / "quantization.json").write_text(json.dumps(record))
+    with pytest.raises(QuantizationError, match=r"model.safetensors: weights do not match the model"):
+        load_quantized(out)
+    (out / "quantization.json").write_text('{"mode": "int4", "format_version": 1, "tensors": {}}')
+    with pytest.raises(QuantizationError, match=r"quantization.json is unreadable: unknown quantization mode 'int4'"):
+        load_quantized(out)
+
+
+def test_quantizing_twice_is_refused(tmp_path, model_dir):
+    path, _, _ = model_dir(tmp_path)
+    model, _ = load_for_inference(path, "int8")
+    with pytest.raises(QuantizationError, match=r"already quantized \(int8\)"):
+        quantize_model(model, "int8-dynamic")
+
+
+def test_the_server_config_names_a_bad_quantize_value():
+    from neuraflux.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match="serve.quantize must be null or one of int8, int8-dynamic, got 'int4'"):
+        ServeConfig(quantize="int4")
