@@ -6,6 +6,13 @@ trainers, loggers, models, tokenizers or files.
 """
 
 from neuraflux.alignment.combine import combine_weighted, dual_ascent_step, lagrangian, length_score
+from neuraflux.alignment.grpo import (
+    GRPO_LOSS_AGGREGATIONS,
+    GRPOLossOutput,
+    aggregate_tokens,
+    group_advantages,
+    grpo_loss,
+)
 from neuraflux.alignment.kto import KTOOutput, kto_loss, kto_reference_point
 from neuraflux.alignment.losses import (
     DPO_LOSS_TYPES,
@@ -42,16 +49,21 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "FixedKLController",
     "GAEOutput",
+    "GRPOLossOutput",
+    "GRPO_LOSS_AGGREGATIONS",
     "IGNORE_INDEX",
     "KL_KINDS",
     "KTOOutput",
     "LossOutput",
     "PolicyLossOutput",
     "ValueLossOutput",
+    "aggregate_tokens",
     "combine_weighted",
     "dpo_loss",
     "dual_ascent_step",
     "gae",
+    "group_advantages",
+    "grpo_loss",
     "kl_penalty",
     "kto_loss",
     "kto_reference_point",

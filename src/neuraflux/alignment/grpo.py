@@ -25,7 +25,7 @@ from neuraflux.alignment.stats import check_mask, check_same_shape, kl_penalty, 
 #   grpo     mean over responses of each response's mean over its tokens (Shao et al. 2024, eq. 3: 1/G sum 1/|o_i|)
 #   dr_grpo  sum over every token / (responses * max_tokens), a constant (Liu et al. 2025: no 1/|o_i|)
 #   dapo     sum over every token / the number of tokens (Yu et al. 2025, "DAPO", eq. 8: token-level loss)
-LOSS_AGGREGATIONS: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
+GRPO_LOSS_AGGREGATIONS: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 
 # Added to the group's std before dividing (as TRL does), so a group whose rewards are all equal gets advantage 0.
 GROUP_STD_EPS = 1e-4
@@ -72,8 +72,8 @@ def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.float().view(-1, group_size).std(dim=1)
 
 
-def aggregate(per_token: Tensor, mask: Tensor, how: str = "grpo", max_tokens: int | None = None) -> Tensor:
-    """One scalar from a `(B, T)` per-token loss over the valid tokens, as `how` (one of `LOSS_AGGREGATIONS`) says.
+def aggregate_tokens(per_token: Tensor, mask: Tensor, how: str = "grpo", max_tokens: int | None = None) -> Tensor:
+    """One scalar from a `(B, T)` per-token loss over the valid tokens, as `how` (one of `GRPO_LOSS_AGGREGATIONS`) says.
 
     grpo: (1/B) sum_i (1/|o_i|) sum_t x_it, each response weighs the same whatever its length (Shao et al. 2024,
     eq. 3); dr_grpo: (1/(B * max_tokens)) sum_i sum_t x_it, each token weighs the same and the divisor is a constant
@@ -89,7 +89,7 @@ def aggregate(per_token: Tensor, mask: Tensor, how: str = "grpo", max_tokens: in
         if max_tokens is None or max_tokens < 1:
             raise ValueError(f"dr_grpo aggregation divides by max_tokens (the generation budget), got {max_tokens}")
         return masked_sum(per_token, mask) / (per_token.shape[0] * max_tokens)
-    raise ValueError(f"loss aggregation must be one of {list(LOSS_AGGREGATIONS)}, got {how!r}")
+    raise ValueError(f"loss aggregation must be one of {list(GRPO_LOSS_AGGREGATIONS)}, got {how!r}")
 
 
 def grpo_loss(
@@ -108,7 +108,7 @@ def grpo_loss(
     Per token: -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta * k3, with r = exp(logp - logp_old) per token (the
     sampling policy's log-probs as old), A the response's advantage `(B,)` on each of its tokens, and
     k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 (eq. 4, Schulman's estimator, `kl_penalty(..., "k3")`), whose
-    gradient pulls the policy towards the reference. Then `aggregate(..., aggregation, max_tokens)`.
+    gradient pulls the policy towards the reference. Then `aggregate_tokens(..., aggregation, max_tokens)`.
     """
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     check_mask(logprobs, mask)
@@ -122,10 +122,10 @@ def grpo_loss(
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     surrogate = torch.maximum(unclipped, clipped)  # (B, T)
     kl = kl_penalty(logprobs, ref_logprobs.detach(), "k3")  # (B, T)
-    loss = aggregate(surrogate + beta * kl, mask, aggregation, max_tokens)
+    loss = aggregate_tokens(surrogate + beta * kl, mask, aggregation, max_tokens)
     return GRPOLossOutput(
         loss,
-        aggregate(surrogate.detach(), mask, aggregation, max_tokens),
+        aggregate_tokens(surrogate.detach(), mask, aggregation, max_tokens),
         masked_mean(kl.detach(), mask),
         masked_mean((clipped > unclipped).float(), mask).detach(),
     )

@@ -9,7 +9,7 @@ One training step is one batch of N prompts (so `trainer.max_steps` counts rollo
    tokens; `scale_rewards: false` leaves out the division (Dr. GRPO). No value network: the group is the baseline;
 3. `grpo_epochs` passes over the rows in shuffled `mini_batch_size` chunks, each one optimizer update of the
    clipped per-token surrogate (ratio to the sampling policy, `clip_eps`) plus `beta` times the per-token k3 KL to
-   the reference, aggregated as `loss_aggregation` says (`alignment.grpo.LOSS_AGGREGATIONS`: grpo, the paper's
+   the reference, aggregated as `loss_aggregation` says (`alignment.grpo.GRPO_LOSS_AGGREGATIONS`: grpo, the paper's
    per-response mean; dr_grpo, a sum over tokens divided by a constant; dapo, a token mean), gradients clipped to
    `max_grad_norm`.
 
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 from torch import Tensor
 
-from neuraflux.alignment.grpo import LOSS_AGGREGATIONS, group_advantages, group_reward_std, grpo_loss
+from neuraflux.alignment.grpo import GRPO_LOSS_AGGREGATIONS, group_advantages, group_reward_std, grpo_loss
 from neuraflux.alignment.losses import LossOutput
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import PromptBatch
@@ -75,7 +75,7 @@ class NanoGRPO(pl.LightningModule):
         beta: float = 0.04,  # weight of the per-token k3 KL to the reference in the loss (the paper's 0.04)
         clip_eps: float = 0.2,  # the ratio to the sampling policy is clipped to [1 - clip_eps, 1 + clip_eps]
         scale_rewards: bool = True,  # divide by the group's reward std (GRPO); false: Dr. GRPO
-        loss_aggregation: str = "grpo",  # grpo | dr_grpo | dapo (neuraflux.alignment.grpo.aggregate)
+        loss_aggregation: str = "grpo",  # grpo | dr_grpo | dapo (neuraflux.alignment.grpo.aggregate_tokens)
         grpo_epochs: int = 1,  # passes over each rollout batch (the paper's mu)
         mini_batch_size: int | None = 16,  # responses per optimizer update; null: all N * G in one
         max_grad_norm: float = 1.0,
@@ -87,9 +87,9 @@ class NanoGRPO(pl.LightningModule):
                 f"stage.module.group_size must be an integer >= 2, got {group_size!r}: a group of one is its own "
                 "mean, so its advantage is always 0 (and its reward std, which scale_rewards divides by, undefined)"
             )
-        if loss_aggregation not in LOSS_AGGREGATIONS:
+        if loss_aggregation not in GRPO_LOSS_AGGREGATIONS:
             raise ValueError(
-                f"stage.module.loss_aggregation must be one of {list(LOSS_AGGREGATIONS)}, got {loss_aggregation!r}"
+                f"stage.module.loss_aggregation must be one of {list(GRPO_LOSS_AGGREGATIONS)}, got {loss_aggregation!r}"
             )
         if grpo_epochs < 1 or (mini_batch_size is not None and mini_batch_size < 1):
             raise ValueError(
