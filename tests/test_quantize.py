@@ -14,7 +14,6 @@ from neuraflux.model.io import load_for_inference, load_pretrained  # noqa: E402
 from neuraflux.model.quantize import (  # noqa: E402
     MODES,
     QuantizationError,
-    load_quantized,
     quantize_model,
     save_quantized,
 )
@@ -122,7 +121,7 @@ def test_quantize_command_writes_a_directory_generate_uses_and_training_refuses(
         main(["quantize", str(path), str(out)])
     argv = ["generate", "--model", str(out), "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"]
     assert main(argv) == 0
-    expected = generate(load_quantized(out)[0], torch.tensor([tok.encode("the ")]), 8, temperature=0)
+    expected = generate(load_for_inference(out)[0], torch.tensor([tok.encode("the ")]), 8, temperature=0)
     assert capsys.readouterr().out == "the " + tok.decode(expected[0, 4:], skip_special_tokens=True) + "\n"
     with pytest.raises(SystemExit, match=r"error: --quantize int8-dynamic: .* already quantized to int8"):
         main([*argv, "--quantize", "int8-dynamic"])
@@ -164,10 +163,10 @@ def test_a_damaged_quantized_directory_is_named(tmp_path, model_dir):
     record["tensors"].pop("lm_head.weight")  # the head's int8 parts are now unexpected plain tensors
     (out / "quantization.json").write_text(json.dumps(record))
     with pytest.raises(QuantizationError, match=r"model.safetensors: weights do not match the model"):
-        load_quantized(out)
+        load_for_inference(out)
     (out / "quantization.json").write_text('{"mode": "int4", "format_version": 1, "tensors": {}}')
     with pytest.raises(QuantizationError, match=r"quantization.json is unreadable: unknown quantization mode 'int4'"):
-        load_quantized(out)
+        load_for_inference(out)
 
 
 def test_quantizing_twice_is_refused(tmp_path, model_dir):

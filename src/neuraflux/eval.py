@@ -156,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="where to write eval.json (default: beside the model)")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="evaluate an int8 copy (torchao)")
     args = p.parse_args(argv)
-    from neuraflux.cli import load_model_arg
+    from neuraflux.model.io import load_for_inference
+    from neuraflux.model.quantize import QuantizationError
 
-    model, tokenizer = load_model_arg(args.model, args.quantize)
+    try:
+        model, tokenizer = load_for_inference(args.model, args.quantize)
+    except QuantizationError as err:
+        raise SystemExit(f"error: --quantize {args.quantize}: {err}" if args.quantize else f"error: {err}") from None
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: --model {args.model}: {err}") from None
     source = Path(args.model)
     world = generate_world(world_config_for(source if source.is_dir() else source.parent))
     result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit, k=args.k))

@@ -181,8 +181,14 @@ def load_for_inference(source: str | Path, quantize: str | None = None) -> tuple
     quantized directory for another mode is a ValueError: its float weights are gone."""
     from neuraflux.model import quantize as q
 
-    if q.is_quantized_directory(source):
-        model, tokenizer = q.load_quantized(source)
+    directory = model_directory(Path(source))
+    if (directory / QUANT_FILE).is_file():
+        config = NanoConfig.load(directory / CONFIG_FILE)
+        tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
+        fingerprint = recorded_tokenizer_fingerprint(directory / CONFIG_FILE)
+        check_tokenizer_fits(config, tokenizer, directory / TOKENIZER_FILE, directory / CONFIG_FILE, fingerprint)
+        model = q.load_quantized(directory, config)
+        model.tokenizer = tokenizer
         if quantize is not None and quantize != model.quantization:
             raise q.QuantizationError(
                 f"{source} is already quantized to {model.quantization}; quantize the float model to get {quantize}"

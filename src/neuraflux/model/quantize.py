@@ -176,18 +176,11 @@ def save_quantized(model: NanoLM, tokenizer, directory: str | Path) -> Path:
     return directory
 
 
-def is_quantized_directory(source: str | Path) -> bool:
-    source = Path(source)
-    return source.is_dir() and ((source / QUANT_FILE).is_file() or (source / "model" / QUANT_FILE).is_file())
-
-
-def load_quantized(source: str | Path):
-    """(model, tokenizer) from a directory written by save_quantized (or a run directory holding one as `model/`),
-    in eval mode, its int8 tensors rebuilt from the stored data. Errors name the file."""
-    from neuraflux.model.io import check_tokenizer_fits, model_directory, read_tokenizer
+def load_quantized(directory: Path, config: NanoConfig) -> NanoLM:
+    """The model of a directory written by save_quantized, in eval mode, its int8 tensors rebuilt from the stored
+    data (`model.io.load_for_inference` checks config.json and tokenizer.json first). Errors name the file."""
     from neuraflux.model.nano import load_weights_file
 
-    directory = model_directory(Path(source))
     record_path = directory / QUANT_FILE
     try:
         record = json.loads(record_path.read_text())
@@ -196,9 +189,6 @@ def load_quantized(source: str | Path):
         raise QuantizationError(f"{record_path} is unreadable: {err}") from None
     if record.get("format_version") != FORMAT_VERSION:
         raise QuantizationError(f"{record_path}: format_version {record.get('format_version')} is not {FORMAT_VERSION}")
-    config = NanoConfig.load(directory / CONFIG_FILE)
-    tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
-    check_tokenizer_fits(config, tokenizer, directory / TOKENIZER_FILE, directory / CONFIG_FILE)
     stored = load_weights_file(directory / WEIGHTS_FILE)
     torchao_quantization()
     from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor
@@ -236,9 +226,8 @@ def load_quantized(source: str | Path):
     model.load_state_dict(state, assign=True)  # the model has no buffers: rotary angles are computed per call
     model.requires_grad_(False).eval()
     model.quantization = mode
-    model.tokenizer = tokenizer
     check_quantized(model)
-    return model, tokenizer
+    return model
 
 
 def quantized_size(directory: str | Path) -> int:
