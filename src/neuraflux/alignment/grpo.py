@@ -24,7 +24,7 @@ from neuraflux.alignment.stats import check_mask, check_same_shape, kl_penalty, 
 # how the per-token loss becomes one number, by the paper that uses it:
 #   grpo     mean over responses of each response's mean over its tokens (Shao et al. 2024, eq. 3: 1/G sum 1/|o_i|)
 #   dr_grpo  sum over every token / (responses * max_tokens), a constant (Liu et al. 2025: no 1/|o_i|)
-#   dapo     sum over every token / the number of tokens (Yu et al. 2025, "DAPO", eq. 8: token-level loss)
+#   dapo     sum over every token / the number of tokens (Yu et al. 2025, "DAPO", sec. 3.3: token-level loss)
 GRPO_LOSS_AGGREGATIONS: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 
 # Added to the group's std before dividing (as TRL does), so a group whose rewards are all equal gets advantage 0.
@@ -78,7 +78,7 @@ def aggregate_tokens(per_token: Tensor, mask: Tensor, how: str = "grpo", max_tok
     grpo: (1/B) sum_i (1/|o_i|) sum_t x_it, each response weighs the same whatever its length (Shao et al. 2024,
     eq. 3); dr_grpo: (1/(B * max_tokens)) sum_i sum_t x_it, each token weighs the same and the divisor is a constant
     (Liu et al. 2025); dapo: sum_i sum_t x_it / sum_i |o_i|, each token weighs the same within the batch (Yu et al.
-    2025, eq. 8).
+    2025, "DAPO", sec. 3.3).
     """
     check_mask(per_token, mask)
     if how == "grpo":
