@@ -12,12 +12,17 @@ from omegaconf import OmegaConf
 from neuraflux.alignment.grpo import aggregate_tokens, group_advantages, grpo_loss
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import encode_prompts, world_prompt_texts
+from neuraflux.data.splits import prompt_key
+from neuraflux.feedback.measure import held_out_prompts, render
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.optim import OptimizerFactory
 from neuraflux.stages.grpo import NanoGRPO
 from neuraflux.stages.multitask import NanoMultiTaskRL
 from neuraflux.tokenizer import NanoTokenizer
 from neuraflux.train import train
+from neuraflux.world import WorldConfig, generate_world, rl_prompts
+from tests.conftest import compose_cfg
+from tests.test_held_out import trained_prompts
 from tests.test_multitask import COMPONENT_TAGS, multitask_cfg
 from tests.test_ppo_stage import scalars
 from tests.test_rollout import SMALL_WORLD, token_share
@@ -331,6 +336,18 @@ def test_multitask_grpo_refuses_the_shared_kl_settings():
     model = NanoLM(NanoConfig(vocab_size=16, n_layer=1, n_head=1, n_embd=8, block_size=16))
     with pytest.raises(ValueError, match=r"kl_coef does not apply to algorithm=grpo: .*grpo\.beta"):
         NanoMultiTaskRL(model, tok, OptimizerFactory(), algorithm="grpo", world=SMALL_WORLD, kl_coef=0.3)
+
+
+def test_grpo_never_trains_on_a_prompt_the_report_measures(tmp_path):
+    # stage=grpo is not in curriculum=full (which tests/test_held_out.py composes), so its prompts are checked here
+    cfg = compose_cfg(tmp_path, "curriculum=none", "stage=grpo", tiny=False)
+    world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
+    measured = {
+        prompt_key(render(p)) for p in held_out_prompts(world, val_fraction=cfg.held_out_fraction, seed=cfg.seed)
+    }
+    tokenizer = NanoTokenizer.train([render(p) for p in rl_prompts(world)], vocab_size=0, mode="char")
+    trained = {prompt_key(p) for p in trained_prompts(cfg, tokenizer)}
+    assert measured and trained and not measured & trained
 
 
 @pytest.mark.slow
