@@ -1,11 +1,17 @@
 """Greedy decoding speed of the `nano` shape against Hugging Face transformers' GPT-2 of the same shape.
 
 Both with a KV cache, random weights (built offline, nothing downloaded), prompt 32 tokens, 256 new tokens, at
-batch 1 and 8, with the weights in float32 and in bfloat16 (both models cast whole, `model.to(dtype)`). Rounds
-alternate NeuraFlux and GPT-2 so both see the same machine load; medians are compared.
-Needs the bench extra: pip install -e ".[bench]".
+batch 1 and 8. Weights: float32 and bfloat16 (both models cast whole, `model.to(dtype)`), and for NeuraFlux also
+int8 and int8-dynamic (model/quantize.py; GPT-2 runs in float32 beside them). Rounds alternate NeuraFlux and GPT-2
+so both see the same machine load; medians are compared.
 
-    python bench/generate.py --threads 1 --rounds 3 [--dtypes float32 bfloat16]
+It prints the CPU's matmul flags (AMX, AVX512-BF16, VNNI) and the memory bandwidth measured in the same run, and
+per NeuraFlux row the weight bandwidth a batch-1 step achieves: the bytes of every weight read per token
+(model/quantize.py's int8 layout for int8 rows) times tokens per second. Above the DRAM figure, the weights are
+being read from cache.
+Needs the bench and quantize extras: pip install -e ".[bench,quantize]".
+
+    python bench/generate.py --threads 1 --rounds 3 [--weights float32 bfloat16 int8 int8-dynamic]
     python bench/generate.py --threads 1 --profile     # where a batch-1 step goes
 """
 
@@ -20,15 +26,38 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, memory_bandwidth  # noqa: E402
 
 from neuraflux.model import NanoConfig, NanoLM, generate  # noqa: E402
+from neuraflux.model.quantize import MODES, quantize_model  # noqa: E402
 
 SHAPE = dict(vocab_size=10_000, n_layer=6, n_head=6, n_embd=384, max_position_embeddings=512)
 
 
-def ours(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
+def nano(weights: str) -> NanoLM:
     torch.manual_seed(0)
-    model = NanoLM(NanoConfig(block_size=512, **SHAPE)).eval().to(dtype)
+    model = NanoLM(NanoConfig(block_size=512, **SHAPE)).eval()
+    if weights in MODES:
+        return quantize_model(model, weights)
+    return model.to(getattr(torch, weights))
+
+
+def weight_bytes(model: NanoLM) -> int:
+    """Bytes a batch-1 step reads: every weight tensor (int8 data and scales for quantized ones), the embedding and
+    position tables excepted (a step reads one row of each)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embeddings" in name:
+            continue
+        parts = [p.qdata, p.scale] if hasattr(p, "qdata") else [p]
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+def ours(batch: int, prompt: int, new: int, weights: str) -> float:
+    model = nano(weights)
     ids = torch.randint(10, 10_000, (batch, prompt))
     generate(model, ids, 4, temperature=0)  # warm-up
     t0 = time.perf_counter()
@@ -67,7 +96,7 @@ def profile(prompt: int, new: int) -> None:
         )
 
 
-def hf(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
+def hf(batch: int, prompt: int, new: int, weights: str) -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -78,7 +107,8 @@ def hf(batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:
         n_layer=SHAPE["n_layer"],
         n_head=SHAPE["n_head"],
     )
-    model = GPT2LMHeadModel(cfg).eval().to(dtype)
+    # GPT-2 has no int8 path here: beside an int8 row it runs in float32
+    model = GPT2LMHeadModel(cfg).eval().to(getattr(torch, weights if weights not in MODES else "float32"))
     ids = torch.randint(10, 10_000, (batch, prompt))
     kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
@@ -97,31 +127,38 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    p.add_argument(
+        "--weights", nargs="+", choices=["float32", "bfloat16", *MODES], default=["float32", "bfloat16", *MODES]
+    )
     p.add_argument("--profile", action="store_true", help="only: the matmul share of a step and the projection timings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads={args.threads}, prompt={args.prompt}, new={args.new}")
+    print(describe(args.threads))
+    dram = memory_bandwidth(args.threads)
+    print(f"memory bandwidth (copy, {args.threads} threads): {dram / 1e9:.1f} GB/s")
+    print(f"prompt={args.prompt}, new={args.new}")
     if args.profile:
         profile(args.prompt, 64)
         return
     print(
-        "| batch | weights | NeuraFlux tokens/s | GPT-2 (transformers) tokens/s | ratio | NeuraFlux vs GPT-2 float32 |"
+        "| batch | weights | NeuraFlux tokens/s | GPT-2 (transformers) tokens/s | ratio | NeuraFlux vs GPT-2 float32 "
+        "| weight MB/step | weight GB/s (batch 1) | of DRAM |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in args.batches:
         medians = {}
-        for name in args.dtypes:
-            dtype = getattr(torch, name)
+        for name in args.weights:
             a, h = [], []
             for _ in range(args.rounds):
-                a.append(ours(b, args.prompt, args.new, dtype))
-                h.append(hf(b, args.prompt, args.new, dtype))
+                a.append(ours(b, args.prompt, args.new, name))
+                h.append(hf(b, args.prompt, args.new, name))
             medians[name] = statistics.median(a), statistics.median(h)
         base = medians.get("float32", (None, None))[1]
         for name, (ma, mh) in medians.items():
             vs = f"{ma / base:.2f}" if base else "–"
-            print(f"| {b} | {name} | {ma:.0f} | {mh:.0f} | {ma / mh:.2f} | {vs} |")
+            step_bytes = weight_bytes(nano(name))
+            rate = f"{step_bytes * ma / 1e9:.1f} | {step_bytes * ma / dram:.0%}" if b == 1 else "– | –"
+            print(f"| {b} | {name} | {ma:.0f} | {mh:.0f} | {ma / mh:.2f} | {vs} | {step_bytes / 1e6:.1f} | {rate} |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def load_model_arg(source: str, quantize: str | None = None):
         raise SystemExit(f"error: --model {source}: {err}") from None
 
 
-def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --compile, for every command that decodes."""
     from neuraflux.model.quantize import MODES
 
     parser.add_argument(
@@ -32,6 +33,11 @@ def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
         choices=MODES,
         default=None,
         help="int8 weights (int8-dynamic: int8 activations too), with torchao; see docs/BENCHMARKS.md",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with torch.compile'd steps (compiles for seconds first; pays with --quantize, see BENCHMARKS)",
     )
 
 
@@ -69,6 +75,16 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --prompt is empty: give the text to continue (with --chat, the user's message)")
 
 
+def check_compile_arg(args: argparse.Namespace, model) -> None:
+    from neuraflux.model.generation import check_compilable
+
+    if args.compile:
+        try:
+            check_compilable(model)
+        except ValueError as err:
+            raise SystemExit(f"error: --compile: {err}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_args(args)
     if (args.docs or args.world) and not args.chat:
@@ -85,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("error: --dtype and --quantize: give one (an int8 model computes in float32)")
     torch.manual_seed(args.seed)
     model, tok = load_model_arg(args.model, args.quantize)
+    check_compile_arg(args, model)
     # bfloat16 weights halve the bytes a decoding step reads, which is what bounds it at batch 1 on a CPU
     # (docs/BENCHMARKS.md, "Generation"); sampling still runs on float32 logits
     if args.quantize is None:
@@ -141,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             eos_token_id=stops,
+            compile=args.compile,
         ):
             if bool(finished[0]):
                 stopped = True
@@ -196,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--world", action="store_true", help="with --chat: retrieve from the built-in world's documents")
     g.add_argument("--k", type=int, default=2, help="documents retrieved for the question")
-    add_quantize_arg(g)
+    add_speed_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="an interactive session in the terminal, with retrieval over --docs or --world")
     c.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
@@ -205,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, default=2, help="documents retrieved per question")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=0.7)
-    add_quantize_arg(c)
+    add_speed_args(c)
     c.set_defaults(func=cmd_chat)
     from neuraflux.model.quantize import MODES
 
@@ -252,7 +270,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     model, tokenizer = load_model_arg(args.model, args.quantize)
-    return Chat(model, tokenizer, store, args.k, args.max_new_tokens, args.temperature).run()
+    check_compile_arg(args, model)
+    return Chat(model, tokenizer, store, args.k, args.max_new_tokens, args.temperature, compile=args.compile).run()
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -80,7 +80,7 @@ class Session:
 
 class Chat:
     def __init__(self, model, tokenizer, retriever=None, k: int = 2, max_new_tokens: int = 128,
-                 temperature: float = 0.7, out=sys.stdout):  # fmt: skip
+                 temperature: float = 0.7, out=sys.stdout, compile: bool = False):  # fmt: skip
         from neuraflux.rag import NanoRAG
 
         self.model, self.tokenizer, self.out = model, tokenizer, out
@@ -88,6 +88,7 @@ class Chat:
         self.max_new_tokens = min(max_new_tokens, self.window // 2)
         self.rag = NanoRAG(model, tokenizer, retriever, k=k) if retriever is not None else None
         self.session = Session(temperature)
+        self.compile = compile  # torch.compile'd decode steps (model/generation.py)
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -127,7 +128,7 @@ class Chat:
         try:
             for token, finished in generate_stream(
                 self.model, torch.tensor([ids]), self.max_new_tokens,
-                temperature=self.session.temperature, eos_token_id=stops,
+                temperature=self.session.temperature, eos_token_id=stops, compile=self.compile,
             ):  # fmt: skip
                 if bool(finished[0]):
                     break

@@ -6,7 +6,11 @@ from collections.abc import Iterator
 
 import torch
 
-from neuraflux.model.nano import KVCache, NanoLM
+from neuraflux.model.nano import KVCache, NanoLM, slot_attention_mask
+
+# A compiled decode step is traced for one (batch, cache capacity): capacities are rounded up to this many
+# positions so that prompts of different lengths share a compilation.
+CAPACITY_STEP = 64
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -72,6 +76,45 @@ def ends_with_padding(attention_mask: torch.Tensor) -> bool:
     return not bool(attention_mask[:, -1].all())
 
 
+def static_decode_step(
+    model: NanoLM, token: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+) -> torch.Tensor:
+    """One decoding step whose shapes never change, so torch.compile traces it once: token (B, 1) is written at
+    positions (B,) of a per-row cache of fixed capacity (`KVCache.slots`), every query attends over the whole
+    capacity with the slots after its own position masked -> logits (B, V). Does not advance `positions`."""
+    t = model.transformer
+    position_ids = positions[:, None]  # (B, 1)
+    x = t.embeddings(token, position_ids)
+    rope = t._rope(position_ids)
+    mask = slot_attention_mask(positions, 1, keys[0].shape[2])  # (B, 1, 1, capacity)
+    for i, layer in enumerate(t.layers):
+        x, _ = layer(x, mask, (keys[i], values[i], positions), False, rope)
+    return model.lm_head(t.ln_f(x)[:, -1])
+
+
+_compiled_step = None
+
+
+def check_compilable(model: NanoLM) -> None:
+    """ValueError for a model whose compiled step is known to compute wrong numbers: torchao 0.18's int8-dynamic
+    tensors under inductor on the CPU give logits off by ~20 where the eager step is within 0.2 of the uncached
+    forward (`python bench/quantize_quality.py --run RUN` measures it), so that pair is refused rather than decoded
+    into garbage."""
+    if getattr(model, "quantization", None) == "int8-dynamic":
+        raise ValueError(
+            "compiled decoding of an int8-dynamic model computes wrong logits (torchao 0.18, CPU): decode it without "
+            "compile, or quantize to int8"
+        )
+
+
+def compiled_decode_step():
+    """`static_decode_step` under torch.compile, built on first use (dynamo re-traces it per model and shape)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(static_decode_step, dynamic=False)
+    return _compiled_step
+
+
 @torch.inference_mode()
 def generate_stream(
     model: NanoLM,
@@ -84,11 +127,14 @@ def generate_stream(
     attention_mask: torch.Tensor | None = None,
     use_kv_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) per decoding step for left-padded (or unpadded) prompts.
 
     Rows that have finished keep yielding the pad id. Stops when every row has finished or after
-    max_new_tokens steps.
+    max_new_tokens steps. `compile`: after an eager prefill, each step is `static_decode_step` under torch.compile
+    (the first call per batch size and capacity compiles, seconds); it pays where eager steps spend their time in
+    Python, e.g. torchao's int8 tensors (docs/BENCHMARKS.md). Padded prompts decode eagerly either way.
     """
     config = model.config
     B, T0 = input_ids.shape
@@ -111,6 +157,10 @@ def generate_stream(
     mask = attention_mask.bool() if padded else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     head = model.lm_head
+    if compile and use_kv_cache and mask is None:
+        check_compilable(model)
+        yield from _compiled_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator)
+        return
     if use_kv_cache:
         p = head.weight
         cache = KVCache.empty(config, B, T0 + max_new_tokens, p.device, p.dtype)
@@ -136,6 +186,26 @@ def generate_stream(
             hidden = model.transformer(seq, mask)
 
 
+def _compiled_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator):
+    config, (B, T0) = model.config, input_ids.shape
+    capacity = min(config.max_position_embeddings, -(-(T0 + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
+    p = model.lm_head.weight
+    cache = KVCache.slots(config, B, capacity, p.device, p.dtype)
+    logits = model.lm_head(model.transformer(input_ids, kv_cache=cache)[:, -1])  # prefill: positions -> T0
+    step = compiled_decode_step()
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, config.pad_token_id)
+        if eos.numel():
+            finished = finished | torch.isin(token, eos)
+        yield token, finished
+        if bool(finished.all()):
+            return
+        logits = step(model, token[:, None], cache.positions, cache.keys, cache.values)
+        cache.positions += 1
+
+
 def generate(
     model: NanoLM,
     input_ids: torch.Tensor,
@@ -148,6 +218,7 @@ def generate(
     use_kv_cache: bool = True,
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Prompt + new tokens as (B, T0 + n) with n <= max_new_tokens.
 
@@ -168,7 +239,17 @@ def generate(
         steps = [
             tok
             for tok, _ in generate_stream(
-                model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, mask, use_kv_cache, generator
+                model,
+                ids,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                eos_token_id,
+                mask,
+                use_kv_cache,
+                generator,
+                compile,
             )
         ]
     finally:

@@ -1,0 +1,76 @@
+"""The static-shape decode step (model/generation.py) and its torch.compile'd form: logits equal to the uncached
+forward at every position, tokens equal to eager decoding, and the one pairing that is refused."""
+
+import pytest
+import torch
+
+from neuraflux.model import NanoConfig, NanoLM, generate
+from neuraflux.model.generation import check_compilable, compiled_decode_step, static_decode_step
+from neuraflux.model.nano import KVCache
+
+PROMPT = 7
+
+
+def tiny(position_encoding: str, seed: int = 0) -> NanoLM:
+    torch.manual_seed(seed)
+    config = NanoConfig(
+        vocab_size=64, block_size=32, max_position_embeddings=64, n_layer=2, n_head=2, n_embd=32,
+        position_encoding=position_encoding,
+    )  # fmt: skip
+    return NanoLM(config).eval()
+
+
+@torch.no_grad()
+def stepped_logits(model: NanoLM, ids: torch.Tensor, step) -> torch.Tensor:
+    """Logits for positions PROMPT-1 .. T-2 of ids: an eager prefill of the first PROMPT tokens into a 64-slot cache,
+    then one `step` per following token (teacher forcing, so every position is compared, not one greedy path)."""
+    cache = KVCache.slots(model.config, ids.shape[0], 64, "cpu", torch.float32)
+    out = [model.lm_head(model.transformer(ids[:, :PROMPT], kv_cache=cache)[:, -1])]
+    for t in range(PROMPT, ids.shape[1] - 1):
+        out.append(step(model, ids[:, t : t + 1], cache.positions, cache.keys, cache.values))
+        cache.positions += 1
+    return torch.stack(out, dim=1)  # (B, T - PROMPT, V)
+
+
+@pytest.mark.parametrize("position_encoding", ["learned", "rope"])
+def test_the_static_step_gives_the_uncached_logits_at_every_position(position_encoding):
+    model = tiny(position_encoding)
+    ids = torch.randint(5, 64, (3, 30))
+    with torch.no_grad():
+        want = model(ids)[:, PROMPT - 1 : -1]
+    got = stepped_logits(model, ids, static_decode_step)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decoding_equals_eager(quantize):
+    model = tiny("rope", seed=1)
+    if quantize is not None:
+        pytest.importorskip("torchao")
+        from neuraflux.model.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    ids = torch.randint(5, 64, (2, 30))
+    eager = stepped_logits(model, ids, static_decode_step)
+    compiled = stepped_logits(model, ids, compiled_decode_step())
+    assert (compiled - eager).abs().max().item() < 1e-4  # the same arithmetic, fused: float rounding only
+    prompt = ids[:, :PROMPT]
+    assert torch.equal(
+        generate(model, prompt, 20, temperature=0, compile=True), generate(model, prompt, 20, temperature=0)
+    )
+    # sampling draws the same tokens from the same generator state
+    a = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(3), compile=True)
+    b = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_compiling_an_int8_dynamic_model_is_refused_by_name():
+    pytest.importorskip("torchao")
+    from neuraflux.model.quantize import quantize_model
+
+    model = quantize_model(tiny("learned"), "int8-dynamic")
+    with pytest.raises(ValueError, match="compiled decoding of an int8-dynamic model computes wrong logits"):
+        check_compilable(model)
+    with pytest.raises(ValueError, match="int8-dynamic"):
+        generate(model, torch.tensor([[5, 6, 7]]), 3, temperature=0, compile=True)
