@@ -56,12 +56,13 @@ def weight_bytes(model: NanoLM) -> int:
     return total
 
 
-def ours(batch: int, prompt: int, new: int, weights: str) -> float:
+def ours(batch: int, prompt: int, new: int, weights: str, compile: bool = False) -> float:
     model = nano(weights)
     ids = torch.randint(10, 10_000, (batch, prompt))
-    generate(model, ids, 4, temperature=0)  # warm-up
+    # warm-up; compiled, the whole length, so the timed run finds its (batch, capacity) compiled
+    generate(model, ids, new if compile else 4, temperature=0, compile=compile)
     t0 = time.perf_counter()
-    out = generate(model, ids, new, temperature=0)
+    out = generate(model, ids, new, temperature=0, compile=compile)
     dt = time.perf_counter() - t0
     assert out.shape == (batch, prompt + new)
     return batch * new / dt
@@ -130,6 +131,9 @@ def main() -> None:
     p.add_argument(
         "--weights", nargs="+", choices=["float32", "bfloat16", *MODES], default=["float32", "bfloat16", *MODES]
     )
+    p.add_argument(
+        "--compile", action="store_true", help="also rows decoded with --compile (not int8-dynamic: refused)"
+    )
     p.add_argument("--profile", action="store_true", help="only: the matmul share of a step and the projection timings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,16 +151,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for b in args.batches:
         medians = {}
-        for name in args.weights:
+        rows = [(w, False) for w in args.weights]
+        rows += [(w, True) for w in args.weights if args.compile and w != "int8-dynamic"]
+        for name, compiled in rows:
             a, h = [], []
             for _ in range(args.rounds):
-                a.append(ours(b, args.prompt, args.new, name))
+                a.append(ours(b, args.prompt, args.new, name, compiled))
                 h.append(hf(b, args.prompt, args.new, name))
-            medians[name] = statistics.median(a), statistics.median(h)
+            medians[name + (" compiled" if compiled else "")] = statistics.median(a), statistics.median(h)
         base = medians.get("float32", (None, None))[1]
         for name, (ma, mh) in medians.items():
             vs = f"{ma / base:.2f}" if base else "–"
-            step_bytes = weight_bytes(nano(name))
+            step_bytes = weight_bytes(nano(name.split()[0]))
             rate = f"{step_bytes * ma / 1e9:.1f} | {step_bytes * ma / dram:.0%}" if b == 1 else "– | –"
             print(f"| {b} | {name} | {ma:.0f} | {mh:.0f} | {ma / mh:.2f} | {vs} | {step_bytes / 1e6:.1f} | {rate} |")
 
