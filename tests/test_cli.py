@@ -221,5 +221,5 @@ def test_generate_with_docs_answers_with_the_retrieved_context_and_names_its_sou
     expected = render_prompt([Message("user", "how tall is zorn?")], context="the tower of zorn is tall")
     assert seen[0] == tok.encode(expected)  # the question with the top document as its context turn
     assert capsys.readouterr().err.startswith(f"source [{tmp_path / 'zorn.txt'}#0] the tower of zorn is tall")
-    with pytest.raises(SystemExit, match="error: --docs and --world need --chat"):
+    with pytest.raises(SystemExit, match="error: --docs, --world and --store need --chat"):
         main([*args, "--world"])

@@ -10,9 +10,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tests.conftest import CONF
 
-# groups of the training config; `serve` configures the server (loaded by neuraflux.serve.config, tested there)
-# and `hydra` is Hydra's own run-directory settings
-TRAIN_GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("serve", "hydra"))
+# groups of the training config; `serve` configures the server (loaded by neuraflux.serve.config, tested there),
+# `retrieval` the stores `neuraflux index` builds (retrieval.documents, tests/test_index.py), and `hydra` is Hydra's
+# own run-directory settings
+NOT_TRAINING = ("serve", "retrieval", "hydra")
+TRAIN_GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_TRAINING)
 OPTIONS = [(group, p.stem) for group in TRAIN_GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 # a group that only a stage's defaults list pulls in is composed with that stage
 NEEDS = {"constitution": ["stage=constitutional"]}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from neuraflux.model import NanoConfig, NanoLM
-from neuraflux.terminal import chunk_text, document_chunks
+from neuraflux.retrieval.documents import chunk_text, document_chunks
 from neuraflux.tokenizer import NanoTokenizer
 from tests.test_serve_engine import ALPHABET, tiny_lm
 
@@ -146,7 +146,7 @@ def test_documents_are_chunked_with_overlap_and_bad_paths_named(tmp_path, docs):
     assert [len(c) for c in long][:2] == [500, 500] and long[1].startswith("y" * 100)
     ids, texts = document_chunks([str(docs)])
     assert [i.rsplit("/", 1)[-1] for i in ids] == ["kaesrus.md#0", "zorn.txt#0"]  # .bin is not a document
-    with pytest.raises(ValueError, match=r"--docs .*nope: no such file or folder"):
+    with pytest.raises(ValueError, match=r"nope: no such file or folder"):
         document_chunks([str(tmp_path / "nope")])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(byte 3\)"):

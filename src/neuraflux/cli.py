@@ -87,9 +87,9 @@ def check_compile_arg(args: argparse.Namespace, model) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_args(args)
-    if (args.docs or args.world) and not args.chat:
+    if (args.docs or args.world or args.store) and not args.chat:
         raise SystemExit(
-            "error: --docs and --world need --chat: retrieved documents go in the chat format's context turn"
+            "error: --docs, --world and --store need --chat: retrieved documents go in the chat format's context turn"
         )
     import torch
 
@@ -116,16 +116,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not filter_log.handlers:
             filter_log.addHandler(logging.StreamHandler(sys.stderr))
     sources = []
-    if args.docs or args.world:  # the question with the retrieved documents as its context turn
+    if args.docs or args.world or args.store:  # the question with the retrieved documents as its context turn
         from neuraflux.rag import NanoRAG
         from neuraflux.terminal import build_store
 
         try:
-            store = build_store(args.docs, args.world)
+            store = build_store(args.docs, args.world, args.store)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-        rag = NanoRAG(model, tok, store, k=args.k)
-        text, sources = rag.build_prompt(args.prompt, store.search(args.prompt, args.k), args.max_new_tokens)
+        k = retrieval_k(args)
+        rag = NanoRAG(model, tok, store, k=k)
+        text, sources = rag.build_prompt(args.prompt, store.search(args.prompt, k), args.max_new_tokens)
     else:
         # the prompt is text: with --chat one user turn, without it raw text; neither can hold a special token
         text = render_prompt([Message("user", args.prompt)]) if args.chat else escape_special(args.prompt)
@@ -213,14 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--docs", nargs="+", default=None, help="with --chat: text/markdown files or folders to retrieve from"
     )
     g.add_argument("--world", action="store_true", help="with --chat: retrieve from the built-in world's documents")
-    g.add_argument("--k", type=int, default=2, help="documents retrieved for the question")
+    g.add_argument("--store", default=None, help="with --chat: a store written by `neuraflux index` to retrieve from")
+    g.add_argument("--k", type=int, default=None, help="documents retrieved (default: conf/retrieval k)")
     add_speed_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="an interactive session in the terminal, with retrieval over --docs or --world")
     c.add_argument("--model", required=True, help="run directory, model directory or .ckpt file")
     c.add_argument("--docs", nargs="+", default=None, help="text/markdown files or folders to retrieve from")
     c.add_argument("--world", action="store_true", help="retrieve from the built-in world's documents")
-    c.add_argument("--k", type=int, default=2, help="documents retrieved per question")
+    c.add_argument("--store", default=None, help="a store written by `neuraflux index` to retrieve from")
+    c.add_argument("--k", type=int, default=None, help="documents retrieved per question (default: conf/retrieval k)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=0.7)
     add_speed_args(c)
@@ -232,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", type=Path, help="the quantized model directory to write (must not exist or be empty)")
     q.add_argument("--mode", choices=MODES, default="int8")
     q.set_defaults(func=cmd_quantize)
+    i = sub.add_parser("index", help="chunk and embed text/markdown files into a retrieval store (conf/retrieval)")
+    i.add_argument(
+        "items", nargs="+", metavar="PATH_OR_KEY=VALUE",
+        help="files and folders (.txt, .md, .markdown, .rst), and retrieval settings as key=value (index=hnsw k=3)",
+    )  # fmt: skip
+    i.add_argument("--out", type=Path, required=True, help="the store directory to write (chat/generate --store)")
+    i.set_defaults(func=cmd_index)
     s = sub.add_parser(
         "serve",
         help="WebSocket + OpenAI-style HTTP server and a chat page (see `neuraflux serve --help`)",
@@ -263,15 +273,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise SystemExit(f"error: --temperature must be a number >= 0, got {args.temperature}")
-    if args.k < 1 or args.max_new_tokens < 1:
+    if (args.k is not None and args.k < 1) or args.max_new_tokens < 1:
         raise SystemExit("error: --k and --max-new-tokens must be at least 1")
     try:
-        store = build_store(args.docs, args.world)  # before the model: a bad path fails at once
+        store = build_store(args.docs, args.world, args.store)  # before the model: a bad path fails at once
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     model, tokenizer = load_model_arg(args.model, args.quantize)
     check_compile_arg(args, model)
-    return Chat(model, tokenizer, store, args.k, args.max_new_tokens, args.temperature, compile=args.compile).run()
+    chat = Chat(model, tokenizer, store, retrieval_k(args), args.max_new_tokens, args.temperature, compile=args.compile)
+    return chat.run()
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -293,6 +304,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def retrieval_k(args: argparse.Namespace) -> int:
+    """--k, else conf/retrieval's k."""
+    from neuraflux.retrieval.documents import load_retrieval_settings
+
+    return args.k if args.k is not None else load_retrieval_settings().k
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from neuraflux.retrieval import RetrievalError
+    from neuraflux.retrieval.documents import index_documents, load_retrieval_settings
+
+    overrides = [p for p in args.items if "=" in p and not Path(p).exists()]
+    paths = [p for p in args.items if p not in overrides]
+    if not paths:
+        raise SystemExit("error: no files or folders to index: give at least one PATH")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"error: {args.out} already exists and is not empty: give a new directory")
+    try:
+        settings = load_retrieval_settings(overrides)
+        store = index_documents(paths, settings)
+    except (RetrievalError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    store.save(args.out)
+    files = len({i.rsplit("#", 1)[0] for i in store.ids})
+    kind = f"{settings.index} index, {settings.embedder['type']} embedder"
+    print(f"wrote {args.out}: {len(store)} chunks of {files} files ({kind})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from neuraflux.serve import main as serve_main
 
@@ -304,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # the server parses its own arguments (and Hydra-style key=value overrides)
         args = argparse.Namespace(func=cmd_serve, rest=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "index" and not any(e.startswith("-") for e in extra):
+            args.items += extra  # paths and key=value settings may also follow --out
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 HELP = """commands:
   /reset     forget the conversation
@@ -21,54 +20,6 @@ HELP = """commands:
   /temp X    sampling temperature (0: greedy)
   /help      this list
   /quit      end the session (or Ctrl-D); Ctrl-C stops an answer"""
-DOC_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
-CHUNK_CHARS = 600  # a chunk of a document: paragraphs joined up to about this many characters
-OVERLAP_CHARS = 100  # the end of one chunk repeated at the start of the next, so a fact split between them is kept
-
-
-def chunk_text(text: str, size: int = CHUNK_CHARS, overlap: int = OVERLAP_CHARS) -> list[str]:
-    """Paragraphs joined up to `size` characters, each chunk after the first starting with the last `overlap`
-    characters of the one before; a paragraph longer than `size` is cut into pieces of `size` that overlap by
-    `overlap` characters."""
-    chunks: list[str] = []
-    for p in (p.strip() for p in text.split("\n\n")):
-        if not p:
-            continue
-        if len(p) > size:
-            chunks += [p[i : i + size] for i in range(0, len(p) - overlap, size - overlap)]
-        elif chunks and len(chunks[-1]) + 2 + len(p) <= size:
-            chunks[-1] += "\n\n" + p
-        else:
-            chunks.append(((chunks[-1][-overlap:] + " ") if chunks and overlap else "") + p)
-    return chunks
-
-
-def document_chunks(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(ids, texts) of every chunk of the text files under `paths` (files, or folders searched for .txt/.md/.rst);
-    an id is `file#n`. ValueError naming a path that does not exist, is not UTF-8 text, or holds no text."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"--docs {raw}: no such file or folder")
-    ids, texts = [], []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"--docs {f}: not UTF-8 text (byte {err.start})") from None
-        for n, chunk in enumerate(chunk_text(text)):
-            ids.append(f"{f}#{n}")
-            texts.append(chunk)
-    if not texts:
-        raise ValueError(f"--docs {' '.join(paths)}: no text found (files ending in {', '.join(DOC_SUFFIXES)})")
-    return ids, texts
-
-
 @dataclass
 class Session:
     """The conversation, the sampling temperature and the last answer's sources."""
@@ -201,16 +152,21 @@ class Chat:
             self.answer(line)
 
 
-def build_store(docs: list[str] | None, world: bool):
-    """The retrieval store for `--docs PATH...` and/or `--world`, or None; ValueError names a bad path."""
+def build_store(docs: list[str] | None, world: bool, store: str | None = None):
+    """The retrieval store for `--docs PATH...` and/or `--world`, or a saved one (`--store DIR`, from `neuraflux
+    index`), or None; ValueError names a bad path. --docs chunks and embeds as conf/retrieval/default.yaml says."""
+    if store is not None:
+        if docs or world:
+            raise ValueError("--store is a saved store: give it alone, not with --docs or --world")
+        from neuraflux.retrieval import Retriever
+
+        return Retriever.load(store)
     if not docs and not world:
         return None
-    from neuraflux.retrieval import Retriever
+    from neuraflux.retrieval.documents import index_documents, load_retrieval_settings
 
-    retriever = Retriever()
-    if docs:
-        ids, texts = document_chunks(docs)
-        retriever.add(texts, ids=ids)
+    settings = load_retrieval_settings()
+    retriever = index_documents(docs, settings) if docs else settings.retriever()
     if world:
         from neuraflux.world import WorldConfig, generate_world
 
