@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import describe, has_fast_bf16  # noqa: E402
 
 from neuraflux.model import NanoConfig, NanoLM  # noqa: E402
 from neuraflux.optim import OptimizerFactory  # noqa: E402
@@ -242,6 +245,12 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(args.threads))
+    if args.precision.startswith("bf16") and not has_fast_bf16():
+        print(
+            "this CPU has neither AMX nor AVX512-BF16: bfloat16 matmuls are emulated and slower than float32 here, "
+            "so train with trainer.precision=32-true on it; the figures below measure the emulation, not bf16"
+        )
     print(
         f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps} "
         f"position_encoding={args.position_encoding}"
