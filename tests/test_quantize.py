@@ -181,3 +181,26 @@ def test_the_server_config_names_a_bad_quantize_value():
 
     with pytest.raises(ValueError, match="serve.quantize must be null or one of int8, int8-dynamic, got 'int4'"):
         ServeConfig(quantize="int4")
+
+
+def test_eval_and_serve_take_quantize(tmp_path, model_dir, monkeypatch):
+    """`python -m neuraflux.eval --quantize` evaluates the int8 copy; `neuraflux serve --quantize` serves it."""
+    import neuraflux.eval as ev
+    from neuraflux import serve
+
+    class Loaded(Exception):
+        """Raised where the command would start its work: it has loaded the model it was given."""
+
+    def stop(model, *args, **kwargs):
+        raise Loaded(model.quantization)
+
+    path, tok, _ = model_dir(tmp_path)
+    monkeypatch.setattr(ev, "evaluate", stop)
+    with pytest.raises(Loaded, match="^int8$"):
+        ev.main(["--model", str(path), "--quantize", "int8"])
+    monkeypatch.setattr(serve, "create_app", lambda config, model, *a, **k: stop(model))
+    with pytest.raises(Loaded, match="^int8-dynamic$"):
+        serve.main(["--model", str(path), "--quantize", "int8-dynamic"])
+    out = save_quantized(load_for_inference(path, "int8")[0], tok, tmp_path / "q")
+    with pytest.raises(SystemExit, match="error: --quantize int8-dynamic: .* already quantized to int8"):
+        ev.main(["--model", str(out), "--quantize", "int8-dynamic"])
