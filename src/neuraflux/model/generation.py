@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -156,20 +156,12 @@ def generate_stream(
     padded = not bool(attention_mask.all())
     mask = attention_mask.bool() if padded else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    head = model.lm_head
     if compile and use_kv_cache and mask is None:
         check_compilable(model)
-        yield from _compiled_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator)
-        return
-    if use_kv_cache:
-        p = head.weight
-        cache = KVCache.empty(config, B, T0 + max_new_tokens, p.device, p.dtype)
-        hidden = model.transformer(input_ids, mask, kv_cache=cache)
+        logits, advance = _compiled_decoder(model, input_ids, max_new_tokens)
     else:
-        seq = input_ids
-        hidden = model.transformer(seq, mask)
+        logits, advance = _eager_decoder(model, input_ids, max_new_tokens, mask, use_kv_cache)
     for _ in range(max_new_tokens):
-        logits = head(hidden[:, -1])  # (B, V): only the last position is needed
         token = sample_next(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, config.pad_token_id)
         if eos.numel():
@@ -177,33 +169,49 @@ def generate_stream(
         yield token, finished
         if bool(finished.all()):
             return
+        logits = advance(token)
+
+
+Decoder = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _eager_decoder(model: NanoLM, input_ids, max_new_tokens: int, mask, use_kv_cache: bool) -> Decoder:
+    """The prompt's next-token logits (B, V), and `advance`: the next tokens (B,) -> their next-token logits. With
+    a KV cache each step reads one new position; without, the whole sequence again. A padding mask grows a column a
+    step."""
+    B, T0 = input_ids.shape
+    head, seq = model.lm_head, input_ids
+    cache = None
+    if use_kv_cache:
+        cache = KVCache.empty(model.config, B, T0 + max_new_tokens, head.weight.device, head.weight.dtype)
+
+    def advance(token: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, seq
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
-        if use_kv_cache:
-            hidden = model.transformer(token[:, None], mask, kv_cache=cache)
-        else:
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            hidden = model.transformer(seq, mask)
+        if cache is not None:
+            return head(model.transformer(token[:, None], mask, kv_cache=cache)[:, -1])
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        return head(model.transformer(seq, mask)[:, -1])
+
+    return head(model.transformer(input_ids, mask, kv_cache=cache)[:, -1]), advance  # (B, V): last position only
 
 
-def _compiled_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, generator):
+def _compiled_decoder(model: NanoLM, input_ids, max_new_tokens: int) -> Decoder:
+    """As `_eager_decoder` for unpadded prompts, each step the compiled `static_decode_step` over a slot cache whose
+    capacity is rounded up to CAPACITY_STEP positions (one compilation serves prompts of different lengths)."""
     config, (B, T0) = model.config, input_ids.shape
     capacity = min(config.max_position_embeddings, -(-(T0 + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
-    p = model.lm_head.weight
-    cache = KVCache.slots(config, B, capacity, p.device, p.dtype)
-    logits = model.lm_head(model.transformer(input_ids, kv_cache=cache)[:, -1])  # prefill: positions -> T0
+    weight = model.lm_head.weight
+    cache = KVCache.slots(config, B, capacity, weight.device, weight.dtype)
     step = compiled_decode_step()
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        token = token.masked_fill(finished, config.pad_token_id)
-        if eos.numel():
-            finished = finished | torch.isin(token, eos)
-        yield token, finished
-        if bool(finished.all()):
-            return
+
+    def advance(token: torch.Tensor) -> torch.Tensor:
         logits = step(model, token[:, None], cache.positions, cache.keys, cache.values)
         cache.positions += 1
+        return logits
+
+    return model.lm_head(model.transformer(input_ids, kv_cache=cache)[:, -1]), advance  # prefill: positions -> T0
 
 
 def generate(
