@@ -209,7 +209,7 @@ ERROR_CASES = {
     "unknown_type": (
         lambda: ws_error({"type": "hello", "id": 3}),
         3,
-        "message type 'hello' is not 'generate' or 'cancel'",
+        "message type 'hello' is not 'generate', 'cancel' or 'feedback'",
     ),
     "invalid_field": (
         lambda: ws_error({**GEN, "temperature": "hot"}),
@@ -269,7 +269,36 @@ ERROR_CASES = {
     ),
     "timeout": (lambda: ws_error(GEN, {"request_timeout_s": 1e-9}), "g", "(serve.request_timeout_s)"),
     "internal": (lambda: internal_error(), "g", "generation failed: RuntimeError: the model broke"),
+    # human feedback: tests/test_feedback.py tests each further
+    "feedback_disabled": (
+        lambda: http_error("/v1/feedback", {"id": "x", "rating": "up"}),
+        None,
+        "start it with feedback_db=PATH",
+    ),
+    "unknown_completion": (
+        lambda: ws_error({"type": "feedback", "id": "x", "rating": "up"}, {"feedback_db": feedback_db()}),
+        "x",
+        "no completion with id 'x'",
+    ),
+    "feedback_unavailable": (
+        lambda: http_error(
+            "/v1/feedback", {"id": "x", "rating": "up"}, client_kw={"feedback_db": feedback_db(b"not sqlite" * 99)}
+        ),
+        None,
+        "the file is damaged or is not a feedback database",
+    ),
 }
+
+
+def feedback_db(content: bytes | None = None) -> str:
+    """A feedback database path in a fresh directory: absent (created on first use), or holding `content`."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "feedback.sqlite"
+    if content is not None:
+        path.write_bytes(content)
+    return str(path)
 
 
 def slow_body_error() -> dict:

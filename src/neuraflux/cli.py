@@ -254,7 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="hf", help="hf: a GPT-2 / GPT-NeoX checkpoint, tokenizer and model card")
     e.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing same-named files")
     e.set_defaults(func=cmd_export)
+    from neuraflux.feedback.export import FORMATS as FEEDBACK_FORMATS
+
+    f = sub.add_parser("feedback", help="human feedback collected by `serve feedback_db=...`: export it")
+    fx = f.add_subparsers(dest="feedback_command", required=True).add_parser(
+        "export", help="votes as JSON lines for data=preference, data=kto or data=sft"
+    )
+    fx.add_argument("db", type=Path, help="the feedback database (a SQLite file)")
+    fx.add_argument("--format", choices=FEEDBACK_FORMATS, required=True)
+    fx.add_argument("--out", type=Path, required=True, help="the .jsonl file to write (must not exist)")
+    fx.set_defaults(func=cmd_feedback_export)
     return parser
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from neuraflux.feedback.export import export_feedback
+    from neuraflux.feedback.store import FeedbackUnavailable
+
+    if args.out.exists():
+        raise SystemExit(f"error: --out {args.out} already exists: give a new file")
+    try:
+        result = export_feedback(args.db, args.format, args.out)
+    except (FeedbackUnavailable, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    skipped = "".join(f"; skipped {n}: {reason}" for reason, n in sorted(result.skipped.items()))
+    print(f"wrote {args.out}: {len(result.records)} {args.format} records{skipped}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env NEURAFLUX_API_KEY)")
     p.add_argument("--config", type=Path, default=None, help="a serve YAML instead of conf/serve/default.yaml")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="serve an int8 copy (torchao)")
+    p.add_argument("--compare-model", default=None, help="a second model: compare=true gets a blind answer from each")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. max_concurrent=16 retrieval=world")
     return p
 
@@ -76,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         constitution = load_constitution(config.constitution)  # create_app loads it again; here it fails early
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if config.feedback_db is not None:  # a damaged file or a newer schema: say so before loading a model
+        from neuraflux.feedback.store import FeedbackStore, FeedbackUnavailable
+
+        try:
+            FeedbackStore(config.feedback_db, timeout_s=config.feedback_timeout_s).open().close()
+        except FeedbackUnavailable as err:
+            raise SystemExit(f"error: serve.feedback_db: {err}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
@@ -84,12 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: quantize={config.quantize}: {err}") from None
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --model {args.model}: {err}") from None
+    compare_model = None
+    if args.compare_model is not None:
+        try:
+            other, other_tokenizer = load_for_inference(args.compare_model, config.quantize)
+        except (QuantizationError, FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: --compare-model {args.compare_model}: {err}") from None
+        compare_model = (other, other_tokenizer, Path(args.compare_model).resolve().name)
     needs_world = config.retrieval == "world" or (constitution is not None and constitution.needs_world)
     world = builtin_world() if needs_world else None  # one world for both retrieval and the judges
     retriever = load_retriever(config.retrieval, world)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
-    app = create_app(config, model, tokenizer, retriever, model_name=Path(args.model).resolve().name, world=world)
+    try:
+        app = create_app(
+            config, model, tokenizer, retriever, Path(args.model).resolve().name, world, compare_model=compare_model
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     import uvicorn
 
     uvicorn.Server(uvicorn_config(app, config)).run()

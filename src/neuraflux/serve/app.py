@@ -25,14 +25,17 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from neuraflux.feedback.constitution import Constitution
+from neuraflux.feedback.store import FeedbackStore, weights_sha256
 from neuraflux.model.nano import NanoLM
 from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever
 from neuraflux.serve.config import ServeConfig
 from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
+from neuraflux.serve.feedback import FEEDBACK_OFF, FeedbackHub, Side, answer_pair
 from neuraflux.serve.guard import Guard
 from neuraflux.serve.protocol import (
     CancelMessage,
+    FeedbackMessage,
     Limits,
     PreparedPrompt,
     Sampling,
@@ -65,6 +68,13 @@ class ServerState:
     model_name: str
     constitution: Constitution | None = None  # set: every response is checked, and revised, before it is sent
     world: World | None = None  # the built-in world, for the constitution's judge checks
+    feedback: FeedbackHub | None = None  # serve.feedback_db set: answers are remembered and votes taken
+    sides: tuple[Side, Side] | None = None  # who answers `compare`: the model twice, or it and --compare-model
+
+    def hub(self, request_id: Any = None) -> FeedbackHub:
+        if self.feedback is None:
+            raise ServeError("feedback_disabled", FEEDBACK_OFF, request_id)
+        return self.feedback
 
 
 def limits_for(config: ServeConfig, model: NanoLM, tokenizer: NanoTokenizer | None = None) -> Limits:
@@ -82,6 +92,48 @@ def limits_for(config: ServeConfig, model: NanoLM, tokenizer: NanoTokenizer | No
         max_prompt_chars=None if tokenizer is None else max_prompt * tokenizer.max_chars_per_token,
         max_message_bytes=config.max_body_bytes,
     )
+
+
+def build_sides(
+    config: ServeConfig,
+    model: NanoLM,
+    tokenizer: NanoTokenizer,
+    engine: Engine,
+    compare_model: tuple[NanoLM, NanoTokenizer, str] | None,
+    limits: Limits,
+    name: str | None,
+) -> tuple[tuple[Side, Side], Limits]:
+    """The two sides of a `compare` request, and the limits capped to the second model's positions too. The
+    weights are hashed (once, here) only when feedback is on: the hash names a model in the feedback database."""
+    hashed = config.feedback_db is not None
+    served = Side(engine, weights_sha256(model) if hashed else None, name or "neuraflux")
+    if compare_model is None:
+        return (served, served), limits
+    other, other_tokenizer, other_name = compare_model
+    if other_tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise ValueError(
+            "--compare-model: its tokenizer is not the served model's (compare mode gives both the same prompt ids)"
+        )
+    cap = min(limits.max_prompt_tokens, other.config.max_position_embeddings - 1)
+    limits = dataclasses.replace(limits, max_prompt_tokens=cap)
+    other_engine = Engine(
+        other,
+        other_tokenizer,
+        max_concurrent=config.max_concurrent,
+        max_queue=config.max_queue,
+        slot_length=cap + limits.max_new_tokens,
+        seed=config.seed + 1,
+    )
+    return (served, Side(other_engine, weights_sha256(other) if hashed else None, other_name)), limits
+
+
+def feedback_hub(config: ServeConfig) -> FeedbackHub | None:
+    """The feedback database's door, or None when serve.feedback_db is null. Nothing is opened here: a locked or
+    damaged file is answered per call (`feedback_unavailable`), never a failed start (`main` checks it first)."""
+    if config.feedback_db is None:
+        return None
+    store = FeedbackStore(config.feedback_db, timeout_s=config.feedback_timeout_s)
+    return FeedbackHub(store, config.api_key, config.max_feedback_chars)
 
 
 class ServerRAG(NanoRAG):
@@ -164,8 +216,12 @@ def create_app(
     retriever: Retriever | None = None,
     model_name: str | None = None,
     world: World | None = None,
+    compare_model: tuple[NanoLM, NanoTokenizer, str] | None = None,
 ) -> FastAPI:
     """The server around one model; its engine thread runs between the app's startup and shutdown.
+
+    `compare_model` (model, tokenizer, name): a second model, with its own engine, that answers one side of each
+    `compare` request; its tokenizer must be the served model's. Without it both sides are the served model.
 
     `world` is the built-in world when the caller already generated it (for retrieval=world); a constitution with
     judge checks uses it, or generates it here when none is given. A bad serve.constitution raises ValueError.
@@ -182,6 +238,8 @@ def create_app(
         slot_length=limits.max_prompt_tokens + limits.max_new_tokens,
         seed=config.seed,
     )
+    name = config.model_name or model_name
+    sides, limits = build_sides(config, model, tokenizer, engine, compare_model, limits, name)
     rag = None
     if retriever is not None:
         rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
@@ -196,15 +254,22 @@ def create_app(
         config.model_name or model_name or "neuraflux",
         constitution,
         world if constitution is not None and constitution.needs_world else None,
+        feedback_hub(config),
+        sides,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        engine.start()
+        engines = list({id(s.engine): s.engine for s in sides}.values())  # one, or two with --compare-model
+        for each in engines:
+            each.start()
         try:
             yield
         finally:
-            engine.stop()
+            for each in engines:
+                each.stop()
+            if state.feedback is not None:
+                await asyncio.to_thread(state.feedback.store.close)
 
     redact_access_log()
     # the API docs are served by the routes below, behind the key when one is set
@@ -273,7 +338,7 @@ def create_app(
             )
         call = openai_call(state, data)
         prepared = await prepare(state, None, prompt, call)
-        return await respond(state, call, prepared, chat=False, user_text=prompt, request=request)
+        return await respond(state, call, prepared, chat=False, user_text=prompt, request=request, messages=None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -282,7 +347,19 @@ def create_app(
         messages = parse_messages(data.get("messages"), system_as_context=True)
         call = openai_call(state, data)
         prepared = await prepare(state, messages, None, call)
-        return await respond(state, call, prepared, chat=True, user_text=last_user_text(messages), request=request)
+        user_text = last_user_text(messages)
+        return await respond(state, call, prepared, chat=True, user_text=user_text, request=request, messages=messages)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict:
+        require_key(request)
+        hub = state.hub()
+        return await hub.vote(await read_json(request))
+
+    @app.get("/v1/feedback/stats")
+    async def feedback_stats(request: Request) -> dict:
+        require_key(request)
+        return await state.hub().stats()
 
     @app.websocket("/ws")
     async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -333,6 +410,8 @@ class Connection:
         self.outbox: asyncio.Queue[dict] = asyncio.Queue()
         self.tickets: dict[Any, Ticket] = {}  # requests in flight on this connection, by client id
         self.held: dict[Any, Held] = {}  # with the filter on: the text generated so far, by client id
+        self.recorded: dict[Any, Recorded] = {}  # with feedback on: what each answer is remembered with
+        self.tasks: set[asyncio.Task] = set()  # feedback votes and compare requests being answered
 
     async def serve(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -348,6 +427,8 @@ class Connection:
                 self.state.engine.cancel(ticket, "the client disconnected")
             self.tickets.clear()
             self.held.clear()
+            for task in self.tasks:
+                task.cancel()
             sender.cancel()
 
     async def _send_loop(self) -> None:
@@ -363,6 +444,9 @@ class Connection:
         state = self.state
         try:
             msg = parse_client_message(raw, state.limits)
+            if isinstance(msg, FeedbackMessage):
+                self._spawn(self._feedback(msg.data))
+                return
             if isinstance(msg, CancelMessage):
                 ticket = self.tickets.get(msg.id)
                 if ticket is None:
@@ -380,6 +464,9 @@ class Connection:
             if msg.use_retrieval:
                 docs = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
                 self.outbox.put_nowait({"type": "sources", "id": msg.id, "docs": docs})
+            if msg.compare:
+                self._spawn(self._compare(msg, prepared))
+                return
             request = GenerationRequest(
                 tuple(prepared.ids), msg.max_new_tokens, msg.sampling, prepared.stop_ids, state.config.request_timeout_s
             )
@@ -389,6 +476,8 @@ class Connection:
             self.tickets[msg.id] = ticket
             if state.constitution is not None:  # no await since submit: no event of this request has run yet
                 self.held[msg.id] = Held(last_user_text(msg.conversation()))
+            if state.feedback is not None:
+                self.recorded[msg.id] = Recorded(msg, prepared)
         except ServeError as err:
             if err.request_id is None and err.code != "request_too_large":  # an oversize message is never parsed
                 err.request_id = _id_of(raw)
@@ -399,7 +488,10 @@ class Connection:
 
     def _on_event(self, request_id: Any, event: Event) -> None:
         held = self.held.get(request_id)
+        recorded = self.recorded.get(request_id)
         if isinstance(event, TokenEvent):
+            if recorded is not None:
+                recorded.pieces.append(event.text)
             if held is not None:
                 held.pieces.append(event.text)
             else:
@@ -407,6 +499,7 @@ class Connection:
             return
         self.tickets.pop(request_id, None)
         self.held.pop(request_id, None)
+        self.recorded.pop(request_id, None)
         if isinstance(event, DoneEvent):
             done = {
                 "type": "done",
@@ -418,9 +511,65 @@ class Connection:
                 checked = check_response(self.state, request_id, held.user_text, "".join(held.pieces))
                 self.outbox.put_nowait({"type": "token", "id": request_id, "text": checked.text})
                 done["filtered"] = checked.broken
+            if recorded is not None:
+                text = checked.text if held is not None else "".join(recorded.pieces)
+                done["completion_id"] = recorded.remember(self.state, text, event.finish_reason)
             self.outbox.put_nowait(done)
         else:
             self.outbox.put_nowait({"type": "error", "id": request_id, "code": event.code, "message": event.message})
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _feedback(self, data: dict) -> None:
+        vote_id = data.get("id") if isinstance(data.get("id"), str) else None
+        try:
+            reply = await self.state.hub(vote_id).vote(data, vote_id)
+            self.outbox.put_nowait({"type": "feedback", "id": vote_id, **reply})
+        except ServeError as err:
+            self.outbox.put_nowait(err.to_ws())
+
+    async def _compare(self, msg, prepared: PreparedPrompt) -> None:
+        """A `compare` request: both answers in one `answers` message when both are done (or one error)."""
+        try:
+            answers = await compare_answers(self.state, msg.max_new_tokens, msg.sampling, prepared, msg.conversation())
+            self.outbox.put_nowait({"type": "answers", "id": msg.id, "answers": [a.__dict__ for a in answers]})
+        except ServeError as err:
+            err.request_id = msg.id
+            self.outbox.put_nowait(err.to_ws())
+
+
+@dataclass
+class Recorded:
+    """A WebSocket request whose answer is remembered for feedback when it is done."""
+
+    msg: Any  # the GenerateMessage
+    prepared: PreparedPrompt
+    pieces: list[str] = field(default_factory=list)
+
+    def remember(self, state: ServerState, text: str, finish_reason: str) -> str:
+        conversation = self.msg.conversation()
+        sources = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in self.prepared.sources]
+        return state.feedback.remember(
+            state.sides[0], last_user_text(conversation), conversation, sources, text, self.msg.sampling,
+            self.msg.max_new_tokens, finish_reason,
+        )  # fmt: skip
+
+
+async def compare_answers(
+    state: ServerState, max_new_tokens: int, sampling: Sampling, prepared: PreparedPrompt, messages, raw_text=None
+):
+    """Two blind answers (serve/feedback.py's answer_pair), each checked by the constitution when it is on."""
+    user_text = raw_text if messages is None else last_user_text(messages)
+    check = None
+    if state.constitution is not None:
+        check = lambda text: check_response(state, "compare", user_text, text).text  # noqa: E731
+    return await answer_pair(
+        state.sides, state.feedback, prepared, max_new_tokens, sampling, state.config.request_timeout_s, user_text,
+        messages, check,
+    )  # fmt: skip
 
 
 def _id_of(raw: str | bytes) -> Any:
@@ -449,6 +598,7 @@ class OpenAICall:
     sampling: Sampling
     stream: bool
     use_retrieval: bool
+    compare: bool = False  # two blind answers (serve/feedback.py)
 
 
 async def read_json(request: Request) -> dict:
@@ -487,6 +637,7 @@ def openai_call(state: ServerState, data: dict) -> OpenAICall:
         sampling=check_sampling(data, state.limits.default_sampling),
         stream=check_bool(data, "stream"),
         use_retrieval=check_bool(data, "use_retrieval", default=state.limits.retrieval_default),
+        compare=check_bool(data, "compare"),
     )
 
 
@@ -524,12 +675,21 @@ async def cancel_on_disconnect(request: Request, engine: Engine, ticket, every_s
 
 
 async def respond(
-    state: ServerState, call: OpenAICall, prepared: PreparedPrompt, chat: bool, user_text: str, request: Request
+    state: ServerState,
+    call: OpenAICall,
+    prepared: PreparedPrompt,
+    chat: bool,
+    user_text: str,
+    request: Request,
+    messages: list | None = None,
 ):
     """The completion as one JSON body, or as server-sent events; with the constitution on, the text is checked
     whole first (and a stream carries it as one chunk). `user_text` is what the constitution's judges read. A
     request whose client disconnects stops generating within 0.1 s: a stream when its next chunk cannot be sent,
-    a plain body through `cancel_on_disconnect`."""
+    a plain body through `cancel_on_disconnect`. With feedback on, the answer is remembered under the body's `id`
+    (`messages`: the conversation; None for a raw completion)."""
+    if call.compare:
+        return await compare_body(state, call, prepared, chat, user_text, messages)
     generation = GenerationRequest(
         tuple(prepared.ids), call.max_new_tokens, call.sampling, prepared.stop_ids, state.config.request_timeout_s
     )
@@ -544,8 +704,14 @@ async def respond(
         "model": state.model_name,
     }
     check = functools.partial(check_response, state, ident, user_text) if state.constitution is not None else None
+    remember = None  # remember(text, finish_reason=...) with feedback on
+    if state.feedback is not None:
+        remember = functools.partial(
+            state.feedback.remember, state.sides[0], user_text, messages, sources,
+            sampling=call.sampling, max_new_tokens=call.max_new_tokens, completion_id=ident,
+        )  # fmt: skip
     if call.stream:
-        return StreamingResponse(sse(stream, head, chat, sources, check), media_type="text/event-stream")
+        return StreamingResponse(sse(stream, head, chat, sources, check, remember), media_type="text/event-stream")
     pieces, done = [], None
     watcher = asyncio.create_task(cancel_on_disconnect(request, state.engine, stream.ticket))
     try:
@@ -562,6 +728,8 @@ async def respond(
     checked = check(text) if check is not None else None
     if checked is not None:
         text = checked.text
+    if remember is not None:
+        remember(text, finish_reason=done.finish_reason)
     choice = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
     choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
     body = {**head, "choices": [choice], "usage": done.usage.to_dict()}
@@ -573,7 +741,12 @@ async def respond(
 
 
 async def sse(
-    stream: EventStream, head: dict, chat: bool, sources: list[dict], check: Callable[[str], Checked] | None = None
+    stream: EventStream,
+    head: dict,
+    chat: bool,
+    sources: list[dict],
+    check: Callable[[str], Checked] | None = None,
+    remember: Callable[..., str] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shape, closed by `data: [DONE]`. With `check` (the constitution on)
     the text is held back, checked whole, and sent as one chunk before the finish chunk."""
@@ -592,18 +765,39 @@ async def sse(
     pieces: list[str] = []
     async for event in stream.events():
         if isinstance(event, TokenEvent):
-            if check is not None:
-                pieces.append(event.text)
-            else:
+            pieces.append(event.text)
+            if check is None:
                 yield chunk(event.text, None)
         elif isinstance(event, DoneEvent):
-            extra = {}
+            extra, text = {}, "".join(pieces)
             if check is not None:
-                checked = check("".join(pieces))
+                checked = check(text)
+                text = checked.text
                 yield chunk(checked.text, None)
                 extra["filtered"] = checked.broken
+            if remember is not None:  # before the finish chunk: a vote sent on seeing it finds the answer
+                remember(text, finish_reason=event.finish_reason)
             yield chunk(None, event.finish_reason, usage=event.usage.to_dict(), **extra)
         else:
             yield f"data: {json.dumps(ServeError(event.code, event.message).to_openai())}\n\n"
             return
     yield "data: [DONE]\n\n"
+
+
+async def compare_body(
+    state: ServerState, call: OpenAICall, prepared: PreparedPrompt, chat: bool, user_text: str, messages
+) -> dict:
+    """A `compare` request's body: two `choices`, in random order, each with its own completion `id` to vote with,
+    and no model name (blind)."""
+    if call.stream:
+        raise ServeError("invalid_field", "'compare' answers arrive whole: send it with 'stream': false")
+    answers = await compare_answers(state, call.max_new_tokens, call.sampling, prepared, messages, user_text)
+    choices = []
+    for i, answer in enumerate(answers):
+        choice = {"index": i, "id": answer.id, "finish_reason": answer.finish_reason, "usage": answer.usage}
+        choice.update({"message": {"role": "assistant", "content": answer.text}} if chat else {"text": answer.text})
+        choices.append(choice)
+    body = {"id": f"cmp-{uuid.uuid4().hex[:24]}", "object": "compare", "created": int(time.time()), "choices": choices}
+    if prepared.sources:
+        body["sources"] = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
+    return body

@@ -52,11 +52,17 @@ class ServeConfig:
     # besides the server's own that may call it (a request without an Origin header, not from a browser, always may)
     allowed_hosts: list[str] | None = None
     allowed_origins: list[str] | None = None
+    # human feedback (serve/feedback.py): a SQLite file that keeps every answer and the votes on it (null: off, and
+    # the feedback endpoints answer `feedback_disabled`); the longest comment or edit taken, in characters; and how
+    # long a write waits for another process's lock before answering `feedback_unavailable`
+    feedback_db: str | None = None
+    max_feedback_chars: int = 8000
+    feedback_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
             "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k",
-            "max_body_bytes",
+            "max_body_bytes", "max_feedback_chars",
         ):  # fmt: skip
             _positive_int(name, getattr(self, name))
         if not (isinstance(self.read_timeout_s, int | float) and 0 < self.read_timeout_s < math.inf):
@@ -92,6 +98,12 @@ class ServeConfig:
             _positive_int("threads", self.threads)
         if self.api_key == "":
             raise ValueError("serve.api_key is empty: give a token or leave it null")
+        if self.feedback_db == "":
+            raise ValueError("serve.feedback_db is empty: give a SQLite file path, or leave it null (feedback off)")
+        if not (isinstance(self.feedback_timeout_s, int | float) and 0 < self.feedback_timeout_s < math.inf):
+            raise ValueError(
+                f"serve.feedback_timeout_s must be a positive number of seconds, got {self.feedback_timeout_s!r}"
+            )
         if self.constitution == "":
             raise ValueError("serve.constitution is empty: give `default`, a constitution YAML path, or leave it null")
 

@@ -52,6 +52,9 @@ ERROR_CODES: dict[str, int] = {
     "overloaded": 503,  # every slot busy and the queue full
     "timeout": 504,  # over serve.request_timeout_s
     "internal": 500,  # the model failed; the server keeps serving
+    "feedback_disabled": 404,  # a feedback call to a server started without serve.feedback_db
+    "unknown_completion": 404,  # feedback naming a completion id the feedback database does not hold
+    "feedback_unavailable": 503,  # the feedback database is locked past its timeout, damaged, or of a newer schema
 }
 
 GENERATE_FIELDS = (
@@ -64,6 +67,7 @@ GENERATE_FIELDS = (
     "top_k",
     "top_p",
     "use_retrieval",
+    "compare",
 )
 
 
@@ -124,6 +128,7 @@ class GenerateMessage:
     max_new_tokens: int
     sampling: Sampling
     use_retrieval: bool
+    compare: bool = False  # two blind answers in one `answers` message (serve/feedback.py)
 
     def conversation(self) -> list[Message]:
         return list(self.messages) if self.messages is not None else [Message("user", self.prompt)]
@@ -156,7 +161,12 @@ def decode_json_object(raw: str | bytes, what: str) -> dict:
     return data
 
 
-def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | CancelMessage:
+@dataclass(frozen=True)
+class FeedbackMessage:
+    data: dict  # the vote's fields, checked by serve/feedback.py's parse_vote
+
+
+def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | CancelMessage | FeedbackMessage:
     """One WebSocket message, checked before any work; raises ServeError naming the bad field."""
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
     if limits.max_message_bytes is not None and size > limits.max_message_bytes:
@@ -166,8 +176,10 @@ def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | 
     data = decode_json_object(raw, "message")
     request_id = data.get("id")
     kind = data.get("type")
-    if kind not in ("generate", "cancel"):
-        raise ServeError("unknown_type", f"message type {kind!r} is not 'generate' or 'cancel'", request_id)
+    if kind not in ("generate", "cancel", "feedback"):
+        raise ServeError("unknown_type", f"message type {kind!r} is not 'generate', 'cancel' or 'feedback'", request_id)
+    if kind == "feedback":  # its `id` names a completion, not a request
+        return FeedbackMessage(data)
     request_id = check_id(data)
     if kind == "cancel":
         extra = sorted(set(data) - {"type", "id"})
@@ -195,6 +207,7 @@ def parse_client_message(raw: str | bytes, limits: Limits) -> GenerateMessage | 
         max_new_tokens=check_max_new_tokens(data.get("max_new_tokens"), limits, "max_new_tokens", request_id),
         sampling=check_sampling(data, limits.default_sampling, request_id),
         use_retrieval=check_bool(data, "use_retrieval", request_id, default=limits.retrieval_default),
+        compare=check_bool(data, "compare", request_id),
     )
 
 
