@@ -269,7 +269,7 @@ def create_app(
             for each in engines:
                 each.stop()
             if state.feedback is not None:
-                await asyncio.to_thread(state.feedback.store.close)
+                await state.feedback.close()
 
     redact_access_log()
     # the API docs are served by the routes below, behind the key when one is set

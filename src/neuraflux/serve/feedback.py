@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,12 +116,25 @@ class Side:
 
 
 class FeedbackHub:
-    """The feedback database as the server uses it: `remember` answers (no waiting), `vote` and `stats` in worker
-    threads, the database's failures as protocol errors."""
+    """The feedback database as the server uses it: `remember` answers (no waiting), `vote` and `stats` on the
+    database's own thread, its failures as protocol errors.
+
+    One thread of its own, not the event loop's shared pool: a database locked for seconds then delays only
+    feedback, never the prompt preparation that shares that pool."""
 
     def __init__(self, store: FeedbackStore, api_key: str | None, max_chars: int):
         self.store, self.max_chars = store, max_chars
         self.annotator = annotator_of(api_key)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuraflux-feedback")
+        self._flush_queued = threading.Event()  # one flush waiting is enough: it writes whatever is pending
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    async def close(self) -> None:
+        """Write what is still pending (a failure is logged: the database was unusable) and close."""
+        await self._call(self._flush_quietly)
+        await self._call(self.store.close)  # the thread stays: a store reopens on its next call
 
     def remember(
         self,
@@ -151,10 +166,15 @@ class FeedbackHub:
                 pair=pair,
             )
         )
-        asyncio.get_running_loop().run_in_executor(None, self._flush_quietly)
+        if not self._flush_queued.is_set():
+            self._flush_queued.set()
+            asyncio.get_running_loop().run_in_executor(self.thread, self._flush_quietly)
         return completion_id
 
     def _flush_quietly(self) -> None:
+        self._flush_queued.clear()  # answers remembered from now on need another flush; these are taken now
+        if not self.store.pending:
+            return
         try:
             self.store.flush()
         except FeedbackUnavailable as err:  # kept in memory; the next write takes them
@@ -163,7 +183,7 @@ class FeedbackHub:
     async def vote(self, data: dict, request_id: Any = None) -> dict:
         vote = parse_vote(data, self.max_chars, request_id)
         try:
-            stored = await asyncio.to_thread(self.store.vote, vote, self.annotator)
+            stored = await self._call(self.store.vote, vote, self.annotator)
         except UnknownCompletion as err:
             raise ServeError("unknown_completion", str(err), request_id) from None
         except FeedbackUnavailable as err:
@@ -173,7 +193,7 @@ class FeedbackHub:
 
     async def stats(self) -> dict:
         try:
-            return {"object": "feedback.stats", **await asyncio.to_thread(self.store.stats)}
+            return {"object": "feedback.stats", **await self._call(self.store.stats)}
         except FeedbackUnavailable as err:
             raise ServeError("feedback_unavailable", str(err)) from None
 
