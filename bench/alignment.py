@@ -53,7 +53,8 @@ from neuraflux.model.reward import NanoRewardModel  # noqa: E402
 from neuraflux.world import generate_world  # noqa: E402
 from neuraflux.world.judges import judge  # noqa: E402
 
-POLICY_STAGES = ("dpo", "ppo", "reinforce")
+POLICY_STAGES = ("dpo", "ppo", "reinforce", "grpo", "kto")
+DEFAULT_STAGES = ("dpo", "ppo", "reinforce")  # grpo and kto on request (--stages): each adds minutes
 PARTS = ("policy", "reward", "hh", "rollout")
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -323,7 +324,7 @@ def main() -> None:
     )
     p.add_argument("--val-fraction", type=float, default=0.25, help="held-out share of the RL prompts")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--stages", nargs="+", choices=POLICY_STAGES, default=list(POLICY_STAGES))
+    p.add_argument("--stages", nargs="+", choices=POLICY_STAGES, default=list(DEFAULT_STAGES))
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:KEY=VALUE")
     p.add_argument("--hh", type=Path, default=HH)
     p.add_argument("--rollout-batch", type=int, default=16)
