@@ -463,6 +463,6 @@ def test_without_tensorboard_nothing_is_logged(tmp_path, caplog):
     ]
     with caplog.at_level(logging.WARNING, logger="neuraflux.callbacks.diagnostics"):
         fit(tmp_path, callbacks, max_steps=2, logger=False)
-    assert "AttentionMapLogger: the trainer has no TensorBoardLogger, so it logs nothing" in caplog.text
+    assert "AttentionMapLogger: the trainer has no TensorBoard, CSV or MLflow logger, so it logs nothing" in caplog.text
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     assert probe.seen == [True] * 4

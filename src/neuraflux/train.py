@@ -21,6 +21,7 @@ from neuraflux.callbacks.checkpoint import (
     remove_stale_temp_files,
 )
 from neuraflux.callbacks.grad_norm import GradNormLogger
+from neuraflux.loggers import build_loggers
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.model.io import check_same_shape, inspect_pretrained, load_pretrained
 from neuraflux.tokenizer import NanoTokenizer
@@ -274,7 +275,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # the run's own config, from its start: what resume=... continues with
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build_loggers(cfg.get("logger"), build)  # logger=tensorboard|csv|mlflow|many (conf/logger)
     callbacks = [CheckpointExtras(), GradNormLogger(), *build_callbacks(cfg)]
     # every checkpoint written atomically beside its target: a run killed mid-write keeps the previous last.ckpt
     plugins = [AtomicCheckpointIO()]
@@ -297,6 +298,20 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     objects = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "module": module, "run_dir": run_dir}
     return metrics, objects
+
+
+def objective(metrics: dict, stage: DictConfig) -> float:
+    """The value of the stage's `optimized_metric` in a run's final metrics: what `python train.py` returns for a
+    Hydra sweeper (lightning-hydra-template's `get_metric_value`); a ValueError naming the metrics that exist when
+    the run did not log it."""
+    key = stage.get("optimized_metric")
+    if not key:
+        raise ValueError(f"stage.optimized_metric is not set in conf/stage/{stage.get('name')}.yaml")
+    if key not in metrics:
+        raise ValueError(
+            f"stage.optimized_metric={key!r} is not among the run's final metrics: {', '.join(sorted(metrics))}"
+        )
+    return float(metrics[key])
 
 
 def ranks_in_sync(trainer: pl.Trainer, model: NanoLM) -> bool:

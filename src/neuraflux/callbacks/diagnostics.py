@@ -1,9 +1,9 @@
-"""TensorBoard diagnostics: attention maps, gradient flow, activation statistics, LR schedule, text samples.
+"""Diagnostics: attention maps, gradient flow, activation statistics, LR schedule, text samples.
 
-Every callback writes straight to the TensorBoardLogger's SummaryWriter, on global rank zero only, at
-`trainer.global_step`; without a TensorBoard logger it does nothing. Each one works only on the steps it logs,
-with `every_n_steps` (0 or None switches it off). Extra forwards run without gradients in eval mode (so
-dropout does not blur what is measured) and the model's train/eval mode is restored afterwards; tensors are
+Every callback writes to each of the trainer's loggers through its sink (`sinks.py`: TensorBoard, CSV, MLflow),
+on global rank zero only, at `trainer.global_step`; without such a logger it does nothing. Each one works only on
+the steps it logs, with `every_n_steps` (0 or None switches it off). Extra forwards run without gradients in eval
+mode (so dropout does not blur what is measured) and the model's train/eval mode is restored afterwards; tensors are
 cast to float32 before they leave the device, so bf16 training logs the same way as float32.
 
 Steps: hooks that run after a batch (attention, activations, samples) see the weights after `global_step`
@@ -21,17 +21,14 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-from pytorch_lightning.loggers import TensorBoardLogger
 
+from neuraflux.callbacks.sinks import diagnostic_sinks, has_sinks, table_markdown
+from neuraflux.callbacks.sinks import fenced as fenced  # where it lived before sinks.py
 from neuraflux.model import NanoLM, NanoModel, generate
-
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +38,6 @@ GELU_ZERO_THRESHOLD = 1e-2
 
 
 # ---- shared plumbing ---------------------------------------------------------------------------------------
-def tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
-    """The SummaryWriter of the trainer's first TensorBoardLogger, on global rank zero; otherwise None."""
-    if not trainer.is_global_zero:
-        return None
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
-
-
 def check_every_n_steps(owner: str, every_n_steps: int | None) -> int:
     """A logging period as an int, 0 meaning off; rejects negatives and non-integers."""
     if every_n_steps is None:
@@ -107,8 +94,8 @@ def encode_probe(owner: str, tokenizer, text: str, max_tokens: int) -> torch.Ten
 
 
 def warn_no_writer(owner: str, trainer: pl.Trainer) -> None:
-    if trainer.is_global_zero and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
-        log.warning("%s: the trainer has no TensorBoardLogger, so it logs nothing", owner)
+    if trainer.is_global_zero and not has_sinks(trainer):
+        log.warning("%s: the trainer has no TensorBoard, CSV or MLflow logger, so it logs nothing", owner)
 
 
 # ---- 1. attention maps -------------------------------------------------------------------------------------
@@ -203,8 +190,8 @@ class AttentionMapLogger(pl.Callback):
 
     def log_maps(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        sinks = diagnostic_sinks(trainer)
+        if not sinks:
             return
         self._logged_at = step
         model = pl_module.model
@@ -216,13 +203,15 @@ class AttentionMapLogger(pl.Callback):
         tokens = [pl_module.tokenizer.decode([t]) for t in self._ids[0].tolist()]
         stack = [m[0].float().cpu().numpy() for m in maps]  # per layer (H, T, T)
         for i in self.layers if self.layers is not None else range(len(maps)):
-            grid = attention_grid(maps[i][0].float(), self.pixels_per_token)
-            writer.add_image(f"attention_raw/layer{i}", to_uint8_image(grid), step, dataformats="HW")
+            image = to_uint8_image(attention_grid(maps[i][0].float(), self.pixels_per_token))
             figure = attention_figure(stack, tokens, layer=i, dpi=80)
             figure.suptitle(f"step {step}", fontsize=9)
-            writer.add_figure(f"attention/layer{i}", figure, step, close=False)
+            for sink in sinks:
+                sink.log_image(f"attention_raw/layer{i}", image, step)
+                sink.log_figure(f"attention/layer{i}", figure, step)
         if not self._tokens_logged:
-            writer.add_text("attention/tokens", " | ".join(f"`{t!r}`" for t in tokens), step)
+            for sink in sinks:
+                sink.log_text("attention/tokens", " | ".join(f"`{t!r}`" for t in tokens), step)
             self._tokens_logged = True
 
 
@@ -289,16 +278,17 @@ class GradientFlowLogger(pl.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps:
             return
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        sinks = diagnostic_sinks(trainer)
+        if not sinks:
             return
         model = pl_module.model
-        for tag, value in gradient_norms(model).scalars().items():
-            writer.add_scalar(tag, value, step)
-        for i, layer in enumerate(model.transformer.layers):
-            grads = flat_gradients(layer)
-            if grads is not None:
-                writer.add_histogram(f"grad_hist/layer{i}", grads.cpu(), step)
+        norms = gradient_norms(model).scalars()
+        hists = {f"grad_hist/layer{i}": flat_gradients(layer) for i, layer in enumerate(model.transformer.layers)}
+        hists = {tag: grads.cpu() for tag, grads in hists.items() if grads is not None}
+        for sink in sinks:
+            sink.log_scalars(norms, step)
+            for tag, grads in hists.items():
+                sink.log_histogram(tag, grads, step)
 
 
 # ---- 3. activation statistics ------------------------------------------------------------------------------
@@ -411,8 +401,8 @@ class ActivationStatsLogger(pl.Callback):
         step = trainer.global_step
         if not crossed_multiple(self._step_before, step, self.every_n_steps):
             return
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        sinks = diagnostic_sinks(trainer)
+        if not sinks:
             return
         if self._ids is not None:
             ids, mask = self._ids, None
@@ -422,10 +412,13 @@ class ActivationStatsLogger(pl.Callback):
         mask = mask.to(pl_module.device) if mask is not None else None
         with trainer.precision_plugin.forward_context():
             stats = activation_stats(pl_module.model, ids, mask, self.zero_threshold)
+        scalars = {}
         for i, s in enumerate(stats):
-            writer.add_scalar(f"activations/layer{i}/mean", s.mean, step)
-            writer.add_scalar(f"activations/layer{i}/std", s.std, step)
-            writer.add_scalar(f"activations/layer{i}/gelu_zero_frac", s.gelu_zero_frac, step)
+            scalars[f"activations/layer{i}/mean"] = s.mean
+            scalars[f"activations/layer{i}/std"] = s.std
+            scalars[f"activations/layer{i}/gelu_zero_frac"] = s.gelu_zero_frac
+        for sink in sinks:
+            sink.log_scalars(scalars, step)
 
 
 # ---- 4. learning rate --------------------------------------------------------------------------------------
@@ -458,12 +451,13 @@ class LearningRateLogger(pl.Callback):
         # with gradient accumulation several batches share a step: log it once
         if not self.every_n_steps or step % self.every_n_steps or step == self._last_step:
             return
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        sinks = diagnostic_sinks(trainer)
+        if not sinks:
             return
         self._last_step = step
-        for tag, lr in learning_rates(trainer.optimizers).items():
-            writer.add_scalar(tag, lr, step)
+        rates = learning_rates(trainer.optimizers)
+        for sink in sinks:
+            sink.log_scalars(rates, step)
 
 
 # ---- 5. text samples ---------------------------------------------------------------------------------------
@@ -527,27 +521,19 @@ def decode_in_vocab(tokenizer, ids: list[int]) -> str:
     return "".join(pieces)
 
 
-def fenced(text: str) -> str:
-    """A markdown code block showing text verbatim; the fence is longer than any backtick run in the text."""
-    longest, run = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}\n{text}\n{fence}"
-
-
 def samples_markdown(samples: list[TextSample]) -> str:
     """Markdown for TensorBoard's text tab: per sample the prompt, then the sampled continuation."""
-    blocks = [
-        f"**Prompt {n}**\n\n{fenced(s.prompt)}\n\n**Sample {n}**\n\n{fenced(s.completion)}"
-        for n, s in enumerate(samples, 1)
-    ]
-    return "\n\n---\n\n".join(blocks)
+    return table_markdown(sample_rows(samples))
+
+
+def sample_rows(samples: list[TextSample]) -> list[dict[str, str]]:
+    """The samples as a table (one row per prompt), what sinks other than TensorBoard's text tab keep."""
+    return [{"prompt": s.prompt, "sample": s.completion} for s in samples]
 
 
 class TextSampleLogger(pl.Callback):
-    """Every `every_n_steps` steps, one sampled continuation per prompt as markdown text under `samples`.
+    """Every `every_n_steps` steps, one sampled continuation per prompt under `samples` (TensorBoard: markdown
+    text; CSV: rows of samples.csv; MLflow: a table artifact).
 
     Args:
         prompts: raw prompt strings (special tokens included as text, e.g. "<|bos|>").
@@ -615,8 +601,8 @@ class TextSampleLogger(pl.Callback):
 
     def log_samples(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        sinks = diagnostic_sinks(trainer)
+        if not sinks:
             return
         self._logged_at = step
         samples = sample_texts(
@@ -628,4 +614,5 @@ class TextSampleLogger(pl.Callback):
             top_k=self.top_k,
             seed=self.seed,
         )
-        writer.add_text("samples", samples_markdown(samples), step)
+        for sink in sinks:
+            sink.log_table("samples", sample_rows(samples), step)
