@@ -248,7 +248,9 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
             state.measures[name] = measure_stage(cfg, previous, reference, reward_model)
             state.measures[name]["measure_s"] = round(time.perf_counter() - start, 1)
             state.save(parent)
-    result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None}
+    # the last stage's settings: its optimized_metric is the curriculum's objective (neuraflux.run)
+    last_stage = composed[plans[-1].name].stage
+    result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None, "last_stage": last_stage}
     if cfg.curriculum.get("report"):
         from neuraflux.report import write_report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,8 @@ from pathlib import Path
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from neuraflux.train import train
+from neuraflux.sweep import OBJECTIVE_FILE
+from neuraflux.train import objective, train
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,20 @@ def summary_table(metrics: dict, title: str):
     return table
 
 
+def report_objective(stage: DictConfig, metrics: dict, run_dir: str | Path) -> float:
+    """The stage's `optimized_metric` at the end of its run, also written with its mode to run_dir/objective.json
+    (what MultirunSummary ranks a sweep's jobs by)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    value = objective(metrics, stage)
+    if rank_zero_only.rank == 0:
+        record = {"metric": stage.optimized_metric, "mode": stage.get("optimized_mode", "min"), "value": value}
+        (Path(run_dir) / OBJECTIVE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return value
+
+
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
-    """Train; the returned val/loss (of the last stage) is what a Hydra sweeper minimises."""
+    """Train; returns the (last) stage's `stage.optimized_metric`, what a Hydra sweeper optimises."""
     from rich.console import Console
 
     if overrides is None:  # the command line's overrides (what a resumed run may change)
@@ -110,8 +124,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
             for table in rich_tables(result["report"], console.width):
                 console.print(table)
             console.print(f"report: {result['parent'] / 'report.md'}")
-        last = list(result["stages"].values())[-1] if result["stages"] else {}
-        return last.get("val/loss")
+        last = result["last_stage"]
+        return report_objective(last, result["stages"][last.name], result["parent"])
     if cfg.get("resume"):  # the interrupted run's own config, in its own directory
         from neuraflux.resume import resumed_run_config
 
@@ -119,4 +133,4 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
     metrics, objects = train(cfg)
     if objects["trainer"].is_global_zero:
         Console().print(summary_table(metrics, f"{cfg.stage.name}: {objects['run_dir']}"))
-    return metrics.get("val/loss")
+    return report_objective(cfg.stage, metrics, objects["run_dir"])
