@@ -95,6 +95,22 @@ def profile(prompt: int, new: int) -> None:
             f"output projection ({SHAPE['vocab_size']} x {SHAPE['n_embd']}, one token), {dtype}: "
             f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms"
         )
+    for mode in MODES:  # where one quantized linear layer's call goes (the MLP's 384 -> 1536, one token)
+        layer = torch.nn.Sequential(torch.nn.Linear(SHAPE["n_embd"], 4 * SHAPE["n_embd"])).eval()
+        quantize_model_layers(layer, mode)
+        x = torch.randn(1, SHAPE["n_embd"])
+        with torch.no_grad(), torch_profile() as prof:
+            for _ in range(50):
+                layer(x)
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:4]
+        print(f"{mode} linear, per call: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 50:.0f} us" for e in top))
+
+
+def quantize_model_layers(module: torch.nn.Module, mode: str) -> None:
+    """torchao's config for `mode` applied to a module's linear layers, as model/quantize.py applies it."""
+    from neuraflux.model.quantize import torchao_config, torchao_quantization
+
+    torchao_quantization().quantize_(module, torchao_config(mode))
 
 
 def hf(batch: int, prompt: int, new: int, weights: str) -> float:

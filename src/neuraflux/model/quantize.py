@@ -77,7 +77,8 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def _config_for(mode: str):
+def torchao_config(mode: str):
+    """torchao's config object for one of MODES (applied to every linear layer)."""
     tq = torchao_quantization()
     return tq.Int8WeightOnlyConfig() if mode == "int8" else tq.Int8DynamicActivationInt8WeightConfig()
 
@@ -108,7 +109,7 @@ def quantize_model(model: NanoLM, mode: str) -> NanoLM:
     head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     model.lm_head = head  # untied: the head's int8 copy is laid out for matmuls, the table's for lookups
     try:
-        tq.quantize_(model, _config_for(mode), filter_fn=lambda m, _: isinstance(m, nn.Linear))
+        tq.quantize_(model, torchao_config(mode), filter_fn=lambda m, _: isinstance(m, nn.Linear))
         tq.quantize_(model, _embedding_config(), filter_fn=lambda m, _: m is embedding)
     except Exception as err:  # torchao's own refusals: a shape or dtype its kernels do not take
         raise QuantizationError(f"torchao could not quantize the model to {mode}: {err}") from None
