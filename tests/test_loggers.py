@@ -235,3 +235,31 @@ def test_a_sweep_ranks_jobs_by_the_metrics_mode():
     ]
     assert summarize(jobs)["best"]["job"] == 1
     assert summarize([{**j, "mode": "min"} for j in jobs[:2]])["best"]["job"] == 0
+
+
+@pytest.mark.slow
+def test_a_curriculum_returns_its_last_stages_metric(tmp_path):
+    from hydra import initialize_config_dir
+
+    from neuraflux.run import run
+
+    overrides = [
+        "debug=tiny",
+        "curriculum=world",
+        "curriculum.stages=[pretrain,reward]",
+        "curriculum.eval=false",
+        "curriculum.overrides.pretrain=[]",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "world.practice_entities=0",
+        "world.practice_preference_entities=0",
+        f"paths.output_dir={tmp_path}",
+        f"paths.run_dir={tmp_path / 'run'}",
+    ]
+    cfg = compose_cfg(tmp_path, *overrides, tiny=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        value = run(cfg, overrides)
+    # the reward model's share of validation pairs ranked right, not the pretraining's val/loss
+    saved = json.loads((tmp_path / "run" / "reward" / "metrics.json").read_text())
+    assert value == saved["val/accuracies"]
+    assert json.loads((tmp_path / "run" / "objective.json").read_text())["mode"] == "max"
