@@ -101,3 +101,59 @@ def test_page_streams_an_answer_in_chromium(server_url, tmp_path):
             browser.close()
     assert (ARTIFACTS / "serve_chat.png").stat().st_size > 0
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_page_sends_thumbs_edits_and_blind_comparisons(tmp_path):
+    """With feedback on: a thumbs-up, an edit and a comparison from the page reach the feedback database."""
+    import sqlite3
+
+    model, tok = tiny_lm()
+    db = tmp_path / "feedback.sqlite"
+    port = free_port()
+    config = dataclasses.replace(BASE, feedback_db=str(db))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, model, tok), host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        with playwright_api.sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+            )
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(10_000)
+                page.goto(f"http://127.0.0.1:{port}")
+                page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+                page.fill("#max-tokens", "8")
+                page.fill("#input", "hi")
+                page.click("#send")
+                page.click(".msg.assistant .rate-up")
+                page.wait_for_selector(".msg.assistant .rate-up.voted", timeout=10_000)
+                page.click(".msg.assistant .edit")
+                page.fill(".msg.assistant .edit-text", "Hello there.")
+                page.click(".msg.assistant .save-edit")
+                page.wait_for_selector(".msg.assistant .save-edit.voted", timeout=10_000)
+                page.check("#compare")
+                page.fill("#input", "and now?")
+                page.click("#send")
+                page.click(".compare .choose-b")
+                page.wait_for_selector(".compare .choose-b.voted", timeout=10_000)
+                assert page.locator(".compare .msg.assistant").count() == 2
+                assert page.locator(".msg.assistant .rate-up.voted").count() == 1  # the edit left the thumbs alone
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "serve_feedback.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    with sqlite3.connect(db) as conn:
+        votes = conn.execute("SELECT kind, rating, choice, text FROM votes ORDER BY id").fetchall()
+    assert votes == [("thumbs", "up", None, None), ("edit", None, None, "Hello there."), ("compare", None, "b", None)]

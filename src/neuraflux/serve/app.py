@@ -527,7 +527,8 @@ class Connection:
         vote_id = data.get("id") if isinstance(data.get("id"), str) else None
         try:
             reply = await self.state.hub(vote_id).vote(data, vote_id)
-            self.outbox.put_nowait({"type": "feedback", "id": vote_id, **reply})
+            echo = {"ids": data["ids"]} if reply["kind"] == "compare" else {"id": vote_id}  # checked by the vote
+            self.outbox.put_nowait({"type": "feedback", **echo, **reply})
         except ServeError as err:
             self.outbox.put_nowait(err.to_ws())
 

@@ -1,4 +1,5 @@
-// The chat page: one WebSocket to /ws, answers streamed token by token, sources shown under each answer.
+// The chat page: one WebSocket to /ws, answers streamed token by token, sources shown under each answer; with
+// feedback on (serve feedback_db=...), thumbs and an edit box under each answer, and blind two-answer comparisons.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -41,7 +42,85 @@ function meta(el, text) {
   el.appendChild(m);
 }
 
+// ---- feedback: each vote is a `feedback` message; its reply marks the button that sent it
+const votes = new Map(); // completion id (or "a b" for a pair) -> the button waiting for its reply
+
+function vote(button, key, body) {
+  votes.set(key, button);
+  socket.send(JSON.stringify({ type: "feedback", ...body }));
+}
+
+function feedbackBar(el, completionId, text) {
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  for (const [label, rating] of [["Good", "up"], ["Bad", "down"]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = `rate-${rating}`;
+    b.dataset.group = "rate";
+    b.textContent = label;
+    b.addEventListener("click", () => vote(b, completionId, { id: completionId, rating }));
+    bar.appendChild(b);
+  }
+  const edit = document.createElement("button");
+  edit.type = "button";
+  edit.className = "edit";
+  edit.textContent = "Edit";
+  edit.addEventListener("click", () => {
+    const box = document.createElement("textarea");
+    box.className = "edit-text";
+    box.value = text;
+    const save = document.createElement("button");
+    save.type = "button";
+    save.className = "save-edit";
+    save.dataset.group = "edit";
+    save.textContent = "Save better answer";
+    save.addEventListener("click", () => vote(save, completionId, { kind: "edit", id: completionId, text: box.value }));
+    bar.append(box, save);
+    edit.disabled = true;
+  });
+  bar.appendChild(edit);
+  el.appendChild(bar);
+}
+
+function showPair(answers) {
+  const pair = document.createElement("div");
+  pair.className = "compare";
+  answers.forEach((a, i) => {
+    const b = bubble("assistant", a.text);
+    meta(b.el, `${"AB"[i]} · ${a.finish_reason} · ${a.usage.completion_tokens} tokens`);
+    pair.appendChild(b.el);
+  });
+  const ids = answers.map((a) => a.id);
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  for (const [label, choice] of [["A is better", "a"], ["B is better", "b"], ["Tie", "tie"], ["Both bad", "both_bad"]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = `choose-${choice}`;
+    b.dataset.group = "choose";
+    b.textContent = label;
+    b.addEventListener("click", () => vote(b, ids[0], { kind: "compare", ids, choice }));
+    bar.appendChild(b);
+  }
+  pair.appendChild(bar);
+  log.appendChild(pair);
+  log.scrollTop = log.scrollHeight;
+}
+
+function voted(msg) {
+  const key = msg.ids ? msg.ids[0] : msg.id;
+  const button = votes.get(key);
+  if (!button) return;
+  votes.delete(key);
+  // a new vote of a kind replaces the last one of that kind: only its buttons change
+  const group = `button[data-group="${button.dataset.group}"]`;
+  for (const other of button.parentElement.querySelectorAll(group)) other.classList.remove("voted");
+  button.classList.add("voted");
+}
+
 function handle(msg) {
+  if (msg.type === "feedback") { voted(msg); return; }
   if (msg.type === "error" && (!current || msg.id !== current.id)) {
     meta(bubble("assistant error", "").el, `${msg.code}: ${msg.message}`);
     return;
@@ -65,6 +144,12 @@ function handle(msg) {
   } else if (msg.type === "done") {
     history.push({ role: "assistant", content: current.text });
     meta(current.el, `${msg.finish_reason} · ${msg.usage.completion_tokens} tokens`);
+    if (msg.completion_id) feedbackBar(current.el, msg.completion_id, current.text);
+    finish();
+  } else if (msg.type === "answers") {
+    current.el.remove(); // the placeholder: a comparison shows its two answers side by side
+    history.push({ role: "assistant", content: msg.answers[0].text });
+    showPair(msg.answers);
     finish();
   } else if (msg.type === "error") {
     current.el.classList.add("error");
@@ -88,7 +173,8 @@ $("composer").addEventListener("submit", (e) => {
   bubble("user", text);
   history.push({ role: "user", content: text });
   const id = `r${++counter}`;
-  const b = bubble("assistant", "");
+  const compare = $("compare").checked;
+  const b = bubble("assistant", compare ? "…" : "");
   current = { id, el: b.el, textEl: b.textEl, text: "" };
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -99,6 +185,7 @@ $("composer").addEventListener("submit", (e) => {
     max_new_tokens: parseInt($("max-tokens").value, 10),
     temperature: parseFloat($("temperature").value),
     use_retrieval: $("retrieval").checked,
+    ...(compare ? { compare: true } : {}),
   }));
 });
 
