@@ -53,6 +53,9 @@ def test_each_logger_config_builds_its_loggers(tiny_cfg, tmp_path, monkeypatch):
     assert kinds("many") == ["TensorBoardLogger", "CSVLogger"]  # many takes MLflow only when it is there
     with pytest.raises(ValueError, match=f"^{MLFLOW_MISSING}$"):
         kinds("mlflow")
+    with pytest.raises(ValueError, match=f"^{MLFLOW_MISSING}$"):  # refused before anything is written
+        train(tiny_cfg("logger=mlflow"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_mlflow_logger_defaults_to_a_file_store_in_the_run_directory(tiny_cfg, tmp_path, monkeypatch):

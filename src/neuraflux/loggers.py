@@ -29,6 +29,20 @@ def build_loggers(spec: DictConfig | None, build) -> list[Logger] | bool:
     return [lg for lg in loggers if lg is not None] or False
 
 
+def check_loggers(spec: DictConfig | None) -> None:
+    """Refuse, before anything is written, a logger that cannot be built here: a required MLflow logger without
+    MLflow installed."""
+    if not spec:
+        return
+    specs = [spec] if "_target_" in spec else [s for s in spec.values() if s is not None]
+    for one in specs:
+        if one.get("_target_") == f"{__name__}.mlflow_logger" and one.get("required", True):
+            try:
+                import mlflow  # noqa: F401
+            except ImportError:
+                raise ValueError(MLFLOW_MISSING) from None
+
+
 def mlflow_logger(
     save_dir: str,
     tracking_uri: str | None = None,

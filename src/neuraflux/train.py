@@ -21,7 +21,7 @@ from neuraflux.callbacks.checkpoint import (
     remove_stale_temp_files,
 )
 from neuraflux.callbacks.grad_norm import GradNormLogger
-from neuraflux.loggers import build_loggers
+from neuraflux.loggers import build_loggers, check_loggers
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.model.io import check_same_shape, inspect_pretrained, load_pretrained
 from neuraflux.tokenizer import NanoTokenizer
@@ -100,6 +100,7 @@ def check_settings(cfg: DictConfig):
         )
     if cfg.tokenizer.mode not in ("bpe", "char"):
         raise ValueError(f"tokenizer.mode={cfg.tokenizer.mode!r} is not one of ['bpe', 'char']")
+    check_loggers(cfg.get("logger"))
     return model_config
 
 

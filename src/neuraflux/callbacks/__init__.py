@@ -1,4 +1,4 @@
-"""Lightning callbacks: training throughput and the TensorBoard diagnostics."""
+"""Lightning callbacks: training throughput and the diagnostics (written to every logger in use: sinks.py)."""
 
 from neuraflux.callbacks.diagnostics import (
     ActivationStatsLogger,
