@@ -9,6 +9,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 import torch
@@ -38,15 +39,17 @@ from neuraflux.feedback.store import (  # noqa: E402
 from neuraflux.retrieval import Retriever  # noqa: E402
 from neuraflux.serve import create_app  # noqa: E402
 from tests.test_serve import BASE  # noqa: E402
-from tests.test_serve_engine import tiny_lm  # noqa: E402
+from tests.test_serve_engine import slow_down, tiny_lm  # noqa: E402
 
 torch.set_num_threads(1)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-def client_for(db, compare_seed: int | None = None, retriever=None, **changes) -> TestClient:
+def client_for(db, compare_seed: int | None = None, retriever=None, slow: float = 0.0, **changes) -> TestClient:
     model, tok = tiny_lm()
+    if slow:
+        slow_down(model, slow)
     other = None
     if compare_seed is not None:
         other_model, other_tok = tiny_lm(seed=compare_seed)
@@ -291,6 +294,18 @@ def test_without_a_compare_model_both_answers_are_samples_of_the_served_model(tm
         body = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 6, "compare": True}).json()
     assert len(body["choices"]) == 2 and all("text" in c for c in body["choices"])
     assert {r["model"] for r in rows(db, "completions")} == {weights_sha256(tiny_lm()[0])}
+
+
+def test_a_compare_request_that_cannot_get_both_answers_fails_whole_and_leaves_nothing_running(tmp_path):
+    with client_for(tmp_path / "fb.sqlite", slow=0.01, max_concurrent=1, max_queue=0) as client:
+        r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 24, "compare": True})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"  # the second sample has no slot
+        engine = client.app.state.serve.engine
+        deadline = time.monotonic() + 5
+        while engine.stats().active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats().active == 0 and engine.stats().tokens < 24  # the first was cancelled, not finished
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 def test_stats_count_each_kind_and_give_each_models_win_rate_with_a_wilson_interval(tmp_path):

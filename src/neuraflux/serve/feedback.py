@@ -241,7 +241,13 @@ async def answer_pair(
     order; each remembered for feedback (when `hub` is set) with the other as its pair. `check` is the constitution
     filter, applied to each."""
     request = GenerationRequest(tuple(prepared.ids), max_new_tokens, sampling, prepared.stop_ids, timeout_s)
-    results = await asyncio.gather(*(collect(side.engine, request) for side in sides))
+    tasks = [asyncio.ensure_future(collect(side.engine, request)) for side in sides]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:  # one side failed (overloaded, timeout): stop the other, whose answer has no use now
+        for task in tasks:
+            task.cancel()
+        raise
     ids = [f"chatcmpl-{uuid.uuid4().hex[:24]}" for _ in sides]
     sources = [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in prepared.sources]
     answers = []
