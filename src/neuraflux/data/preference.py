@@ -33,6 +33,7 @@ import datasets
 
 from neuraflux.chat import BOS, Message, render_prompt, render_record
 from neuraflux.data.common import read_json_lines
+from neuraflux.data.conversation import is_conversational, preference_conversation
 from neuraflux.world import World, practice_preference_pairs, preference_pairs
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,13 @@ def _render_prompt_field(record: dict, rendered_ok: bool) -> str:
 def to_example(record: dict, with_prompt: bool, rendered_ok: bool = False) -> PreferenceExample:
     """One raw record as a validated PreferenceExample; ValueError names the problem. `with_prompt` says which
     shape the source has: prompt (or messages)/chosen/rejected, or chosen/rejected full transcripts.
-    `rendered_ok`: the source is our own code, whose prompts may come rendered."""
+    `rendered_ok`: the source is our own code, whose prompts may come rendered. Conversational records (lists of
+    turns, data/conversation.py) are read as they are."""
+    if is_conversational(record):
+        example = PreferenceExample(*preference_conversation(record))
+        if example.chosen == example.rejected:
+            raise ValueError("chosen and rejected are identical")
+        return example
     prompt_field = "messages" if record.get("messages") is not None else "prompt"
     fields = (prompt_field, "chosen", "rejected") if with_prompt else ("chosen", "rejected")
     for name in fields:

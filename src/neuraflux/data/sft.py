@@ -1,31 +1,45 @@
 """Supervised fine-tuning data: prompt/response pairs in the chat format, loss on response tokens only.
 
-A record is `{"prompt": str, "response": str, "context"?: str | null, "repeats"?: int >= 1}`. JSON-lines files are
+A record is `{"prompt": str, "response": str, "context"?: str | null, "repeats"?: int >= 1}`, or a conversation as TRL
+writes it, `{"messages": [{"role", "content"}, ...], "repeats"?}`, whose last (assistant) turn is trained on and whose
+earlier turns are its prompt (data/conversation.py). JSON-lines files are
 read here, line by line, so that a record of the wrong shape is refused naming the file, the 1-based line and the
 field: through Arrow a number or a list where text belongs would arrive as such, or as a string, without a word.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neuraflux.chat import render_example
+from neuraflux.chat import Message, render_completion, render_example, render_prompt
 from neuraflux.data.common import LMBatch, check_data_file, json_type, load_local_or_hub, read_json_lines
+from neuraflux.data.conversation import sft_exchange
 from neuraflux.data.lm import ResumableDataModule
 
 log = logging.getLogger(__name__)
 
 
-def encode_example(tokenizer, prompt: str, response: str, context: str | None, max_tokens: int) -> dict:
+def render_sft(prompt: str, response: str, context: str | None, history: str = "") -> tuple[str, str]:
+    """(prompt_text, completion_text): `history` is the JSON list of turns before the user's `prompt` ("" for none)."""
+    if not history:
+        return render_example(prompt, response, context or None)
+    turns = [Message(t["role"], t["content"]) for t in json.loads(history)]
+    return render_prompt([*turns, Message("user", prompt)], context=context or None), render_completion(response)
+
+
+def encode_example(
+    tokenizer, prompt: str, response: str, context: str | None, max_tokens: int, history: str = ""
+) -> dict:
     """Token ids and the index where the response starts.
 
     Over-long examples lose prompt tokens from the left (the response is what is trained on, and the
     question sits at the prompt's end); a response longer than max_tokens is cut at its end.
     """
-    prompt_text, completion_text = render_example(prompt, response, context or None)
+    prompt_text, completion_text = render_sft(prompt, response, context, history)
     p, c = tokenizer.encode(prompt_text), tokenizer.encode(completion_text)
     c = c[: max_tokens - 1]
     p = p[max(0, len(p) + len(c) - max_tokens) :]
@@ -70,7 +84,16 @@ def _whole_count(value) -> bool:
 
 def sft_record(record: dict, where: str) -> dict:
     """One raw record as {prompt, response, context, repeats} (context "" and repeats 1 when absent); ValueError
-    names `where` ("path, line 3") and the field."""
+    names `where` ("path, line 3") and the field. A conversation (`messages`) also gets `history`: the JSON list of
+    the turns before its last user turn."""
+    if "messages" in record and "prompt" not in record and "response" not in record:
+        try:
+            exchange = sft_exchange(record)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        plain = {"prompt": exchange.history[-1].content, "response": exchange.response, "context": exchange.context}
+        history = [{"role": m.role, "content": m.content} for m in exchange.history[:-1]]
+        return {**sft_record({**plain, "repeats": record.get("repeats", 1)}, where), "history": json.dumps(history)}
     missing = [name for name in ("prompt", "response") if name not in record]
     if missing:
         raise ValueError(f"{where}: SFT records need fields {missing}; found {sorted(record)}")
@@ -90,6 +113,7 @@ def sft_record(record: dict, where: str) -> dict:
         "response": record["response"],
         "context": context or "",
         "repeats": int(repeats),
+        "history": "",
     }
 
 
@@ -136,36 +160,39 @@ class SFTDataModule(ResumableDataModule):
             key = "data.path" if self.path else "data.dataset"
             ds = load_local_or_hub(self.path, self.dataset_name, "train", key)
             missing = {"prompt", "response"} - set(ds.column_names)
-            if missing:
-                raise ValueError(f"{key}: SFT records need fields {sorted(missing)}; found {ds.column_names}")
-            ds = ds.select_columns([c for c in ("prompt", "response", "context", "repeats") if c in ds.column_names])
+            if missing and "messages" not in ds.column_names:
+                found = ds.column_names
+                raise ValueError(f"{key}: SFT records need fields {sorted(missing)} or 'messages'; found {found}")
+            columns = ("prompt", "response", "context", "repeats", "messages")
+            ds = ds.select_columns([c for c in columns if c in ds.column_names])
             rows = list(ds)
             wheres = [f"{self.path or self.dataset_name}, record {i}" for i in range(1, len(rows) + 1)]
         if not rows:
             raise ValueError(f"data: {self.path or self.dataset_name or self.builtin} holds no SFT records")
         records = [sft_record(row, where) for row, where in zip(rows, wheres, strict=True)]
         return datasets.Dataset.from_dict(
-            {name: [r[name] for r in records] for name in ("prompt", "response", "context", "repeats")},
+            {name: [r[name] for r in records] for name in ("prompt", "response", "context", "repeats", "history")},
             features=datasets.Features(
                 {
                     "prompt": datasets.Value("string"),
                     "response": datasets.Value("string"),
                     "context": datasets.Value("string"),
                     "repeats": datasets.Value("int64"),
+                    "history": datasets.Value("string"),
                 }
             ),
         )
 
     def texts(self) -> list[str]:
         """Rendered conversations, for training a tokenizer."""
-        return ["".join(render_example(r["prompt"], r["response"], r["context"] or None)) for r in self._raw]
+        return ["".join(render_sft(r["prompt"], r["response"], r["context"], r["history"])) for r in self._raw]
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
         tok, max_tokens = self.tokenizer, self.block_size + 1
         encoded = self._raw.map(
-            lambda r: encode_example(tok, r["prompt"], r["response"], r["context"], max_tokens),
+            lambda r: encode_example(tok, r["prompt"], r["response"], r["context"], max_tokens, r["history"]),
             remove_columns=self._raw.column_names,
             desc="tokenizing",
         )
