@@ -117,8 +117,8 @@ def test_sft_records_read_line_by_line_keep_their_defaults(tmp_path):
     )
     dm = SFTDataModule(path=str(f))
     assert dm._raw.to_list() == [
-        {"prompt": PAIR["prompt"], "response": PAIR["response"], "context": "", "repeats": 1},
-        {"prompt": "q", "response": "a", "context": "doc", "repeats": 3},
+        {"prompt": PAIR["prompt"], "response": PAIR["response"], "context": "", "repeats": 1, "history": ""},
+        {"prompt": "q", "response": "a", "context": "doc", "repeats": 3, "history": ""},
     ]
 
 
