@@ -336,6 +336,16 @@ def test_stats_count_each_kind_and_give_each_models_win_rate_with_a_wilson_inter
     assert stats["models"][served.model]["compare"] == 5
 
 
+def test_the_weights_hash_names_the_weights():
+    model, _ = tiny_lm()
+    same, _ = tiny_lm()
+    assert weights_sha256(model) == weights_sha256(same) and len(weights_sha256(model)) == 64
+    with torch.no_grad():
+        same.lm_head.weight[0, 0] += 1e-3
+    assert weights_sha256(model) != weights_sha256(same)
+    assert weights_sha256(model) != weights_sha256(tiny_lm(seed=1)[0])
+
+
 def test_wilson_interval_by_hand():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     # 8 of 10: p = 0.8, z^2/n = 0.38415, centre (0.8 + 0.19207) / 1.38415 = 0.71675,

@@ -165,12 +165,13 @@ def weights_sha256(model) -> str:
             digest.update(repr(value).encode())
             continue
         digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        tensor = value.detach().cpu().contiguous()
         try:
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        except (RuntimeError, TypeError):  # a quantized tensor subclass has no plain byte view: hash its pickle
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError, NotImplementedError):
+            # a quantized tensor subclass has no plain byte view: its pickle, the same across loads of torchao's
+            # int8 weights (checked by hand)
             buffer = io.BytesIO()
-            torch.save(tensor, buffer)
+            torch.save(value.detach().cpu(), buffer)
             digest.update(buffer.getvalue())
     return digest.hexdigest()
 
@@ -238,7 +239,8 @@ class FeedbackStore:
                     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # sqlite may have rolled back already (a full disk, an I/O error)
+                        conn.execute("ROLLBACK")
                     raise
             self._check_version(conn)
         except sqlite3.Error as err:
@@ -282,7 +284,8 @@ class FeedbackStore:
                     result = work(conn)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # sqlite may have rolled back already (a full disk, an I/O error)
+                        conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as err:
                 raise _fail(self.path, err) from None
