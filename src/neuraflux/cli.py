@@ -242,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     i.add_argument("--out", type=Path, required=True, help="the store directory to write (chat/generate --store)")
     i.set_defaults(func=cmd_index)
+    d = sub.add_parser("data", help="the public datasets NeuraFlux knows: list them, fetch one into data/")
+    d.add_argument("action", choices=["list", "fetch"])
+    d.add_argument("source", nargs="?", help="a name from `neuraflux data list`, an http(s) address or a hub name")
+    d.add_argument("--out", type=Path, default=Path("data"), help="where to write (default: data/)")
+    d.add_argument("--split", default="train", help="a hub dataset's split")
+    d.add_argument("--force", action="store_true", help="replace a file that exists")
+    d.set_defaults(func=cmd_data)
     s = sub.add_parser(
         "serve",
         help="WebSocket + OpenAI-style HTTP server and a chat page (see `neuraflux serve --help`)",
@@ -355,6 +362,22 @@ def cmd_index(args: argparse.Namespace) -> int:
     files = len({i.rsplit("#", 1)[0] for i in store.ids})
     kind = f"{settings.index} index, {settings.embedder['type']} embedder"
     print(f"wrote {args.out}: {len(store)} chunks of {files} files ({kind})")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from neuraflux.data.catalog import FetchError, fetch, listing
+
+    if args.action == "list":
+        print(listing())
+        return 0
+    if not args.source:
+        raise SystemExit("error: data fetch needs a NAME (neuraflux data list), an http(s) address or a hub name")
+    try:
+        path = fetch(args.source, args.out, force=args.force, split=args.split)
+    except FetchError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0
 
 
