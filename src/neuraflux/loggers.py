@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import Logger
 
 log = logging.getLogger(__name__)
 
-MLFLOW_MISSING = "logger=mlflow needs MLflow, which is not installed: pip install mlflow-skinny"
+MLFLOW_MISSING = "logger=mlflow needs MLflow, which is not installed: pip install 'neuraflux[mlflow]'"
 
 
 def build_loggers(spec: DictConfig | None, build) -> list[Logger] | bool:
