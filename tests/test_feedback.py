@@ -414,3 +414,37 @@ def test_export_writes_what_data_preference_kto_and_sft_read(tmp_path, capsys):
         cli_main(["feedback", "export", str(db), "--format", "sft", "--out", str(tmp_path / "s.jsonl")])
     with pytest.raises(SystemExit, match="no such file"):
         cli_main(["feedback", "export", str(tmp_path / "none.sqlite"), "--format", "sft", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize(
+    "stage, fmt, module, size",
+    [
+        ("dpo", "preference", "PreferenceDataModule", 3),
+        ("kto", "kto", "UnpairedDataModule", 10),
+        ("sft", "sft", "SFTDataModule", 1),
+    ],
+)
+def test_data_feedback_reads_the_database_through_each_formats_data_module(tmp_path, stage, fmt, module, size):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    db = tmp_path / "fb.sqlite"
+    filled_store(db).close()
+    cfg = compose_cfg(tmp_path, f"stage={stage}", "data=feedback", f"data.db={db}", f"data.format={fmt}")
+    data = instantiate(cfg.data)
+    assert type(data).__name__ == module
+    held = {"preference": lambda: len(data.dataset), "kto": lambda: sum(map(len, data.examples.values()))}
+    assert held.get(fmt, lambda: len(data._raw))() == size  # the export's records, every one valid
+
+
+def test_data_feedback_names_the_database_it_cannot_use(tmp_path):
+    from neuraflux.feedback.data import feedback_data_module
+
+    with pytest.raises(ValueError, match="data.db: feedback database .*none.sqlite: no such file"):
+        feedback_data_module(str(tmp_path / "none.sqlite"))
+    FeedbackStore(tmp_path / "empty.sqlite").open().close()
+    with pytest.raises(ValueError, match="empty.sqlite: no preference records in its feedback \\(skipped: no votes\\)"):
+        feedback_data_module(str(tmp_path / "empty.sqlite"))
+    with pytest.raises(ValueError, match="data.format must be one of"):
+        feedback_data_module(str(tmp_path / "empty.sqlite"), format="dpo")

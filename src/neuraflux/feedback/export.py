@@ -16,8 +16,8 @@ What each vote becomes (an annotator's last vote only: earlier ones were replace
 
 A prompt is the conversation the model answered (`messages`, user and assistant turns) with the retrieved documents
 and any system message as its `context`. Skipped, and counted in `Export.skipped`: raw-text completions (not chat
-turns), pairs whose two texts are equal, and for sft conversations of more than one turn (an SFT record holds one
-prompt).
+turns), votes on an empty answer, pairs whose two texts are equal, and for sft conversations of more than one turn
+(an SFT record holds one prompt).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def export_records(votes: list[dict], fmt: str) -> Export:
             bad = [a.text, b.text]
         else:
             out.skipped["compare tie"] += 1
+            continue
+        if not all(text.strip() for text in good + bad):  # a model may stop at once: no data module takes ""
+            out.skipped["an empty answer"] += 1
             continue
         if fmt == "kto":
             for text, label in [(t, True) for t in good] + [(t, False) for t in bad]:
