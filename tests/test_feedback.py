@@ -448,3 +448,15 @@ def test_data_feedback_names_the_database_it_cannot_use(tmp_path):
         feedback_data_module(str(tmp_path / "empty.sqlite"))
     with pytest.raises(ValueError, match="data.format must be one of"):
         feedback_data_module(str(tmp_path / "empty.sqlite"), format="dpo")
+
+
+def test_a_vote_on_an_empty_answer_is_skipped_not_written_as_a_record_no_reader_takes(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.sqlite")
+    user = [{"role": "user", "content": "hi"}]
+    for cid, text in (("e", ""), ("f", "fine")):
+        store.remember(Completion(cid, "sha", "hi", user, [], text, {}))
+    store.vote(Thumbs("e", "down"))
+    store.vote(Compare(("e", "f"), "b"))
+    for fmt in ("preference", "kto"):
+        result = export_feedback(tmp_path / "fb.sqlite", fmt, tmp_path / f"{fmt}.jsonl")
+        assert result.records == [] and result.skipped == {"an empty answer": 2}
