@@ -166,7 +166,9 @@ def test_a_server_with_a_store_retrieves_unless_a_request_opts_out():
             assert ws.receive_json()["type"] == "token"  # no sources first
             until_end(ws, "r")
     with make_client() as client:  # no store: nothing to retrieve, and no error for not asking
-        assert client.get("/health").json()["retrieval"] is False
+        health = client.get("/health").json()
+        # no feedback_db: the page hides its rating controls; a float model reports no quantization
+        assert health["retrieval"] is False and health["feedback"] is False and health["quantization"] is None
         assert "sources" not in client.post("/v1/chat/completions", json=body).json()
 
 
@@ -418,6 +420,8 @@ def test_health_and_models():
             "slots": 4,
             "max_queue": 4,
             "retrieval": False,
+            "feedback": False,
+            "quantization": None,
         }
         models = client.get("/v1/models").json()
         assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]

@@ -314,6 +314,8 @@ def create_app(
             "slots": s.slots,
             "max_queue": config.max_queue,
             "retrieval": rag is not None,
+            "feedback": config.feedback_db is not None,  # the page shows its rating controls only then
+            "quantization": getattr(model, "quantization", None),  # int8 | int8-dynamic | None (model/quantize.py)
         }
 
     @app.get("/v1/models")

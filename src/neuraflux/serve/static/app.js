@@ -50,7 +50,10 @@ function vote(button, key, body) {
   socket.send(JSON.stringify({ type: "feedback", ...body }));
 }
 
+let feedbackOn = false; // the server keeps votes (feedback_db set): /health says, and the controls show only then
+
 function feedbackBar(el, completionId, text) {
+  if (!feedbackOn) return;
   const bar = document.createElement("div");
   bar.className = "feedback";
   for (const [label, rating] of [["Good", "up"], ["Bad", "down"]]) {
@@ -202,5 +205,7 @@ $("api-key").addEventListener("change", () => { if (socket) socket.close(); conn
 fetch("/health").then((r) => r.json()).then((h) => {
   $("retrieval").checked = Boolean(h.retrieval);
   $("retrieval").disabled = !h.retrieval;
+  feedbackOn = Boolean(h.feedback);
+  $("compare").parentElement.hidden = !feedbackOn;
 }).catch(() => {});
 connect();
