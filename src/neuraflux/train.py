@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -285,18 +286,19 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     exported = getattr(module, "model", model)  # what the stage trains: the LM, or e.g. a reward model
-    metrics["params"] = sum(p.numel() for p in {id(p): p for p in exported.parameters()}.values())
-    metrics["global_step"] = trainer.global_step
-    throughput = next((c for c in callbacks if hasattr(c, "tokens_per_sec")), None)
-    if throughput is not None:
-        metrics["train/tokens_per_sec_mean"] = throughput.tokens_per_sec
-    if trainer.world_size > 1:
-        metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
-    if trainer.is_global_zero:
-        export_dir = run_dir / "model"
-        exported.save_pretrained(export_dir, tokenizer)  # tokenizer.json, its fingerprint in config.json
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with whole_weights(trainer):
+        metrics["params"] = sum(p.numel() for p in {id(p): p for p in exported.parameters()}.values())
+        metrics["global_step"] = trainer.global_step
+        throughput = next((c for c in callbacks if hasattr(c, "tokens_per_sec")), None)
+        if throughput is not None:
+            metrics["train/tokens_per_sec_mean"] = throughput.tokens_per_sec
+        if trainer.world_size > 1 and not is_sharded(trainer):  # sharded weights exist once: nothing to compare
+            metrics["ranks_in_sync"] = ranks_in_sync(trainer, model)
+        if trainer.is_global_zero:
+            export_dir = run_dir / "model"
+            exported.save_pretrained(export_dir, tokenizer)  # tokenizer.json, its fingerprint in config.json
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     objects = {"model": model, "tokenizer": tokenizer, "trainer": trainer, "module": module, "run_dir": run_dir}
     return metrics, objects
 
@@ -313,6 +315,25 @@ def objective(metrics: dict, stage: DictConfig) -> float:
             f"stage.optimized_metric={key!r} is not among the run's final metrics: {', '.join(sorted(metrics))}"
         )
     return float(metrics[key])
+
+
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """Each rank holds a shard of every weight (trainer=fsdp), not a whole copy."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def whole_weights(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
+    """Where the weights are sharded (trainer=fsdp), gather them whole on rank 0, in CPU memory, for counting and
+    exporting after training (every rank must enter it); elsewhere nothing to do."""
+    if not is_sharded(trainer):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(
+        trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+    )
 
 
 def ranks_in_sync(trainer: pl.Trainer, model: NanoLM) -> bool:
