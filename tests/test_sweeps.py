@@ -36,7 +36,9 @@ def test_optuna_takes_its_direction_from_the_stage(tmp_path, stage, direction):
     assert cfg.curriculum.stages == []  # one stage a trial: a curriculum would return its last stage's metric
     dpo = compose_with_hydra(tmp_path, "hparams_search=dpo_optuna", "stage=dpo")
     assert {"optim.lr", "data.batch_size", "stage.module.beta"} == set(dpo.hydra.sweeper.params)
-    assert dpo.hydra.sweeper.direction == "minimize" and dpo.hydra.sweeper.n_trials == 20
+    # DPO's loss moves with beta itself: trials of different beta are ranked by held-out pair accuracy
+    assert (dpo.stage.optimized_metric, dpo.hydra.sweeper.direction) == ("val/accuracies", "maximize")
+    assert dpo.hydra.sweeper.n_trials == 20
 
 
 @pytest.mark.slow
