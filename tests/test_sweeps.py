@@ -94,26 +94,26 @@ def test_the_slurm_launcher_asks_for_the_job_lightning_expects(tmp_path, monkeyp
     from hydra.utils import instantiate
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from neuraflux.train import build
-
     overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
     cfg = compose_with_hydra(tmp_path, *overrides, "hydra.launcher.partition=gpu", "hydra.launcher.mem_gb=64")
     launcher = instantiate(cfg.hydra.launcher).params  # what sbatch is given
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
     assert (launcher["partition"], launcher["mem_gb"], launcher["timeout_min"]) == ("gpu", 64, 240)
-    # the environment srun gives rank 5 of that job (node 2, its second task): Lightning detects SLURM from it
+    # the environment srun gives rank 5 of that job (node 2, its second task): what Lightning's trainer detects
+    # SLURM by and reads the ranks from. (The SLURMEnvironment alone, not a Trainer: building one would set
+    # Lightning's process-wide rank to 5 for the tests that follow; main_address would export MASTER_ADDR.)
     slurm = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_PROCID": "5",
              "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_NAME": "train",
              "SLURM_JOB_ID": "4242"}  # fmt: skip
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
-    trainer = build(cfg.trainer, key="trainer", accelerator="cpu", logger=False)  # cpu: no GPU needed to check
-    environment = trainer.strategy.cluster_environment
-    assert isinstance(environment, SLURMEnvironment)
-    assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (8, 5, 1)
-    assert environment.main_address == "gpu07"
-    environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
-    with pytest.raises(ValueError, match="ntasks-per-node=4"):  # what launching with devices != tasks would do
+    assert SLURMEnvironment.detect()
+    environment = SLURMEnvironment()
+    assert (environment.world_size(), environment.global_rank(), environment.local_rank()) == (8, 5, 1)
+    assert environment.node_rank() == 1
+    # Lightning checks this before it starts training: the launcher's tasks per node are the trainer's devices
+    environment.validate_settings(num_devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+    with pytest.raises(ValueError, match="ntasks-per-node=4"):
         environment.validate_settings(num_devices=2, num_nodes=2)
 
 
