@@ -117,6 +117,29 @@ def test_the_slurm_launcher_asks_for_the_job_lightning_expects(tmp_path, monkeyp
         environment.validate_settings(num_devices=2, num_nodes=2)
 
 
+def test_only_rank_zero_of_a_multi_task_job_writes_its_record(tmp_path, monkeypatch):
+    # under hydra/launcher=slurm every rank of a job ends through Hydra's callbacks; a rank that is not 0 has no
+    # objective.json to read, and writing its record after rank 0 would lose the metric's name and direction
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    from neuraflux.sweep import JOB_FILE, MultirunSummary
+
+    hydra = {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(tmp_path)}, "job": {"num": 3},
+             "overrides": {"task": ["optim.lr=0.001"]}}  # fmt: skip
+    config = OmegaConf.create({"hydra": hydra})
+    finished = JobReturn(status=JobStatus.COMPLETED, _return_value=2.5)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    MultirunSummary().on_job_end(config, finished)
+    assert not (tmp_path / JOB_FILE).exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    MultirunSummary().on_job_end(config, finished)
+    record = json.loads((tmp_path / JOB_FILE).read_text())
+    assert (record["job"], record["objective"], record["status"]) == (3, 2.5, "COMPLETED")
+
+
 def test_fsdp_is_refused_on_a_cpu_with_a_message_naming_the_gpu(tmp_path):
     # Lightning's FSDPStrategy refuses accelerator=cpu and torch's FSDP needs an accelerator device, so the CPU tier
     # can only check that the strategy builds and that a CPU run fails at once saying why

@@ -67,7 +67,10 @@ def summary_lines(summary: dict) -> list[str]:
 
 class MultirunSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        # a SLURM job of several tasks (hydra/launcher=slurm) runs every rank through Hydra: rank 0 keeps the record
+        if config.hydra.mode != RunMode.MULTIRUN or rank_zero_only.rank != 0:
             return
         run_dir = Path(config.hydra.runtime.output_dir)
         status = "COMPLETED" if job_return.status == JobStatus.COMPLETED else "FAILED"
