@@ -1,6 +1,7 @@
 """The training entry point end to end, on configs composed from the real conf/ tree."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -227,3 +228,12 @@ def test_per_step_metrics_are_computed_exactly_on_the_steps_lightning_writes(tin
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 3, 5]
     assert [e.step for e in acc.Scalars("train/lr")] == [1, 3, 5]
+
+
+def test_bf16_mixed_trains_with_gradient_clipping(tiny_cfg, tmp_path):
+    """trainer.precision=bf16-mixed with gradient clipping: Lightning refuses to clip a fused AdamW's gradients
+    under mixed precision, so the factory takes the foreach kernel there (this run raised before)."""
+    metrics, _ = train(tiny_cfg("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"))
+    assert math.isfinite(metrics["train/loss"])
+    with pytest.raises(ValueError, match="optim.fused=true cannot train with trainer.precision=bf16-mixed"):
+        train(tiny_cfg("trainer.precision=bf16-mixed", "optim.fused=true", f"paths.run_dir={tmp_path}/fused"))

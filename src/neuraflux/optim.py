@@ -49,6 +49,14 @@ class OptimizerFactory:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule must be one of ['cosine', 'constant'], got {self.schedule!r}")
 
+    def check_precision(self, mixed_precision: str | None) -> None:
+        """ValueError for optim.fused=true under a `*-mixed` trainer precision (see __call__)."""
+        if self.fused and mixed_precision is not None:
+            raise ValueError(
+                f"optim.fused=true cannot train with trainer.precision={mixed_precision}: Lightning will not clip a "
+                "fused optimizer's gradients under mixed precision; leave optim.fused null (the foreach kernel is used)"
+            )
+
     def param_groups(self, named_parameters) -> list[dict]:
         """Decay matrices (linear and embedding weights); never decay biases and LayerNorm gains (1-D tensors)."""
         decay, no_decay, seen = [], [], set()
@@ -62,16 +70,24 @@ class OptimizerFactory:
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def __call__(self, named_parameters, total_steps: int):
+    def __call__(self, named_parameters, total_steps: int, mixed_precision: str | None = None):
+        """(AdamW, per-step LambdaLR). `mixed_precision`: the trainer's precision when it is a `*-mixed` one. Lightning
+        refuses to clip a fused optimizer's gradients under mixed precision (it assumes the optimizer unscales them
+        itself), so there the update is the multi-tensor (foreach) kernel instead, and `optim.fused: true` is
+        refused by name."""
         total_steps = self.total_steps or total_steps
         groups = self.param_groups(named_parameters)
+        self.check_precision(mixed_precision)
         fused = self.fused
         if fused is None:
             # PyTorch's default on CPU is a per-tensor Python loop; the fused kernel is several times faster.
             devices = {p.device.type for g in groups for p in g["params"]}
             dtypes = {p.dtype for g in groups for p in g["params"]}
-            fused = devices <= {"cpu", "cuda"} and dtypes <= {torch.float32, torch.bfloat16, torch.float16}
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
+            fusable = devices <= {"cpu", "cuda"} and dtypes <= {torch.float32, torch.bfloat16, torch.float16}
+            fused = fusable and mixed_precision is None
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused, foreach=None if fused else True
+        )
         min_ratio = self.min_lr_ratio if self.schedule == "cosine" else 1.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total_steps, min_ratio)

@@ -75,11 +75,12 @@ def check_settings(cfg: DictConfig):
     """The checks of `validate` that read only the config (no file, no directory): a curriculum runs them for
     every stage before it writes anything. Returns the model config."""
     model_config = _model_config(cfg)
-    build(cfg.optim, key="optim")  # OptimizerFactory validates lr, betas, ...
+    optim = build(cfg.optim, key="optim")  # OptimizerFactory validates lr, betas, ...
     check_trainer_settings(cfg.trainer)
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
+    optim.check_precision(precision if precision.endswith("-mixed") else None)
     block_size = cfg.data.get("block_size", model_config.block_size)
     if not is_int(block_size):
         raise ValueError(f"data.block_size must be an integer, got {block_size!r}")

@@ -15,8 +15,12 @@ from neuraflux.optim import OptimizerFactory
 
 def configure_optimizers(module: pl.LightningModule, optim: OptimizerFactory, named_parameters) -> dict:
     """Optimizer and per-step scheduler over the given (trainable) parameters only."""
-    total = module.trainer.max_steps if module.trainer is not None and module.trainer.max_steps > 0 else 1000
-    optimizer, scheduler = optim(named_parameters, total_steps=total)
+    trainer = attached_trainer(module)
+    total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 1000
+    precision = str(trainer.precision) if trainer is not None else ""
+    optimizer, scheduler = optim(
+        named_parameters, total_steps=total, mixed_precision=precision if precision.endswith("-mixed") else None
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
