@@ -199,6 +199,22 @@ class EncodedPairs(Dataset):
         return self.pairs[i]
 
 
+def check_pair_data_settings(path, builtin, on_invalid, max_length, batch_size, val_fraction) -> None:
+    """The settings the preference and unpaired (KTO) data modules share, each refused naming its key."""
+    if (path is None) == (builtin is None):
+        raise ValueError("data: set exactly one of data.path or data.builtin")
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(
+            f"data.max_length must be an integer >= 2 (a prompt token and a response token), got {max_length!r}"
+        )
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+
+
 class PreferenceDataModule(ResumableDataModule):
     """Preference pairs from the built-in world (`builtin: world`) or a JSON-lines file (`path`).
 
@@ -222,23 +238,12 @@ class PreferenceDataModule(ResumableDataModule):
         retrieve_context: bool = False,
     ):
         super().__init__()
-        if (path is None) == (builtin is None):
-            raise ValueError("data: set exactly one of data.path or data.builtin")
+        check_pair_data_settings(path, builtin, on_invalid, max_length, batch_size, val_fraction)
         if retrieve_context and builtin is None:
             raise ValueError(
                 "data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world"
             )
         self.retrieve_context = retrieve_context
-        if on_invalid not in ON_INVALID:
-            raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(
-                f"data.max_length must be an integer >= 2 (a prompt token and a response token), got {max_length!r}"
-            )
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.path, self.builtin, self.world_cfg, self.on_invalid = path, builtin, world or {}, on_invalid
         self.max_length, self.batch_size, self.val_fraction = max_length, batch_size, val_fraction
         self.seed, self.num_workers = seed, num_workers

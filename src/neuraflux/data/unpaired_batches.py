@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from neuraflux.data.common import Window
 from neuraflux.data.lm import ResumableDataModule
-from neuraflux.data.preference import ON_INVALID
 from neuraflux.data.preference_batches import (
     EncodedSequence,
     PreferenceDataModule,
+    check_pair_data_settings,
     completion_text,
     fit_sequence,
     right_pad,
@@ -130,18 +130,7 @@ class UnpairedDataModule(ResumableDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        if (path is None) == (builtin is None):
-            raise ValueError("data: set exactly one of data.path or data.builtin")
-        if on_invalid not in ON_INVALID:
-            raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(
-                f"data.max_length must be an integer >= 2 (a prompt token and a completion token), got {max_length!r}"
-            )
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_pair_data_settings(path, builtin, on_invalid, max_length, batch_size, val_fraction)
         self.path, self.builtin, self.world_cfg, self.on_invalid = path, builtin, world or {}, on_invalid
         self.max_length, self.batch_size, self.val_fraction = max_length, batch_size, val_fraction
         self.seed, self.num_workers = seed, num_workers
