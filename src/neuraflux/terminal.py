@@ -20,6 +20,8 @@ HELP = """commands:
   /temp X    sampling temperature (0: greedy)
   /help      this list
   /quit      end the session (or Ctrl-D); Ctrl-C stops an answer"""
+
+
 @dataclass
 class Session:
     """The conversation, the sampling temperature and the last answer's sources."""
