@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from neuraflux.model.nano import KVCache, NanoLM, slot_attention_mask
+from neuraflux.model.nano import KVCache, NanoLM
 
 # A compiled decode step is traced for one (batch, cache capacity): capacities are rounded up to this many
 # positions so that prompts of different lengths share a compilation.
@@ -82,14 +82,8 @@ def static_decode_step(
     """One decoding step whose shapes never change, so torch.compile traces it once: token (B, 1) is written at
     positions (B,) of a per-row cache of fixed capacity (`KVCache.slots`), every query attends over the whole
     capacity with the slots after its own position masked -> logits (B, V). Does not advance `positions`."""
-    t = model.transformer
-    position_ids = positions[:, None]  # (B, 1)
-    x = t.embeddings(token, position_ids)
-    rope = t._rope(position_ids)
-    mask = slot_attention_mask(positions, 1, keys[0].shape[2])  # (B, 1, 1, capacity)
-    for i, layer in enumerate(t.layers):
-        x, _ = layer(x, mask, (keys[i], values[i], positions), False, rope)
-    return model.lm_head(t.ln_f(x)[:, -1])
+    hidden, _ = model.transformer.forward_at(token, positions, keys, values, key_length=keys[0].shape[2])
+    return model.lm_head(hidden[:, -1])
 
 
 _compiled_step = None

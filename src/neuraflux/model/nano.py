@@ -320,18 +320,34 @@ class NanoModel(nn.Module):
         limit = min(self.config.max_position_embeddings, kv_cache.capacity)
         if key_length > limit:
             raise ValueError(f"a cache row would hold {key_length} tokens, over its limit of {limit}")
+        x, maps = self.forward_at(input_ids, start, kv_cache.keys, kv_cache.values, key_length, need_weights)
+        kv_cache.positions += T  # in place: a view from KVCache.rows advances its parent too
+        return (x, maps) if need_weights else x
+
+    def forward_at(
+        self,
+        input_ids: torch.Tensor,
+        start: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        key_length: int,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids (B, T) written at per-row positions start (B,) of the slot caches keys / values, each query
+        attending over the first `key_length` slots up to its own position -> (hidden (B, T, C), maps). Checks and
+        advances nothing: with key_length the cache's whole capacity, every shape is fixed (the compiled decode
+        step, model/generation.py)."""
+        T = input_ids.shape[1]
         position_ids = start[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
         mask = slot_attention_mask(start, T, key_length)
         x = self.embeddings(input_ids, position_ids)  # (B, T, C)
         rope = self._rope(position_ids)
         maps = []
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, mask, (kv_cache.keys[i], kv_cache.values[i], start), need_weights, rope)
+            x, weights = layer(x, mask, (keys[i], values[i], start), need_weights, rope)
             if need_weights:
                 maps.append(weights)
-        kv_cache.positions += T  # in place: a view from KVCache.rows advances its parent too
-        x = self.ln_f(x)
-        return (x, maps) if need_weights else x
+        return self.ln_f(x), maps
 
 
 class NanoLMHead(nn.Module):
