@@ -56,8 +56,10 @@ def test_index_names_a_missing_path_and_needs_one(tmp_path):
         main(["index", "k=3", "--out", str(tmp_path / "store")])
 
 
-def test_the_shipped_settings_are_the_dataclass_defaults():
-    assert load_retrieval_settings() == RetrievalSettings()
+def test_a_settings_file_sets_what_it_names_and_the_command_line_overrides_it(tmp_path):
+    assert load_retrieval_settings() == RetrievalSettings()  # the shipped file changes nothing
+    (tmp_path / "r.yaml").write_text("index: hnsw\nk: 4\n")
+    assert load_retrieval_settings(["k=3"], tmp_path / "r.yaml") == RetrievalSettings(index="hnsw", k=3)
     with pytest.raises(RetrievalError, match="retrieval.chunk_chars must be a positive integer"):
         load_retrieval_settings(["chunk_chars=0"])
 

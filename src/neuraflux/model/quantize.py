@@ -35,8 +35,6 @@ from neuraflux.model.nano import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, Nano
 MODES = ("int8", "int8-dynamic")
 QUANT_FILE = "quantization.json"
 FORMAT_VERSION = 1
-EMBEDDING_KEY = "transformer.embeddings.token.weight"
-HEAD_KEY = "lm_head.weight"
 
 
 class QuantizationError(ValueError):
@@ -118,12 +116,11 @@ def quantize_model(model: NanoLM, mode: str) -> NanoLM:
     return model
 
 
-def quantized_tensors(model: nn.Module) -> dict[str, nn.Module]:
+def quantized_tensors(model: NanoLM) -> dict[str, nn.Module]:
     """The modules whose weight quantize_model turns into int8: every linear layer and the token embedding."""
+    embedding = model.transformer.embeddings.token
     return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or name == EMBEDDING_KEY.rsplit(".", 1)[0]
+        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) or module is embedding
     }
 
 

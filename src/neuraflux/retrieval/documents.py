@@ -73,7 +73,7 @@ def load_retrieval_settings(overrides: list[str] = (), path: Path = DEFAULT_SETT
     return RetrievalSettings(**values)
 
 
-def chunk_text(text: str, size: int = 600, overlap: int = 100) -> list[str]:
+def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     """Paragraphs joined up to `size` characters, each chunk after the first starting with the last `overlap`
     characters of the one before; a paragraph longer than `size` is cut into pieces of `size` that overlap by
     `overlap` characters."""
@@ -90,7 +90,9 @@ def chunk_text(text: str, size: int = 600, overlap: int = 100) -> list[str]:
     return chunks
 
 
-def document_chunks(paths: list[str], size: int = 600, overlap: int = 100) -> tuple[list[str], list[str]]:
+def document_chunks(
+    paths: list[str], size: int = RetrievalSettings.chunk_chars, overlap: int = RetrievalSettings.overlap_chars
+) -> tuple[list[str], list[str]]:
     """(ids, texts) of every chunk of the text files under `paths` (files, or folders searched for .txt/.md/.rst);
     an id is `file#n`. ValueError naming a path that does not exist, is not UTF-8 text, or holds no text."""
     files: list[Path] = []
