@@ -272,10 +272,10 @@ def test_grpo_run_logs_and_keeps_the_reference_out_of_optimizer_and_checkpoint(t
 @pytest.mark.parametrize(
     "variant",
     [
-        # seed 1337: about 0.02 -> 0.99 of response tokens are "a" over 12 steps (seed 2 reaches 1.00; seed 1 stays at
-        # 0.00: its groups rarely hold an "a", and a group of equal rewards teaches nothing)
+        # at seed 1337 the share of "a" tokens rises by more than 0.8 in 12 steps (asserted below); at some seeds a
+        # group rarely holds an "a", and a group of equal rewards teaches nothing
         [],
-        # Dr. GRPO, seed 1337: about 0.01 -> 0.98 (seeds 1 and 2 reach 0.99 and 0.99)
+        # Dr. GRPO, same assertion
         ["stage.module.scale_rewards=false", "stage.module.loss_aggregation=dr_grpo"],
     ],
     ids=["grpo", "dr_grpo"],

@@ -334,9 +334,9 @@ def test_first_loss_is_half_and_the_metrics_are_logged(run):
 
 
 def test_a_few_steps_move_desirable_log_ratios_above_the_reference_point_and_undesirable_below(run):
-    # on the 54 held-out examples (27 world pairs), after 6 steps at lr 3e-3 from an untrained policy, measured:
-    # every log-ratio rises (the policy learns the chat format), and the reference point z0 with them, to 6.1; the
-    # desirable completions' mean log-ratio ends 1.49 above it and the undesirable ones' 1.50 below it
+    # on the 54 held-out examples (27 world pairs), after 6 steps at lr 3e-3 from an untrained policy: every
+    # log-ratio rises (the policy learns the chat format) and the reference point z0 with them (asserted > 3); the
+    # desirable completions' mean log-ratio ends more than 1 above it and the undesirable ones' more than 1 below
     module, dm = run["module"], run["trainer"].datamodule
     module.eval()
     batches = torch.utils.data.DataLoader(dm.val_set, batch_size=16, collate_fn=dm.collate)

@@ -204,3 +204,15 @@ def test_eval_and_serve_take_quantize(tmp_path, model_dir, monkeypatch):
     out = save_quantized(load_for_inference(path, "int8")[0], tok, tmp_path / "q")
     with pytest.raises(SystemExit, match="error: --quantize int8-dynamic: .* already quantized to int8"):
         ev.main(["--model", str(out), "--quantize", "int8-dynamic"])
+
+
+def test_the_feedback_store_identifies_an_int8_model_by_its_weights(tmp_path, model_dir):
+    """weights_sha256 (the model identity on every stored answer) hashes torchao's int8 tensors by their parts:
+    the same for two loads of one quantized directory, different from the float model's."""
+    from neuraflux.feedback.store import weights_sha256
+
+    path, tok, _ = model_dir(tmp_path)
+    out = save_quantized(load_for_inference(path, "int8")[0], tok, tmp_path / "q")
+    first, second = weights_sha256(load_for_inference(out)[0]), weights_sha256(load_for_inference(out)[0])
+    assert first == second
+    assert first != weights_sha256(load_for_inference(path)[0])

@@ -153,10 +153,15 @@ def wilson_interval(wins: int, n: int, z: float = WILSON_Z) -> tuple[float, floa
 
 def weights_sha256(model) -> str:
     """sha256 over a torch module's state_dict (names, dtypes, shapes and bytes, in name order): the identity of
-    the weights a completion came from. Computed once, when the server starts."""
-    import io
-
+    the weights a completion came from. Computed once, when the server starts. A tensor subclass (torchao's int8
+    weights, model/quantize.py) is hashed through the plain tensors it is made of."""
     import torch
+
+    def plain(value: torch.Tensor) -> list[torch.Tensor]:
+        if type(value) in (torch.Tensor, torch.nn.Parameter):
+            return [value]
+        names, _ = value.__tensor_flatten__()
+        return [t for n in names for t in plain(getattr(value, n))]
 
     digest = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
@@ -165,14 +170,8 @@ def weights_sha256(model) -> str:
             digest.update(repr(value).encode())
             continue
         digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        try:
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        except (RuntimeError, TypeError, NotImplementedError):
-            # a quantized tensor subclass has no plain byte view: its pickle, the same across loads of torchao's
-            # int8 weights (checked by hand)
-            buffer = io.BytesIO()
-            torch.save(value.detach().cpu(), buffer)
-            digest.update(buffer.getvalue())
+        for part in plain(value):
+            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
