@@ -38,11 +38,18 @@ class GRPOLossOutput(NamedTuple):
     clipfrac: Tensor  # scalar, detached: share of valid tokens where the clipped term is chosen
 
 
+def check_group_size(group_size: int) -> None:
+    """ValueError unless group_size is an integer >= 2: one sample is its own group mean."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
+        raise ValueError(
+            f"group_size must be an integer >= 2, got {group_size!r}: a group of one is its own mean, so its "
+            "advantage is always 0 (and its reward std, which scale_rewards divides by, undefined)"
+        )
+
+
 def check_groups(values: Tensor, group_size: int) -> None:
     """Raise unless `values` is `(N * group_size,)` with N >= 1 and group_size an integer >= 2."""
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
-        # one sample is its own group mean: its advantage is 0 (and its sample std undefined)
-        raise ValueError(f"GRPO needs group_size >= 2 samples per prompt, got {group_size!r}")
+    check_group_size(group_size)
     if values.dim() != 1 or values.numel() == 0 or values.numel() % group_size != 0:
         raise ValueError(
             f"GRPO expects (N * group_size,) values with group_size={group_size}, got shape {tuple(values.shape)}"

@@ -26,7 +26,13 @@ from collections.abc import Mapping
 import pytorch_lightning as pl
 from torch import Tensor
 
-from neuraflux.alignment.grpo import GRPO_LOSS_AGGREGATIONS, group_advantages, group_reward_std, grpo_loss
+from neuraflux.alignment.grpo import (
+    GRPO_LOSS_AGGREGATIONS,
+    check_group_size,
+    group_advantages,
+    group_reward_std,
+    grpo_loss,
+)
 from neuraflux.alignment.losses import LossOutput
 from neuraflux.alignment.stats import masked_mean
 from neuraflux.data.prompts import PromptBatch
@@ -82,11 +88,10 @@ class NanoGRPO(pl.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
-            raise ValueError(
-                f"stage.module.group_size must be an integer >= 2, got {group_size!r}: a group of one is its own "
-                "mean, so its advantage is always 0 (and its reward std, which scale_rewards divides by, undefined)"
-            )
+        try:
+            check_group_size(group_size)
+        except ValueError as err:
+            raise ValueError(f"stage.module.{err}") from None
         if loss_aggregation not in GRPO_LOSS_AGGREGATIONS:
             raise ValueError(
                 f"stage.module.loss_aggregation must be one of {list(GRPO_LOSS_AGGREGATIONS)}, got {loss_aggregation!r}"
