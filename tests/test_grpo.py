@@ -66,7 +66,7 @@ def test_group_advantages_by_hand():
 
 def test_a_group_of_one_is_refused():
     # one sample is its own mean: advantage 0 whatever it scored, and its Bessel std is 0 / 0
-    with pytest.raises(ValueError, match="group_size >= 2"):
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2, got 1"):
         group_advantages(torch.tensor([1.0, 2.0]), group_size=1)
     with pytest.raises(ValueError, match=r"\(N \* group_size,\) values with group_size=2, got shape \(3,\)"):
         group_advantages(torch.tensor([1.0, 2.0, 3.0]), group_size=2)
