@@ -224,7 +224,18 @@ def test_run_returns_the_stages_optimized_metric(tiny_cfg, tmp_path):
     assert "val/loss" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_every_stage_names_an_optimized_metric_it_validates(tmp_path):
+@pytest.mark.usefixtures("one_thread")
+def test_a_single_run_that_never_validated_still_succeeds_without_an_objective(tiny_cfg, tmp_path, caplog):
+    from neuraflux.run import run
+
+    cfg = tiny_cfg("curriculum=none", "trainer.max_steps=2", "trainer.val_check_interval=5")
+    assert run(cfg, overrides=[]) is None  # trained and saved; before, it ended with `error:` and exit status 1
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "objective.json").exists()
+    assert "stage.optimized_metric='val/loss' was not logged" in caplog.text
+
+
+def test_every_stage_names_a_validation_metric_to_optimize(tmp_path):
     for path in sorted((CONF / "stage").glob("*.yaml")):
         stage = compose_cfg(tmp_path, "curriculum=none", f"stage={path.stem}").stage
         assert str(stage.get("optimized_metric", "")).startswith("val/"), path.name

@@ -73,11 +73,19 @@ def summary_table(metrics: dict, title: str):
     return table
 
 
-def report_objective(stage: DictConfig, metrics: dict, run_dir: str | Path) -> float:
+def report_objective(stage: DictConfig, metrics: dict, run_dir: str | Path) -> float | None:
     """The stage's `optimized_metric` at the end of its run, also written with its mode to run_dir/objective.json
-    (what MultirunSummary ranks a sweep's jobs by)."""
+    (what MultirunSummary ranks a sweep's jobs by). A run that ended before validating has none: a sweep's job
+    then fails naming the metric (a sweeper needs the number), a single run warns and returns None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+    sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if stage.get("optimized_metric") and stage.optimized_metric not in metrics and not sweeping:
+        log.warning("stage.optimized_metric=%r was not logged (the run never validated): no objective",
+                    stage.optimized_metric)  # fmt: skip
+        return None
     value = objective(metrics, stage)
     if rank_zero_only.rank == 0:
         record = {"metric": stage.optimized_metric, "mode": stage.get("optimized_mode", "min"), "value": value}
