@@ -85,10 +85,7 @@ def inspect_pretrained(source: str | Path) -> tuple[NanoConfig, NanoTokenizer]:
             config, tokenizer, recorded = inspect_transformers(model_dir)
             check_tokenizer_fits(config, tokenizer, tokenizer_path, config_path, recorded)
             return config, tokenizer
-        config = NanoConfig.load(config_path)
-        tokenizer = read_tokenizer(tokenizer_path)
-        recorded = recorded_tokenizer_fingerprint(config_path)
-        check_tokenizer_fits(config, tokenizer, tokenizer_path, config_path, recorded)
+        config, tokenizer = read_model_directory(model_dir)
         check_weights_file(model_dir / WEIGHTS_FILE)
         return config, tokenizer
     extras = load_checkpoint_file(source, mmap=True)["neuraflux"]
@@ -120,6 +117,15 @@ def load_pretrained(source: str | Path) -> tuple[NanoLM, NanoTokenizer]:
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.transformer.")}
     load_state_checked(model, state, source=str(source))
     return model, tokenizer
+
+
+def read_model_directory(model_dir: Path) -> tuple[NanoConfig, NanoTokenizer]:
+    """config.json and tokenizer.json of a model directory, the tokenizer checked against the weights' config
+    (fingerprint, vocabulary, special ids). Errors name the file."""
+    config_path, tokenizer_path = model_dir / CONFIG_FILE, model_dir / TOKENIZER_FILE
+    config, tokenizer = NanoConfig.load(config_path), read_tokenizer(tokenizer_path)
+    check_tokenizer_fits(config, tokenizer, tokenizer_path, config_path, recorded_tokenizer_fingerprint(config_path))
+    return config, tokenizer
 
 
 def read_tokenizer(path: Path) -> NanoTokenizer:
@@ -183,10 +189,7 @@ def load_for_inference(source: str | Path, quantize: str | None = None) -> tuple
 
     directory = model_directory(Path(source))
     if (directory / QUANT_FILE).is_file():
-        config = NanoConfig.load(directory / CONFIG_FILE)
-        tokenizer = read_tokenizer(directory / TOKENIZER_FILE)
-        fingerprint = recorded_tokenizer_fingerprint(directory / CONFIG_FILE)
-        check_tokenizer_fits(config, tokenizer, directory / TOKENIZER_FILE, directory / CONFIG_FILE, fingerprint)
+        config, tokenizer = read_model_directory(directory)
         model = q.load_quantized(directory, config)
         model.tokenizer = tokenizer
         if quantize is not None and quantize != model.quantization:
