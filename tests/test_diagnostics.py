@@ -39,13 +39,13 @@ from neuraflux.callbacks.diagnostics import (
     check_every_n_steps,
     crossed_multiple,
     decode_in_vocab,
-    fenced,
     gradient_norms,
     learning_rates,
+    sample_rows,
     sample_texts,
-    samples_markdown,
     to_uint8_image,
 )
+from neuraflux.callbacks.sinks import fenced, table_markdown
 from neuraflux.data.common import LMBatch
 from neuraflux.model import NanoConfig, NanoLM
 from neuraflux.tokenizer import NanoTokenizer
@@ -283,7 +283,8 @@ def test_learning_rates_tags():
 
 def test_markdown_fences_hold_backticks():
     assert fenced("a ``` b") == "````\na ``` b\n````"
-    md = samples_markdown([TextSample("<|bos|>", "hi<|eos|>"), TextSample("x", "y")])
+    # TensorBoard's text tab: per sample the prompt, then the sampled continuation
+    md = table_markdown(sample_rows([TextSample("<|bos|>", "hi<|eos|>"), TextSample("x", "y")]))
     assert md == (
         "**Prompt 1**\n\n```\n<|bos|>\n```\n\n**Sample 1**\n\n```\nhi<|eos|>\n```"
         "\n\n---\n\n**Prompt 2**\n\n```\nx\n```\n\n**Sample 2**\n\n```\ny\n```"

@@ -26,8 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 
-from neuraflux.callbacks.sinks import diagnostic_sinks, has_sinks, table_markdown
-from neuraflux.callbacks.sinks import fenced as fenced  # where it lived before sinks.py
+from neuraflux.callbacks.sinks import diagnostic_sinks, has_sinks
 from neuraflux.model import NanoLM, NanoModel, generate
 
 log = logging.getLogger(__name__)
@@ -519,11 +518,6 @@ def decode_in_vocab(tokenizer, ids: list[int]) -> str:
         run = []
     pieces.append(tokenizer.decode(run))
     return "".join(pieces)
-
-
-def samples_markdown(samples: list[TextSample]) -> str:
-    """Markdown for TensorBoard's text tab: per sample the prompt, then the sampled continuation."""
-    return table_markdown(sample_rows(samples))
 
 
 def sample_rows(samples: list[TextSample]) -> list[dict[str, str]]:
