@@ -175,17 +175,23 @@ def encode_pairs(tokenizer, examples: list[PreferenceExample], max_length: int) 
     ]
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PreferenceBatch:
-    """Stack chosen then rejected sequences into one right-padded `(2B, T)` PreferenceBatch."""
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+def stack_sequences(sequences: list[EncodedSequence], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded `(N, T)` input_ids, attention_mask, next-token targets (pad after the last) and the bool mask
+    of the targets that are response tokens."""
     input_ids, attention_mask = right_pad(sequences, pad_id)
     response_mask = torch.zeros_like(attention_mask)
     for i, s in enumerate(sequences):
         # target t is token t + 1: the response's first token is the target at response_start - 1
         response_mask[i, s.response_start - 1 : len(s.ids) - 1] = True
     targets = torch.cat([input_ids[:, 1:], torch.full((len(sequences), 1), pad_id, dtype=torch.long)], dim=1)
+    return input_ids, attention_mask, targets, response_mask
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> PreferenceBatch:
+    """Stack chosen then rejected sequences into one right-padded `(2B, T)` PreferenceBatch."""
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     index = torch.tensor([p.index for p in pairs], dtype=torch.long)
-    return PreferenceBatch(input_ids, attention_mask, targets, response_mask, index)
+    return PreferenceBatch(*stack_sequences(sequences, pad_id), index)
 
 
 class EncodedPairs(Dataset):

@@ -24,8 +24,8 @@ from neuraflux.data.preference_batches import (
     check_pair_data_settings,
     completion_text,
     fit_sequence,
-    right_pad,
     split_by_prompt,
+    stack_sequences,
 )
 from neuraflux.data.splits import split_held_out
 from neuraflux.data.unpaired import UnpairedExample, read_unpaired_jsonl, unpair
@@ -87,15 +87,9 @@ def collate_unpaired(examples: list[EncodedExample], pad_id: int, max_length: in
     shifted = examples[-1:] + examples[:-1]  # completion i - 1 for prompt i: TRL's rotation
     sequences: list[EncodedSequence] = [fit_sequence(e.prompt, e.completion, max_length) for e in examples]
     sequences += [fit_sequence(e.prompt, s.completion, max_length) for e, s in zip(examples, shifted, strict=True)]
-    input_ids, attention_mask = right_pad(sequences, pad_id)
-    response_mask = torch.zeros_like(attention_mask)
-    for i, s in enumerate(sequences):
-        # target t is token t + 1: the completion's first token is the target at response_start - 1
-        response_mask[i, s.response_start - 1 : len(s.ids) - 1] = True
-    targets = torch.cat([input_ids[:, 1:], torch.full((len(sequences), 1), pad_id, dtype=torch.long)], dim=1)
     desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     index = torch.tensor([e.index for e in examples], dtype=torch.long)
-    return UnpairedBatch(input_ids, attention_mask, targets, response_mask, desirable, index)
+    return UnpairedBatch(*stack_sequences(sequences, pad_id), desirable, index)
 
 
 class EncodedExamples(Dataset):
