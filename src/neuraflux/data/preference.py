@@ -152,6 +152,19 @@ def to_example(record: dict, with_prompt: bool, rendered_ok: bool = False) -> Pr
     return example
 
 
+def check_records_file(path: str | Path, kind: str, on_invalid: str) -> Path:
+    """A JSON-lines records file (`kind`: preference, unpaired) that exists and ends as one; `on_invalid` one of
+    ON_INVALID. Errors name the file or the setting."""
+    path = Path(path)
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: {kind} file {path} does not exist")
+    if not path.name.endswith(SUFFIXES):
+        raise ValueError(f"{path}: {kind} files must end with one of {SUFFIXES}")
+    return path
+
+
 def _empty() -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"prompt": [], "chosen": [], "rejected": []},
@@ -230,13 +243,7 @@ class PreferenceDataset:
 
     @classmethod
     def from_jsonl(cls, path: str | Path, on_invalid: str = "skip") -> PreferenceDataset:
-        path = Path(path)
-        if on_invalid not in ON_INVALID:
-            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
-        if not path.is_file():
-            raise FileNotFoundError(f"preference file {path} does not exist")
-        if not path.name.endswith(SUFFIXES):
-            raise ValueError(f"{path}: preference files must end with one of {SUFFIXES}")
+        path = check_records_file(path, "preference", on_invalid)
         records, wheres, with_prompt = _load_jsonl(path)
         return cls(_validate(records, wheres, [with_prompt] * len(records), str(path), on_invalid))
 

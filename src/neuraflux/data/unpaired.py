@@ -27,7 +27,7 @@ from pathlib import Path
 
 from neuraflux.chat import render_record
 from neuraflux.data.common import read_json_lines
-from neuraflux.data.preference import ON_INVALID, SUFFIXES, PreferenceExample
+from neuraflux.data.preference import PreferenceExample, check_records_file
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,7 @@ def read_unpaired_jsonl(path: str | Path, on_invalid: str = "error") -> list[Unp
     """The examples of a JSON-lines file in TRL's unpaired shape. With `on_invalid="error"` the first invalid
     record is a one-line ValueError naming the file and line; with "skip" invalid records are dropped and counted
     in one warning naming the first."""
-    path = Path(path)
-    if on_invalid not in ON_INVALID:
-        raise ValueError(f"data.on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: unpaired file {path} does not exist")
-    if not path.name.endswith(SUFFIXES):
-        raise ValueError(f"{path}: unpaired files must end with one of {SUFFIXES}")
+    path = check_records_file(path, "unpaired", on_invalid)
     records, lines = read_json_lines(path)
     if not records:
         raise ValueError(f"{path}: the file holds no records")
