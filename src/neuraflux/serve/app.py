@@ -30,7 +30,16 @@ from neuraflux.model.nano import NanoLM
 from neuraflux.rag import NanoRAG
 from neuraflux.retrieval import Retriever
 from neuraflux.serve.config import ServeConfig
-from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, Ticket, TokenEvent
+from neuraflux.serve.engine import (
+    DoneEvent,
+    Engine,
+    ErrorEvent,
+    Event,
+    EventStream,
+    GenerationRequest,
+    Ticket,
+    TokenEvent,
+)
 from neuraflux.serve.feedback import FEEDBACK_OFF, FeedbackHub, Side, answer_pair
 from neuraflux.serve.guard import Guard
 from neuraflux.serve.protocol import (
@@ -646,26 +655,6 @@ def openai_call(state: ServerState, data: dict) -> OpenAICall:
 
 async def prepare(state: ServerState, messages, raw_text, call: OpenAICall) -> PreparedPrompt:
     return await prepare_async(state, messages, raw_text, call.use_retrieval, call.max_new_tokens)
-
-
-class EventStream:
-    """A submitted request's events as an async iterator; leaving it early (client gone) cancels the request."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest):
-        loop = asyncio.get_running_loop()
-        self.engine = engine
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.ticket = engine.submit(request, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
-
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if not isinstance(event, TokenEvent):
-                    return
-        finally:
-            self.engine.cancel(self.ticket, "the client went away")
 
 
 async def cancel_on_disconnect(request: Request, engine: Engine, ticket, every_s: float = 0.1) -> None:

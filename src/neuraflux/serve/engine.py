@@ -9,11 +9,12 @@ the free slots wait in a bounded queue; beyond `max_concurrent + max_queue` in f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -331,3 +332,23 @@ class Engine:
             self.pending.clear()
         for ticket in left:
             self._finish(ticket, ErrorEvent(code, message))
+
+
+class EventStream:
+    """A submitted request's events as an async iterator; leaving it early (client gone) cancels the request."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest):
+        loop = asyncio.get_running_loop()
+        self.engine = engine
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.ticket = engine.submit(request, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if not isinstance(event, TokenEvent):
+                    return
+        finally:
+            self.engine.cancel(self.ticket, "the client went away")

@@ -32,7 +32,7 @@ from neuraflux.feedback.store import (
     Vote,
     annotator_of,
 )
-from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, Event, GenerationRequest, TokenEvent
+from neuraflux.serve.engine import DoneEvent, Engine, ErrorEvent, EventStream, GenerationRequest, TokenEvent
 from neuraflux.serve.protocol import PreparedPrompt, Sampling, ServeError, _show
 
 log = logging.getLogger(__name__)
@@ -209,21 +209,15 @@ class Answer:
 
 async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, DoneEvent]:
     """A request's whole text and its done event; ServeError on its error; cancelled if the caller is."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    ticket = engine.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
     pieces = []
-    try:
-        while True:
-            event = await queue.get()
-            if isinstance(event, TokenEvent):
-                pieces.append(event.text)
-            elif isinstance(event, ErrorEvent):
-                raise ServeError(event.code, event.message)
-            else:
-                return "".join(pieces), event
-    finally:
-        engine.cancel(ticket, "the client went away")
+    async for event in EventStream(engine, request).events():
+        if isinstance(event, TokenEvent):
+            pieces.append(event.text)
+        elif isinstance(event, ErrorEvent):
+            raise ServeError(event.code, event.message)
+        else:
+            return "".join(pieces), event
+    raise RuntimeError("the engine's event stream ended without a done or error event")
 
 
 async def answer_pair(
