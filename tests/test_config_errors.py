@@ -127,3 +127,22 @@ def test_a_shape_too_large_to_mean_anything_is_refused_before_allocating(sizes, 
         NanoConfig(**{"vocab_size": 64, "block_size": 64, "max_position_embeddings": 64, "n_layer": 1, "n_head": 2,
                       "n_embd": 8, **sizes})  # fmt: skip
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("retrieval.index=annoy", "retrieval.index must be one of flat, ivf, hnsw, got 'annoy'"),
+        ("retrieval.k=0", "retrieval.k must be a positive integer, got 0"),
+        ("+retrieval.index_params.nlist=8",
+         "retrieval.index_params: index 'flat' has no settings ['nlist']; its settings are []"),
+        ("retrieval.embedder.type=bag", "retrieval.embedder: embedder config needs 'type', one of ['backbone', "
+         "'lexical']; got {'type': 'bag'}"),
+    ],
+)  # fmt: skip
+def test_a_bad_retrieval_setting_is_named_before_anything_is_written(tiny_cfg, tmp_path, override, message):
+    # the reward stage retrieves context from the world store the `retrieval` group describes
+    with pytest.raises(ValueError) as err:
+        train(tiny_cfg("curriculum=none", "stage=reward", override))
+    assert str(err.value) == message
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from neuraflux.chat import CONTEXT, END
 from neuraflux.model import NanoConfig, NanoLM
@@ -62,3 +63,37 @@ def test_world_retriever_indexes_every_document():
     assert len(r) == len(world.retrieval_documents())
     doc = world.retrieval_documents()[3]
     assert r.search(doc.text, 1)[0].id == doc.doc_id
+
+
+def test_the_default_retrieval_group_builds_the_world_store_as_before(tmp_path):
+    # the default curriculum's numbers must not move: the composed `retrieval` group builds the store the fixed code
+    # built (lexical embedder, exact search), so every question finds the same documents with the same scores
+    from neuraflux.eval import EvalSettings
+    from neuraflux.retrieval import LexicalEmbedder
+    from neuraflux.retrieval.documents import retrieval_settings
+    from neuraflux.world import qa_items
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, tiny=False)
+    settings = retrieval_settings(cfg.retrieval)
+    assert EvalSettings().retrieval == settings  # what the curriculum's evaluation and report build
+    world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
+    docs = world.retrieval_documents()
+    before = Retriever(LexicalEmbedder(), "flat")
+    before.add([d.text for d in docs], ids=[d.doc_id for d in docs])
+    now = world_retriever(world, settings)
+    assert now.embedder.to_config() == before.embedder.to_config()
+    assert (now.index.kind, now.index.params) == ("flat", {})
+    questions = [it.question for split in ("seen", "unseen", "unknown") for it in qa_items(world, split)]
+    assert len(questions) > 300
+    assert now.search_batch(questions, 5) == before.search_batch(questions, 5)
+
+
+def test_the_retrieval_group_reaches_the_reward_stages_store(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("stage=reward", "retrieval.index=hnsw", "+retrieval.index_params.efSearch=16")
+    data = instantiate(cfg.data)
+    assert (data.retriever.index.kind, data.retriever.index.params["efSearch"]) == ("hnsw", 16)
+    world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
+    assert data.retriever.ids == tuple(d.doc_id for d in world.retrieval_documents())

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from neuraflux.model.quantize import MODES as QUANT_MODES
 from neuraflux.rag import NanoRAG, world_retriever
+from neuraflux.retrieval.documents import RetrievalSettings
 from neuraflux.world import (
     SPLITS,
     World,
@@ -36,6 +37,8 @@ class EvalSettings:
     recall_k: int = 5
     max_new_tokens: int = 48
     batch_size: int = 64
+    # the world store's embedder and index (the `retrieval` group's; its k is chat's and serve's, here `k` above)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
 
 
 def _batched(items: list, n: int):
@@ -76,7 +79,7 @@ def evaluate(model, tokenizer, world: World, settings: EvalSettings | None = Non
     """The evaluation as a dict (the shape of eval.json)."""
     s = settings or EvalSettings()
     model.eval()
-    retriever = world_retriever(world)
+    retriever = world_retriever(world, s.retrieval)
     rag = NanoRAG(model, tokenizer, retriever, k=s.k)
     result: dict = {"exact_match": {}, "chance_exact_match": {}, "n": {}}
     judged_prompts, judged_answers = [], []

@@ -9,6 +9,7 @@ import torch
 from neuraflux.chat import Message, escape_special, render_prompt
 from neuraflux.model import NanoLM, generate
 from neuraflux.retrieval import Hit, Retriever
+from neuraflux.retrieval.documents import RetrievalSettings
 from neuraflux.tokenizer import NanoTokenizer
 
 
@@ -121,9 +122,11 @@ class NanoRAG:
         return self.answer_batch([question], **kwargs)[0]
 
 
-def world_retriever(world, embedder=None, index: str = "flat") -> Retriever:
-    """A retriever over every document of the world (secret ones included: the model must learn to withhold)."""
-    retriever = Retriever(embedder=embedder, index=index)
+def world_retriever(world, settings: RetrievalSettings | None = None) -> Retriever:
+    """A retriever over every document of the world (secret ones included: the model must learn to withhold), with
+    the embedder and index that `settings` (the `retrieval` config group; None: its defaults) name. Each document is
+    one entry, not chunked: the world's documents are a few sentences, and SFT trains on them whole."""
+    retriever = (settings if settings is not None else RetrievalSettings()).retriever()
     docs = world.retrieval_documents()
     retriever.add([d.text for d in docs], ids=[d.doc_id for d in docs])
     return retriever

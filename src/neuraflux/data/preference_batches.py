@@ -242,6 +242,7 @@ class PreferenceDataModule(ResumableDataModule):
         seed: int = 1337,
         num_workers: int = 0,
         retrieve_context: bool = False,
+        retrieval: dict | None = None,
     ):
         super().__init__()
         check_pair_data_settings(path, builtin, on_invalid, max_length, batch_size, val_fraction)
@@ -250,6 +251,11 @@ class PreferenceDataModule(ResumableDataModule):
                 "data.retrieve_context=true reads the built-in world's documents: it needs data.builtin=world"
             )
         self.retrieve_context = retrieve_context
+        self.retrieval = None  # with retrieve_context: the world store's embedder and index (`retrieval` group)
+        if retrieve_context:
+            from neuraflux.retrieval.documents import retrieval_settings
+
+            self.retrieval = retrieval_settings(retrieval)  # a bad key or value is named before anything is written
         self.path, self.builtin, self.world_cfg, self.on_invalid = path, builtin, world or {}, on_invalid
         self.max_length, self.batch_size, self.val_fraction = max_length, batch_size, val_fraction
         self.seed, self.num_workers = seed, num_workers
@@ -269,7 +275,7 @@ class PreferenceDataModule(ResumableDataModule):
             if self.retrieve_context:
                 from neuraflux.rag import world_retriever
 
-                self.retriever = world_retriever(world)
+                self.retriever = world_retriever(world, self.retrieval)
             self.train_only = PreferenceDataset.from_practice(world)
             source = f"data.builtin={self.builtin}"
         else:

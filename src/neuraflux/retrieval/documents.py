@@ -4,11 +4,15 @@
     neuraflux index docs/ --out store/ index=hnsw chunk_chars=400   # key=value overrides
 
 `chat`, `generate --chat` and `serve retrieval=DIR` load such a store; `--docs` builds the same store in memory
-with the same settings.
+with the same settings. The training config composes the same group (`python train.py retrieval.index=hnsw`): its
+world store, for evaluation and the reward stage's retrieved context, is built as it says (`rag.world_retriever`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 from neuraflux.paths import conf_file
 from neuraflux.retrieval.embedders import build_embedder
 from neuraflux.retrieval.errors import RetrievalError
-from neuraflux.retrieval.index import INDEX_DEFAULTS
+from neuraflux.retrieval.index import INDEX_DEFAULTS, resolve_index_params
 from neuraflux.retrieval.retriever import Retriever
 
 DEFAULT_SETTINGS = conf_file("retrieval", "default.yaml")
@@ -46,7 +50,15 @@ class RetrievalSettings:
             )
         if self.index not in INDEX_DEFAULTS:
             raise RetrievalError(f"retrieval.index must be one of {', '.join(INDEX_DEFAULTS)}, got {self.index!r}")
-        build_embedder(dict(self.embedder))  # names a bad embedder key now, not when the first text is added
+        # a bad index setting or embedder key is named now, not when the first text is added
+        try:
+            resolve_index_params(self.index, dict(self.index_params))
+        except RetrievalError as err:
+            raise RetrievalError(f"retrieval.index_params: {err}") from None
+        try:
+            build_embedder(dict(self.embedder))
+        except RetrievalError as err:
+            raise RetrievalError(f"retrieval.embedder: {err}") from None
 
     def retriever(self) -> Retriever:
         """An empty store with these settings."""
@@ -54,6 +66,36 @@ class RetrievalSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def retrieval_settings(values: Mapping[str, Any] | None) -> RetrievalSettings:
+    """The settings a mapping holds (a composed config's `retrieval` group, a settings file; None: the defaults);
+    RetrievalError naming an unknown key or a bad value."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    values = dict(values or {})
+    known = {f.name for f in fields(RetrievalSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RetrievalError(f"unknown retrieval key(s) {unknown}: known keys are {sorted(known)}")
+    return RetrievalSettings(**values)
+
+
+def retrieval_schema() -> type:
+    """RetrievalSettings' fields, types and defaults as a mutable dataclass: the structured config under the training
+    config's `retrieval` group (stages.schema.register stores it), so `python train.py --cfg job` lists every key,
+    `retrieval.index=hnsw` overrides one and `retrieval.k=abc` fails at composition; defaults stay written once."""
+    hints = typing.get_type_hints(RetrievalSettings)
+    return dataclasses.make_dataclass(
+        "RetrievalConfig",
+        [
+            (f.name, hints[f.name], field(default=f.default) if f.default_factory is dataclasses.MISSING
+             else field(default_factory=f.default_factory))
+            for f in fields(RetrievalSettings)
+        ],
+    )  # fmt: skip
 
 
 def load_retrieval_settings(overrides: list[str] = (), path: Path = DEFAULT_SETTINGS) -> RetrievalSettings:
@@ -66,11 +108,7 @@ def load_retrieval_settings(overrides: list[str] = (), path: Path = DEFAULT_SETT
         values = OmegaConf.to_container(cfg, resolve=True)
     except (OmegaConfBaseException, ValueError) as err:
         raise RetrievalError(f"retrieval settings: {str(err).splitlines()[0]}") from None
-    known = {f.name for f in fields(RetrievalSettings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RetrievalError(f"unknown retrieval key(s) {unknown}: known keys are {sorted(known)}")
-    return RetrievalSettings(**values)
+    return retrieval_settings(values)
 
 
 def chunk_text(text: str, size: int, overlap: int) -> list[str]:

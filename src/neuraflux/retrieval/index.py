@@ -52,7 +52,8 @@ def get_threads() -> int:
     return faiss.omp_get_max_threads()
 
 
-def _resolve_params(kind: str, params: dict[str, Any]) -> dict[str, int]:
+def resolve_index_params(kind: str, params: dict[str, Any]) -> dict[str, int]:
+    """`params` over the kind's defaults (INDEX_DEFAULTS); RetrievalError naming an unknown kind or setting."""
     if kind not in INDEX_DEFAULTS:
         raise RetrievalError(f"unknown index kind {kind!r}; choose one of {sorted(INDEX_DEFAULTS)}")
     defaults = INDEX_DEFAULTS[kind]
@@ -116,7 +117,7 @@ class VectorIndex:
 
 def build_index(kind: str, dim: int, **params: int) -> VectorIndex:
     """An empty index of `kind` ("flat", "ivf", "hnsw") over `dim`-wide rows; settings default per INDEX_DEFAULTS."""
-    resolved = _resolve_params(kind, params)
+    resolved = resolve_index_params(kind, params)
     if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         raise RetrievalError(f"index dim must be a positive integer, got {dim!r}")
     if kind == "flat":

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         compare_model = (other, other_tokenizer, Path(args.compare_model).resolve().name)
     needs_world = config.retrieval == "world" or (constitution is not None and constitution.needs_world)
     world = builtin_world() if needs_world else None  # one world for both retrieval and the judges
-    retriever = load_retriever(config.retrieval, world)
+    try:
+        retriever = load_retriever(config.retrieval, world)
+    except ValueError as err:  # a damaged store, or a bad conf/retrieval setting (RetrievalError names the key)
+        raise SystemExit(f"error: serve.retrieval={config.retrieval}: {err}") from None
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
     try:

@@ -163,14 +163,15 @@ def builtin_world() -> World:
 
 
 def load_retriever(spec: str | None, world: World | None = None) -> Retriever | None:
-    """None, `world` (every document of the built-in world: `world` if given, else generated here) or a directory
-    written by Retriever.save."""
+    """None, `world` (every document of the built-in world: `world` if given, else generated here, embedded and
+    indexed as conf/retrieval/default.yaml says) or a directory written by Retriever.save."""
     if spec is None:
         return None
     if spec == "world":
         from neuraflux.rag import world_retriever
+        from neuraflux.retrieval.documents import load_retrieval_settings
 
-        return world_retriever(world if world is not None else builtin_world())
+        return world_retriever(world if world is not None else builtin_world(), load_retrieval_settings())
     return Retriever.load(spec)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 GROUP = "stage_module"
+RETRIEVAL_GROUP = "retrieval_schema"
 # what train() passes to every stage: built objects, not settings
 BUILT = ("self", "model", "tokenizer", "optim")
 
@@ -118,9 +119,13 @@ def schemas() -> dict[str, type]:
 
 
 def register() -> None:
-    """Put every stage schema in Hydra's ConfigStore (idempotent)."""
+    """Put every stage schema, and the retrieval settings' schema, in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
+
+    from neuraflux.retrieval.documents import retrieval_schema
 
     store = ConfigStore.instance()
     for name, node in schemas().items():
         store.store(group=GROUP, name=name, node=node)
+    # the `retrieval` group's keys and defaults (RetrievalSettings), under conf/retrieval/default.yaml
+    store.store(group=RETRIEVAL_GROUP, name="settings", node=retrieval_schema())
