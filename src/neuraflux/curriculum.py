@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from neuraflux.paths import CONF_DIR
+from neuraflux.rounds import OnlineSettings
 from neuraflux.train import check_settings, train
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ def plan_stage(name: str, stage_cfg: DictConfig) -> StagePlan:
 
 
 def check_inputs(plans: list[StagePlan], cfg: DictConfig, user: list[str]) -> None:
-    """Fail before any training when a stage's input (a policy, a reward model) comes from nowhere."""
+    """Fail before any training when a stage's input (a policy, a reward model) comes from nowhere (an online
+    round's plans come last: its reward stage, then its policy stage)."""
     has_policy = bool(cfg.curriculum.get("init_from"))
     has_reward = bool(cfg.curriculum.get("reward_model")) or any(o.startswith("stage.reward_model=") for o in user)
     for plan in plans:
@@ -127,10 +129,14 @@ def check_inputs(plans: list[StagePlan], cfg: DictConfig, user: list[str]) -> No
         has_policy = True
 
 
-def stage_overrides(cfg: DictConfig, name: str, user: list[str], parent: Path, extra: list[str]) -> list[str]:
-    """The overrides a curriculum composes stage `name` from: its per-stage overrides, the user's, then its own."""
+def stage_overrides(
+    cfg: DictConfig, name: str, user: list[str], parent: Path, extra: list[str], step: str | None = None
+) -> list[str]:
+    """The overrides a curriculum composes stage `name` from: its per-stage overrides, the user's, then its own.
+    `step` names the run directory under `parent` when it is not the stage's name (an online round's stages)."""
     per_stage = list(cfg.curriculum.get("overrides", {}).get(name, []))
-    return [*per_stage, *user, "curriculum=none", f"stage={name}", f"paths.run_dir={parent / name}", *extra]
+    run_dir = parent / (step or name)
+    return [*per_stage, *user, "curriculum=none", f"stage={name}", f"paths.run_dir={run_dir}", *extra]
 
 
 def resume_parent(cfg: DictConfig) -> Path | None:
@@ -185,23 +191,26 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
 
     stages = stage_names(cfg)
     check_stages(list(cfg.curriculum.stages))
+    online = OnlineSettings.from_config(cfg.curriculum) if cfg.curriculum.get("rounds") else None
     user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
     previous = _existing(cfg.curriculum.get("init_from"), "curriculum.init_from")
     reward_model = _existing(cfg.curriculum.get("reward_model"), "curriculum.reward_model")
     parent = resume_parent(cfg) or Path(cfg.paths.run_dir)
 
-    def compose_stage(name: str, extra: list[str]) -> DictConfig:
-        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra))
+    def compose_stage(name: str, extra: list[str], step: str | None = None) -> DictConfig:
+        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra, step))
 
     # Compose every stage before anything runs: a bad override or a missing input fails here, not mid-chain.
     launch = [o for o in overrides if not o.lstrip("~+").startswith(("resume", "hydra"))]
     resuming = (parent / STATE_FILE).is_file()
-    state = CurriculumState.load(parent) if resuming else CurriculumState(stages, overrides=launch)
+    steps = stages + (online.steps() if online else [])
+    state = CurriculumState.load(parent) if resuming else CurriculumState(steps, overrides=launch)
     # stages before start_at take part only through the outputs they left in this parent (resume)
     composed = {n: compose_stage(n, []) for n in cfg.curriculum.stages if n in stages or n in state.completed}
     plans = [plan_stage(name, stage_cfg) for name, stage_cfg in composed.items()]
-    check_inputs(plans, cfg, user)
-    for name, stage_cfg in composed.items():  # every setting of every stage to come, before anything is written
+    round_configs = online.compose_checks(compose_stage, parent) if online else {}
+    check_inputs(plans + [plan_stage(n, c) for n, c in round_configs.items()], cfg, user)
+    for name, stage_cfg in {**composed, **round_configs}.items():  # every setting to come, before anything is written
         if name not in state.completed:
             try:
                 check_settings(stage_cfg)
@@ -210,47 +219,64 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
 
     parent.mkdir(parents=True, exist_ok=True)
     state.save(parent)
-    reference = previous  # the policy KL is measured against: the SFT model once there is one
-    for plan in plans:
-        name, run_dir = plan.name, parent / plan.name
-        if name in state.completed:
-            log.info("curriculum: %s already done in %s", name, run_dir)
-        else:
-            extra = []
-            if previous is not None:
-                extra.append(f"stage.init_from={previous}")
-            if (
-                plan.takes_reward_model
-                and reward_model is not None
-                and not any(o.startswith("stage.reward_model=") for o in user)
-            ):
-                extra.append(f"stage.reward_model={reward_model}")
-            if (run_dir / "checkpoints" / "last.ckpt").is_file():
-                extra.append(f"resume={run_dir}")  # interrupted mid-stage: continue that run
-            stage_cfg = compose_stage(name, extra)
-            log.info("curriculum: stage %s -> %s", name, run_dir)
-            start = time.perf_counter()
-            metrics, _ = train(stage_cfg)
-            state.wall_s[name] = round(time.perf_counter() - start, 1)
-            state.completed.append(name)
-            state.metrics[name] = metrics
-            state.save(parent)
-        if plan.produces == "reward_model":
-            reward_model = run_dir / "model"
-            continue
-        previous = run_dir / "model"
-        if name == "sft" or reference is None:
-            reference = previous
-        if cfg.curriculum.get("report") and name not in state.measures and name not in cfg.curriculum.report.skip:
+
+    def run_step(step: str, name: str, extra: list[str]) -> None:
+        """Train stage `name` into parent/step (once: a resumed curriculum skips a completed step)."""
+        run_dir = parent / step
+        if step in state.completed:
+            log.info("curriculum: %s already done in %s", step, run_dir)
+            return
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            extra = [*extra, f"resume={run_dir}"]  # interrupted mid-stage: continue that run
+        stage_cfg = compose_stage(name, extra, step)
+        log.info("curriculum: stage %s -> %s", step, run_dir)
+        start = time.perf_counter()
+        metrics, _ = train(stage_cfg)
+        state.wall_s[step] = round(time.perf_counter() - start, 1)
+        state.completed.append(step)
+        state.metrics[step] = metrics
+        state.save(parent)
+
+    def measure(step: str, policy: Path) -> None:
+        if cfg.curriculum.get("report") and step not in state.measures and step not in cfg.curriculum.report.skip:
             from neuraflux.report import measure_stage
 
             start = time.perf_counter()
-            state.measures[name] = measure_stage(cfg, previous, reference, reward_model)
-            state.measures[name]["measure_s"] = round(time.perf_counter() - start, 1)
+            state.measures[step] = measure_stage(cfg, policy, reference, reward_model)
+            state.measures[step]["measure_s"] = round(time.perf_counter() - start, 1)
             state.save(parent)
+
+    reference = previous  # the policy KL is measured against: the SFT model once there is one
+    last = plans[-1].name if plans else None
+    for plan in plans:
+        name = plan.name
+        extra = [f"stage.init_from={previous}"] if previous is not None else []
+        if (
+            plan.takes_reward_model
+            and reward_model is not None
+            and not any(o.startswith("stage.reward_model=") for o in user)
+        ):
+            extra.append(f"stage.reward_model={reward_model}")
+        run_step(name, name, extra)
+        if plan.produces == "reward_model":
+            reward_model = parent / name / "model"
+            continue
+        previous = parent / name / "model"
+        if name == "sft" or reference is None:
+            reference = previous
+        measure(name, previous)
+    if online is not None:
+        for step, model_dir in online.run(cfg, state, parent, run_step, previous, reference):
+            if step.endswith("/reward"):
+                reward_model = model_dir
+            else:
+                previous = model_dir
+                measure(step, previous)
+            last = step
     # the last stage's settings: its optimized_metric is the curriculum's objective (neuraflux.run)
-    last_stage = composed[plans[-1].name].stage
-    result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None, "last_stage": last_stage}
+    last_stage = (composed.get(last) or round_configs[last.rsplit("/", 1)[1]]).stage
+    result = {"stages": state.metrics, "parent": parent, "eval": None, "report": None, "last_stage": last_stage,
+              "last_step": last}  # fmt: skip
     if cfg.curriculum.get("report"):
         from neuraflux.report import write_report
 

@@ -170,6 +170,8 @@ def build_report(state, cfg: DictConfig) -> dict:
         row = {"stage": name, "wall_s": state.wall_s.get(name), "measure": state.measures.get(name)}
         if "val/accuracies" in metrics:  # a reward model: its held-out pair accuracy
             row["reward_accuracy"] = metrics["val/accuracies"]
+        if "pairs" in metrics:  # an online round's labels (neuraflux.rounds)
+            row["labels"] = metrics
         rows.append(row)
     measured = [r for r in rows if r["measure"]]
     final = measured[-1]["measure"] if measured else None
@@ -215,12 +217,24 @@ COLUMNS = ("stage", "helpful", "harmless", "honest", "judges mean", "reward", "K
            "val ppl", "unseen EM (RAG)", "unknown IDK (RAG)", "wall s")  # fmt: skip
 
 
+def labels_note(labels: dict) -> str:
+    """An online round's labels in a few words: pairs, and the sampled answers' judges mean when judged."""
+    note = f"{labels['pairs']} pairs"
+    if labels.get("sampled_judges_mean") is not None:
+        note += f", sampled {_fmt(labels['sampled_judges_mean'])}"
+    return note
+
+
 def table_rows(report: dict) -> list[list[str]]:
     out = []
     for row in report["stages"]:
         m = row["measure"]
         if m is None:
-            note = f"pair accuracy {_fmt(row['reward_accuracy'])}" if "reward_accuracy" in row else "not measured"
+            note = "not measured"
+            if "reward_accuracy" in row:
+                note = f"pair accuracy {_fmt(row['reward_accuracy'])}"
+            elif "labels" in row:
+                note = labels_note(row["labels"])
             out.append([row["stage"], note, *[""] * (len(COLUMNS) - 3), _fmt(row["wall_s"], 0)])
             continue
         j, em = m["judges"], m["exact_match"]

@@ -101,7 +101,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    if cfg.curriculum.stages:
+    if cfg.curriculum.stages or cfg.curriculum.get("rounds"):
         from neuraflux.curriculum import run_curriculum
         from neuraflux.eval import eval_table
 
@@ -133,7 +133,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
                 console.print(table)
             console.print(f"report: {result['parent'] / 'report.md'}")
         last = result["last_stage"]
-        return report_objective(last, result["stages"][last.name], result["parent"])
+        return report_objective(last, result["stages"][result["last_step"]], result["parent"])
     if cfg.get("resume"):  # the interrupted run's own config, in its own directory
         from neuraflux.resume import resumed_run_config
 
