@@ -222,3 +222,18 @@ def test_a_round_without_a_pair_stops_with_what_it_skipped(tmp_path, monkeypatch
     monkeypatch.setattr(online, "judge", lambda prompt, response, world: Same())
     with pytest.raises(RuntimeError, match=r"round 1: no preference pairs to train on \(12 all answers scored the"):
         run_rounds(tmp_path, "curriculum.report=null")
+
+
+def test_print_stages_shows_a_rounds_stages_as_round_one_composes_them(tmp_path, capsys):
+    from neuraflux.run import run as run_job
+
+    overrides = [*rounds_overrides(tmp_path), "curriculum.print_stages=true"]
+    cfg = compose_cfg(tmp_path, *overrides, tiny=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert run_job(cfg, overrides) is None
+    parts = capsys.readouterr().out.split("# ---- stage ")[1:]
+    stages = {p.split(" ", 1)[0]: OmegaConf.create(p.split("\n", 1)[1]) for p in parts}
+    assert list(stages) == ["sft", "round1/reward", "round1/dpo"]
+    assert stages["round1/dpo"].trainer.max_steps == 2 and stages["round1/dpo"].data.val_fraction == 0.25
+    assert stages["round1/dpo"].data.path == str(tmp_path / "online" / "run1" / "round1" / "labels.jsonl")
+    assert not (tmp_path / "online").exists()

@@ -175,10 +175,15 @@ def stage_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig
 
     user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
     parent = Path(cfg.paths.run_dir)
-    return {
-        name: compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, []))
-        for name in stage_names(cfg)
-    }
+
+    def compose_stage(name: str, extra: list[str], step: str | None = None) -> DictConfig:
+        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra, step))
+
+    configs = {name: compose_stage(name, []) for name in stage_names(cfg)}
+    if cfg.curriculum.get("rounds"):  # an online round's stages, as round 1 composes them
+        rounds = OnlineSettings.from_config(cfg.curriculum).compose_checks(compose_stage, parent)
+        configs.update({f"round1/{name}": stage_cfg for name, stage_cfg in rounds.items()})
+    return configs
 
 
 def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:

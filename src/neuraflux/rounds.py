@@ -130,10 +130,10 @@ class OnlineSettings:
     def compose_checks(self, compose_stage: Callable[..., DictConfig], parent: Path) -> dict[str, DictConfig]:
         """The round stages' configs as the rounds will compose them (with stand-in inputs), for the checks a
         curriculum runs before anything trains: {stage name: config}, the reward stage first."""
-        labels = parent / "round1" / "labels_all.jsonl"
+        labels, everything = parent / "round1" / "labels.jsonl", parent / "round1" / "labels_all.jsonl"
         out = {}
         if self.reward_each_round:
-            out["reward"] = compose_stage("reward", ["data=preference", f"data.path={labels}"], "round1/reward")
+            out["reward"] = compose_stage("reward", ["data=preference", f"data.path={everything}"], "round1/reward")
         extra = [f"stage.reward_model={parent}"] if self.policy == "ppo" else ["data=preference", f"data.path={labels}"]
         out[self.policy] = compose_stage(self.policy, extra, f"round1/{self.policy}")
         return out
