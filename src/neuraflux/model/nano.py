@@ -144,9 +144,11 @@ class NanoSelfAttention(nn.Module):
             cache_k, cache_v, start = cache
             if isinstance(start, torch.Tensor):
                 idx = start[:, None] + torch.arange(T, device=x.device)  # (B, T): each row's own positions
-                idx = idx[:, None, :, None].expand(B, self.n_head, T, self.head_dim)
-                cache_k.scatter_(2, idx, k)
-                cache_v.scatter_(2, idx, v)
+                rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+                # an indexed write, not scatter_: under torch.compile it stays in place, where scatter_ copied the
+                # whole cache three times a step; indexing dims 0 and 2 puts them first: values (B, T, H, D)
+                cache_k[rows, :, idx] = k.transpose(1, 2)
+                cache_v[rows, :, idx] = v.transpose(1, 2)
                 S = mask.shape[-1]
                 k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # (B, H, S, D); keys past a row's end are masked
             else:
