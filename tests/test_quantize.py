@@ -10,9 +10,13 @@ pytest.importorskip("torchao")
 
 from neuraflux.cli import main  # noqa: E402
 from neuraflux.model import NanoConfig, NanoLM, generate  # noqa: E402
+from neuraflux.model import quantize as q  # noqa: E402
 from neuraflux.model.io import load_for_inference, load_pretrained  # noqa: E402
+from neuraflux.model.nano import KVCache  # noqa: E402
 from neuraflux.model.quantize import (  # noqa: E402
     MODES,
+    Int8Embedding,
+    Int8Linear,
     QuantizationError,
     quantize_model,
     save_quantized,
@@ -85,6 +89,89 @@ def test_every_matrix_is_int8_and_the_logits_stay_close(tmp_path, mode, position
     assert (got - want).abs().max().item() < 0.1 * spread
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
+
+
+def test_a_fused_layer_is_the_bfloat16_rounding_of_the_exact_product():
+    """Int8Linear, by hand: the input rounded to bfloat16, times the int8 rows, computed exactly (in float64 the
+    sum of 64 products of 8-bit by 7-bit integers-times-powers-of-two has no rounding), rounded once to bfloat16,
+    then scaled and biased. The kernel accumulates in float32 first, which can move a value across a bfloat16
+    rounding boundary: at most one bfloat16 step, 2^-7 of the value."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    q.torchao_quantization().quantize_(layer, q.torchao_config("int8"))
+    fused = Int8Linear(layer[0])
+    x = torch.randn(5, 64)
+    weight = layer[0].weight
+    exact = x.bfloat16().double() @ weight.qdata.double().t()  # (5, 48)
+    scale = weight.scale.double().reshape(-1)
+    want = exact.bfloat16().double() * scale + layer[0].bias.double()
+    with torch.no_grad():
+        got = fused(x).double()
+    assert ((got - want).abs() <= 2**-7 * exact.abs() * scale + 1e-6).all()
+
+
+@torch.no_grad()
+def every_position(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T, V) of the uncached forward, and of a KV-cached decode fed ids one token at a time."""
+    cache = KVCache.empty(model.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    steps = [model.lm_head(model.transformer(ids[:, t : t + 1], kv_cache=cache)) for t in range(ids.shape[1])]
+    return model(ids), torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("position_encoding", ["learned", "rope"])
+def test_the_fused_kernels_give_torchaos_int8_logits_at_every_position(tmp_path, position_encoding, model_dir):
+    """The default kernels against torchao's own (the reference), cached and uncached. Tolerance: one bfloat16 step
+    at the largest logit (2^-7 of it). The fused matmul returns bfloat16, so the head alone rounds each logit by
+    up to half a step; the bfloat16 inputs of the earlier layers add relative errors of 2^-9 each, which partly
+    cancel. (Measured: 0.016 and 0.019 on logits up to 5.9, below the 0.025 that int8 itself moves them from float.)
+    The token table's rows are torchao's exactly."""
+    path, tok, ids = model_dir(tmp_path, position_encoding)
+    reference = q.quantize_model(load_pretrained(path)[0].eval(), "int8", kernel="torchao")
+    fused = q.quantize_model(load_pretrained(path)[0].eval(), "int8")
+    assert isinstance(fused.lm_head, Int8Linear) and isinstance(fused.transformer.embeddings.token, Int8Embedding)
+    assert sum(isinstance(m, Int8Linear) for m in fused.modules()) == 2 * 4 + 1
+    want, want_cached = every_position(reference, ids)
+    got, got_cached = every_position(fused, ids)
+    tolerance = 2**-7 * want.abs().max().item()
+    assert (got - want).abs().max().item() < tolerance
+    assert (got_cached - want).abs().max().item() < tolerance
+    assert (got_cached - got).abs().max().item() < 1e-4  # cached against uncached: the same kernels
+    assert (want_cached - want).abs().max().item() < 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
+    with torch.no_grad():
+        table = torch.nn.functional.embedding(ids, reference.transformer.embeddings.token.weight)
+        assert torch.equal(fused.transformer.embeddings.token(ids), table)
+
+
+def test_a_layer_the_fused_kernel_cannot_take_keeps_torchaos_int8_path():
+    """torch 2.13's kernel crashes on input widths that are not a multiple of 16: with n_embd 24 those layers keep
+    torchao's int8 kernel (never float), the 96-wide MLP output takes the fused one, and the logits still match."""
+    torch.manual_seed(0)
+    config = NanoConfig(vocab_size=64, block_size=16, max_position_embeddings=32, n_layer=1, n_head=2, n_embd=24)
+    model = NanoLM(config).eval()
+    reference = NanoLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    fused = quantize_model(model, "int8")
+    reference = quantize_model(reference, "int8", kernel="torchao")
+    layer = fused.transformer.layers[0]
+    assert isinstance(layer.mlp.proj, Int8Linear)
+    for narrow in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc, fused.lm_head):
+        assert type(narrow) is torch.nn.Linear and type(narrow.weight).__name__ == "Int8Tensor"
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        want, got = reference(ids), fused(ids)
+    assert (got - want).abs().max().item() < 2**-7 * want.abs().max().item()
+
+
+def test_without_the_fused_kernel_every_layer_stays_on_torchaos_int8(tmp_path, monkeypatch, model_dir, caplog):
+    path, _, ids = model_dir(tmp_path)
+    monkeypatch.setattr(q, "_fused_kernel_error", "no _weight_int8pack_mm in this torch")
+    with caplog.at_level("WARNING", logger=q.__name__):
+        model, _ = load_for_inference(path, "int8")
+    assert "no _weight_int8pack_mm in this torch" in caplog.text
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
+    assert {type(m.weight).__name__ for m in linears} == {"Int8Tensor"}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -15,8 +15,19 @@ tensors: no pickle) and quantization.json (the mode and, per quantized tensor, h
 the stored int8 data back into torchao's tensors; nothing is quantized again. It is for inference only: training
 refuses it (`model.io.load_pretrained`).
 
+Which kernels compute with the int8 weights (`kernel`): torchao stores them either way, but torchao 0.18's own CPU
+path converts the whole weight to float on every call (and the whole token table on every lookup), which made int8
+decoding 3x slower than float32. `kernel="fused"` (the default) swaps in two small modules over the same tensors:
+`Int8Linear`, torch's fused int8-weight matmul (`aten._weight_int8pack_mm`, the kernel inductor's weight-only-int8
+pattern lowers to), and `Int8Embedding`, which converts only the rows it reads. The fused matmul is vectorized for
+bfloat16 activations only, so each layer's input row is rounded to bfloat16 on the way in (the residual stream,
+norms, attention and the KV cache stay in the model's float dtype); `int8-dynamic` keeps torchao's linear layers.
+`kernel="torchao"` is torchao's path throughout: the reference the fused one is tested against.
+
 Nothing falls back to float silently: a mode torchao cannot apply here, a tensor it did not convert, or a forward
-pass that fails on this machine's kernels raises QuantizationError naming the reason.
+pass that fails on this machine's kernels raises QuantizationError naming the reason. A layer the fused kernel cannot
+take (input width not a multiple of 16, where torch 2.13's kernel crashes) keeps torchao's int8 path, and a torch
+without the kernel leaves every layer on it, with a warning.
 """
 
 from __future__ import annotations
@@ -33,8 +44,13 @@ from neuraflux.model.config import NanoConfig
 from neuraflux.model.nano import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, NanoLM
 
 MODES = ("int8", "int8-dynamic")
+KERNELS = ("fused", "torchao")
 QUANT_FILE = "quantization.json"
 FORMAT_VERSION = 1
+# torch 2.13's CPU _weight_int8pack_mm reads the input width in blocks of 16 and crashes (SIGSEGV) on other widths
+FUSED_WIDTH_MULTIPLE = 16
+
+log = logging.getLogger(__name__)
 
 
 class QuantizationError(ValueError):
@@ -88,13 +104,21 @@ def _embedding_config():
     return tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
 
 
-def quantize_model(model: NanoLM, mode: str) -> NanoLM:
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise QuantizationError(f"unknown int8 kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    return kernel
+
+
+def quantize_model(model: NanoLM, mode: str, kernel: str = "fused") -> NanoLM:
     """Quantize a float NanoLM in place for inference (see the module docstring) and return it, in eval mode.
 
-    The head is untied from the embedding first: each becomes its own int8 tensor. QuantizationError when torchao
-    is missing, the model is already quantized or not on the CPU, a weight was left in float, or the quantized model
-    cannot run a forward pass here."""
+    The head is untied from the embedding first: each becomes its own int8 tensor. `kernel`: "fused" or "torchao",
+    what computes with the int8 weights (the module docstring). QuantizationError when torchao is missing, the model
+    is already quantized or not on the CPU, a weight was left in float, or the quantized model cannot run a forward
+    pass here."""
     check_mode(mode)
+    check_kernel(kernel)
     if getattr(model, "quantization", None) is not None:
         raise QuantizationError(f"the model is already quantized ({model.quantization})")
     device = next(model.parameters()).device
@@ -112,7 +136,101 @@ def quantize_model(model: NanoLM, mode: str) -> NanoLM:
     except Exception as err:  # torchao's own refusals: a shape or dtype its kernels do not take
         raise QuantizationError(f"torchao could not quantize the model to {mode}: {err}") from None
     model.quantization = mode
+    use_kernel(model, kernel)
     check_quantized(model)
+    return model
+
+
+# ---- the fused kernels -----------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A linear layer over torchao's int8 weight (per-row symmetric), computed by `aten._weight_int8pack_mm`, which
+    converts int8 to float in registers instead of writing a float copy of the weight. `weight` stays torchao's
+    tensor (what is saved, hashed and counted); the kernel reads plain views of its int8 data and scales."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("qdata", linear.weight.qdata, persistent=False)  # (N, K) int8, torchao's storage
+        self.register_buffer("scale", linear.weight.scale.reshape(-1), persistent=False)  # (N,) float
+        # the kernel multiplies by its scales in bfloat16; ones there, and the float scales applied after, keep the
+        # scales exact (a per-row rounding would be the same relative error on every token)
+        self.register_buffer("ones", torch.ones(self.qdata.shape[0], dtype=torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N): x rounded to bfloat16, times the int8 rows (float32 accumulation), the product
+        rounded to bfloat16, then scaled and biased in x's dtype."""
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (M, K)
+        ones = self.ones.to(torch.bfloat16)  # itself, unless a model.to(dtype) converted the buffer
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.qdata, ones).to(x.dtype) * self.scale  # (M, N)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """A lookup in torchao's int8 token table that converts only the rows it reads: (q - zero point) * scale, the
+    arithmetic of torchao's whole-table dequantization, so the rows are the same numbers."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.weight = embedding.weight
+        self.register_buffer("qdata", embedding.weight.qdata, persistent=False)  # (V, C) int8
+        self.register_buffer("scale", embedding.weight.scale.reshape(-1, 1), persistent=False)  # (V, 1)
+        self.register_buffer("zero_point", embedding.weight.zero_point.reshape(-1, 1), persistent=False)  # (V, 1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        scale = self.scale.to(torch.float32)
+        rows = self.qdata[input_ids].to(torch.float32) - self.zero_point[input_ids].to(torch.float32)
+        return (rows * scale[input_ids]).to(self.weight.dtype)
+
+
+_fused_kernel_error: str | None = None
+
+
+def fused_kernel_missing() -> str | None:
+    """Why torch's fused int8-weight matmul cannot run here (checked once, on a tiny product against the float
+    one), or None when it can."""
+    global _fused_kernel_error
+    if _fused_kernel_error is None:
+        try:
+            x = torch.arange(32, dtype=torch.bfloat16).reshape(2, 16) / 8
+            w = torch.arange(48 * 16).reshape(48, 16).remainder(255).sub(127).to(torch.int8)
+            got = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(48, dtype=torch.bfloat16)).float()
+            want = x.float() @ w.float().t()
+            _fused_kernel_error = "" if torch.allclose(got, want, rtol=1e-2) else "it computes wrong products"
+        except (AttributeError, RuntimeError, NotImplementedError) as err:
+            _fused_kernel_error = str(err).splitlines()[0] or type(err).__name__
+    return _fused_kernel_error or None
+
+
+def fused_eligible(module: nn.Module) -> bool:
+    """A linear layer the fused kernel takes: weight-only int8, symmetric, input width a multiple of 16."""
+    weight = getattr(module, "weight", None)
+    return (
+        _stored_as(weight) == "Int8Tensor"
+        and getattr(weight, "act_quant_kwargs", None) is None
+        and weight.qdata.shape[1] % FUSED_WIDTH_MULTIPLE == 0
+        and not bool(weight.zero_point.any())
+    )
+
+
+def use_kernel(model: NanoLM, kernel: str) -> NanoLM:
+    """Swap the int8 modules of a quantized model to `kernel`'s ("fused": Int8Linear and Int8Embedding; "torchao":
+    torchao's own modules are kept). Called by quantize_model and load_quantized."""
+    if check_kernel(kernel) == "torchao":
+        return model
+    missing = fused_kernel_missing()
+    if missing:
+        log.warning("torch's fused int8 matmul is unavailable (%s): int8 layers use torchao's kernels", missing)
+    embeddings = model.transformer.embeddings
+    embeddings.token = Int8Embedding(embeddings.token)
+    if missing:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and fused_eligible(child):
+                setattr(parent, name, Int8Linear(child))
     return model
 
 
@@ -120,7 +238,9 @@ def quantized_tensors(model: NanoLM) -> dict[str, nn.Module]:
     """The modules whose weight quantize_model turns into int8: every linear layer and the token embedding."""
     embedding = model.transformer.embeddings.token
     return {
-        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) or module is embedding
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Int8Linear)) or module is embedding
     }
 
 
@@ -174,11 +294,13 @@ def save_quantized(model: NanoLM, tokenizer, directory: str | Path) -> Path:
     return directory
 
 
-def load_quantized(directory: Path, config: NanoConfig) -> NanoLM:
+def load_quantized(directory: Path, config: NanoConfig, kernel: str = "fused") -> NanoLM:
     """The model of a directory written by save_quantized, in eval mode, its int8 tensors rebuilt from the stored
-    data (`model.io.load_for_inference` checks config.json and tokenizer.json first). Errors name the file."""
+    data and computed by `kernel` (`model.io.load_for_inference` checks config.json and tokenizer.json first).
+    Errors name the file."""
     from neuraflux.model.nano import load_weights_file
 
+    check_kernel(kernel)
     record_path = directory / QUANT_FILE
     try:
         record = json.loads(record_path.read_text())
@@ -224,6 +346,7 @@ def load_quantized(directory: Path, config: NanoConfig) -> NanoLM:
     model.load_state_dict(state, assign=True)  # the model has no buffers: rotary angles are computed per call
     model.requires_grad_(False).eval()
     model.quantization = mode
+    use_kernel(model, kernel)
     check_quantized(model)
     return model
 
