@@ -85,3 +85,14 @@ def test_generate_and_chat_read_a_saved_store(tmp_path, capsys, decoded_prompts)
         main([*args, "--chat", "--store", str(tmp_path / "store"), "--world"])
     with pytest.raises(SystemExit, match=r"error: corrupt store: .*docs is missing manifest.json"):
         main([*args, "--chat", "--store", str(folder)])
+
+
+def test_serve_puts_the_settings_k_documents_in_a_prompt_unless_it_sets_its_own():
+    from neuraflux.serve import ServeConfig, create_app
+    from tests.test_serve_engine import tiny_lm
+
+    model, tok = tiny_lm()
+    store = Retriever()
+    store.add(["Bread is baked at dawn.", "The tower of Zorn is tall.", "Oll is a village."])
+    assert create_app(ServeConfig(), model, tok, store, model_name="m").state.serve.rag.k == RetrievalSettings.k
+    assert create_app(ServeConfig(retrieval_k=1), model, tok, store, model_name="m").state.serve.rag.k == 1

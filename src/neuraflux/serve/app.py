@@ -252,7 +252,10 @@ def create_app(
     sides, limits = build_sides(config, model, tokenizer, engine, compare_model, limits, name)
     rag = None
     if retriever is not None:
-        rag = ServerRAG(model, tokenizer, retriever, k=config.retrieval_k, max_prompt_tokens=limits.max_prompt_tokens)
+        from neuraflux.retrieval.documents import load_retrieval_settings
+
+        k = config.retrieval_k if config.retrieval_k is not None else load_retrieval_settings().k
+        rag = ServerRAG(model, tokenizer, retriever, k=k, max_prompt_tokens=limits.max_prompt_tokens)
         # a server with a store retrieves for every request that does not opt out ("use_retrieval": false)
         limits = dataclasses.replace(limits, retrieval_default=True)
     state = ServerState(

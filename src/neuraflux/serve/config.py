@@ -34,7 +34,7 @@ class ServeConfig:
     request_timeout_s: float = 120.0
     api_key: str | None = None  # bearer token; env NEURAFLUX_API_KEY when None
     retrieval: str | None = None  # None, `world` (the built-in world's documents) or a Retriever.save directory
-    retrieval_k: int = 2
+    retrieval_k: int | None = None  # documents in a prompt's context; None: conf/retrieval/default.yaml's k
     # the constitutional filter: None (off), `default` (conf/constitution/default.yaml) or a constitution YAML
     # path. On: each response is held back, checked whole (revised if it breaks a principle), sent as one message
     constitution: str | None = None
@@ -61,10 +61,12 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "retrieval_k",
-            "max_body_bytes", "max_feedback_chars",
+            "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_concurrent", "max_body_bytes",
+            "max_feedback_chars",
         ):  # fmt: skip
             _positive_int(name, getattr(self, name))
+        if self.retrieval_k is not None:
+            _positive_int("retrieval_k", self.retrieval_k)
         if not (isinstance(self.read_timeout_s, int | float) and 0 < self.read_timeout_s < math.inf):
             raise ValueError(f"serve.read_timeout_s must be a positive number of seconds, got {self.read_timeout_s!r}")
         for name in ("allowed_hosts", "allowed_origins"):
