@@ -237,3 +237,28 @@ def test_print_stages_shows_a_rounds_stages_as_round_one_composes_them(tmp_path,
     assert stages["round1/dpo"].trainer.max_steps == 2 and stages["round1/dpo"].data.val_fraction == 0.25
     assert stages["round1/dpo"].data.path == str(tmp_path / "online" / "run1" / "round1" / "labels.jsonl")
     assert not (tmp_path / "online").exists()
+
+
+def test_feedback_rounds_train_on_peoples_votes_and_stop_when_no_new_vote_came(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    store = FeedbackStore(db)
+
+    def trains(question: str) -> bool:  # outside the report's held-out split, as the rounds key a conversation
+        return held_out_score(render_record({"messages": [{"role": "user", "content": question}]}), 1337) >= 0.1
+
+    questions = [q for q in (f"Where does person {i} live?" for i in range(60)) if trains(q)]
+    for n, question in enumerate(questions[:20]):
+        turns = [{"role": "user", "content": question}]
+        for side, text in (("a", f"In town {n}."), ("b", "No idea.")):
+            store.remember(Completion(f"{side}{n}", "sha", question, turns, [], text, {"temperature": 1.0}))
+        store.vote(Compare((f"a{n}", f"b{n}"), "a"))
+    store.close()
+    with pytest.raises(RuntimeError, match=r"round 2: no preference pairs to train on \(20 labelled in an earlier"):
+        run_rounds(
+            tmp_path, "curriculum.labels.source=feedback", f"curriculum.labels.db={db}", "curriculum.report=null"
+        )
+    parent = tmp_path / "online" / "run1"
+    assert CurriculumState.load(parent).completed == ["sft", "round1/labels", "round1/reward", "round1/dpo"]
+    labels = read_jsonl(parent / "round1" / "labels.jsonl")
+    assert len(labels) == 20 and {r["rejected"] for r in labels} == {"No idea."}
+    assert (parent / "round1" / "dpo" / "model" / "model.safetensors").is_file()
