@@ -146,3 +146,17 @@ def test_a_bad_retrieval_setting_is_named_before_anything_is_written(tiny_cfg, t
         train(tiny_cfg("curriculum=none", "stage=reward", override))
     assert str(err.value) == message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_curriculum_checks_the_retrieval_settings_before_it_writes_anything(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from neuraflux.curriculum import run_curriculum
+    from tests.conftest import CONF
+
+    overrides = ["debug=tiny", "retrieval.index=annoy", f"paths.output_dir={tmp_path}", f"paths.run_dir={tmp_path}/c"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ValueError) as err:
+            run_curriculum(compose(config_name="config", overrides=overrides), overrides)
+    assert str(err.value) == "stage pretrain: retrieval.index must be one of flat, ivf, hnsw, got 'annoy'"
+    assert not (tmp_path / "c").exists()

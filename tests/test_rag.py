@@ -97,3 +97,16 @@ def test_the_retrieval_group_reaches_the_reward_stages_store(tiny_cfg):
     assert (data.retriever.index.kind, data.retriever.index.params["efSearch"]) == ("hnsw", 16)
     world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
     assert data.retriever.ids == tuple(d.doc_id for d in world.retrieval_documents())
+
+
+def test_the_curriculums_evaluation_builds_its_store_from_the_retrieval_group(tiny_cfg, tmp_path, monkeypatch):
+    import neuraflux.eval
+    from neuraflux.curriculum import evaluate_model
+    from tests.test_serve_engine import tiny_lm
+
+    model, tok = tiny_lm()
+    model.save_pretrained(tmp_path / "m", tok)
+    given = []
+    monkeypatch.setattr(neuraflux.eval, "evaluate", lambda model, tokenizer, world, settings: given.append(settings))
+    evaluate_model(tiny_cfg("retrieval.index=hnsw"), tmp_path / "m", tmp_path)
+    assert given[0].retrieval.index == "hnsw" and given[0].k == 1  # the evaluation's own k: SFT reads one document

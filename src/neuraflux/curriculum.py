@@ -215,10 +215,13 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
     plans = [plan_stage(name, stage_cfg) for name, stage_cfg in composed.items()]
     round_configs = online.compose_checks(compose_stage, parent) if online else {}
     check_inputs(plans + [plan_stage(n, c) for n, c in round_configs.items()], cfg, user)
+    from neuraflux.retrieval.documents import retrieval_settings
+
     for name, stage_cfg in {**composed, **round_configs}.items():  # every setting to come, before anything is written
         if name not in state.completed:
             try:
                 check_settings(stage_cfg)
+                retrieval_settings(stage_cfg.get("retrieval"))  # the world store's (reward data, evaluation)
             except ValueError as err:
                 raise ValueError(f"stage {name}: {err}") from None
 
@@ -294,10 +297,14 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
 def evaluate_model(cfg: DictConfig, model_dir: Path, parent: Path) -> dict:
     from neuraflux.eval import EvalSettings, evaluate
     from neuraflux.model.io import load_pretrained
+    from neuraflux.retrieval.documents import retrieval_settings
     from neuraflux.world import WorldConfig, generate_world
 
     model, tokenizer = load_pretrained(model_dir)
     world = generate_world(WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True)))
-    result = evaluate(model, tokenizer, world, EvalSettings(limit=cfg.curriculum.get("eval_limit", 100)))
+    settings = EvalSettings(
+        limit=cfg.curriculum.get("eval_limit", 100), retrieval=retrieval_settings(cfg.get("retrieval"))
+    )
+    result = evaluate(model, tokenizer, world, settings)
     (parent / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -79,6 +79,7 @@ def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, 
     from neuraflux.feedback.measure import held_out_prompts, measure_policy
     from neuraflux.model.io import load_pretrained
     from neuraflux.model.reward import NanoRewardModel
+    from neuraflux.retrieval.documents import retrieval_settings
 
     rcfg = cfg.curriculum.report
     world = _world(cfg)
@@ -103,7 +104,9 @@ def measure_stage(cfg: DictConfig, model_dir: Path, reference_dir: Path | None, 
     # insults and fabrication show up on ordinary questions too: one sample per prompt of the whole RL set
     sampled_all = sampled_violation_rate(model, tokenizer, world, constitution, held_out_prompts(world, split="all"),
                                          1, rcfg.max_new_tokens, cfg.seed)  # fmt: skip
-    ev = evaluate(model, tokenizer, world, EvalSettings(limit=rcfg.eval_limit))
+    ev = evaluate(
+        model, tokenizer, world, EvalSettings(limit=rcfg.eval_limit, retrieval=retrieval_settings(cfg.get("retrieval")))
+    )
     return {
         "judges": m.judges,
         "reward": m.reward,
