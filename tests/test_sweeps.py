@@ -1,12 +1,14 @@
 """Sweeps and clusters: an Optuna search (conf/hparams_search/), the parallel and submitit launchers
-(conf/hydra/launcher/), and FSDP (conf/trainer/fsdp.yaml). The plugins are optional: each test that needs one skips
-without it."""
+(conf/hydra/launcher/), and FSDP (conf/trainer/fsdp.yaml, fsdp_cpu.yaml). The plugins are optional: each test that
+needs one skips without it."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
@@ -140,27 +142,77 @@ def test_only_rank_zero_of_a_multi_task_job_writes_its_record(tmp_path, monkeypa
     assert (record["job"], record["objective"], record["status"]) == (3, 2.5, "COMPLETED")
 
 
-def test_fsdp_is_refused_on_a_cpu_with_a_message_naming_the_gpu(tmp_path):
-    # Lightning's FSDPStrategy refuses accelerator=cpu and torch's FSDP needs an accelerator device, so the CPU tier
-    # can only check that the strategy builds and that a CPU run fails at once saying why
-    from hydra.utils import instantiate
-    from pytorch_lightning.strategies import FSDPStrategy
-
+def test_fsdp_builds_on_a_cpu_with_one_unit_per_layer_and_whole_gradient_clipping(tmp_path):
+    # Lightning refuses its own FSDPStrategy on a CPU; neuraflux.fsdp's subclass is let through and brings the
+    # precision plugin that clips by norm (Lightning's FSDPPrecision refuses gradient_clip_algorithm='norm')
+    from neuraflux.fsdp import FSDPStrategy, ShardedNormClipPrecision
     from neuraflux.model.nano import NanoLayer
     from neuraflux.train import build
 
-    cfg = compose_with_hydra(tmp_path, "trainer=fsdp")
-    strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {NanoLayer}
-    with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        build(cfg.trainer, key="trainer", accelerator="cpu", logger=False)
+    cfg = compose_with_hydra(tmp_path, "trainer=fsdp_cpu")
+    trainer = build(cfg.trainer, key="trainer", logger=False)
+    assert isinstance(trainer.strategy, FSDPStrategy) and trainer.num_devices == 2
+    assert trainer.strategy.kwargs["auto_wrap_policy"]._module_classes == {NanoLayer}
+    assert isinstance(trainer.precision_plugin, ShardedNormClipPrecision)
+    assert trainer.precision_plugin.precision == "32-true"
+    gpu = compose_with_hydra(tmp_path, "trainer=fsdp")
+    assert gpu.trainer.strategy.precision == "bf16-mixed"  # the trainer's precision, given to the plugin
+
+
+class LocalShardSizes(pl.Callback):
+    """Writes how many parameter elements this rank holds once training starts (`shards-<rank>.json` in the run
+    directory): a test reads it from a run of `python train.py` (`+callbacks.shards._target_=...`)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        held = sum(p.numel() for p in trainer.strategy.model.parameters())
+        Path(trainer.default_root_dir, f"shards-{trainer.global_rank}.json").write_text(json.dumps({"held": held}))
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_shards_and_resumes_to_the_single_process_weights(tmp_path):
+    """trainer=fsdp_cpu: 2 ranks x 4 rows for 2 steps, then resumed from its checkpoint (whole weights, the
+    optimizer's state) for 2 more, against one process x 8 rows for 4 steps. Each rank's data module takes every
+    other row of the same seeded stream, so both runs read the same 8 rows a step, and every loss is normalised by
+    the step's all-reduced token count: the same gradients, up to the order of float sums, so the same weights.
+    Clipping is on (trainer.gradient_clip_val=1.0, the gradients' norm is above it), so it must clip by the whole
+    gradient's norm, not one rank's shard's."""
+    from neuraflux.model.io import load_pretrained
+
+    tiny = [*CLI_TINY, "model.n_layer=2", "model.dropout=0.0", "optim.total_steps=4", "trainer.val_check_interval=2"]
+    shards = f"+callbacks.shards._target_={__name__}.LocalShardSizes"
+    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "one"
+    first = run_cli("trainer=fsdp_cpu", f"paths.output_dir={fsdp_out}", shards, *tiny, "data.batch_size=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = fsdp_out.glob("pretrain/*")
+    held = [json.loads((run_dir / f"shards-{rank}.json").read_text())["held"] for rank in (0, 1)]
+    resumed = run_cli("curriculum=none", f"resume={run_dir}", "trainer.max_steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    single = run_cli("trainer=cpu", f"paths.output_dir={single_out}", *tiny, "data.batch_size=8", "trainer.max_steps=4")
+    assert single.returncode == 0, single.stderr[-3000:]
+    (single_dir,) = single_out.glob("pretrain/*")
+    fsdp, one = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, single_dir))
+    assert fsdp["global_step"] == one["global_step"] == 4
+    # each rank held about half of the weights (a shard of every layer, padded to equal sizes), not a copy
+    assert all(fsdp["params"] / 2 <= n < 0.55 * fsdp["params"] for n in held), (held, fsdp["params"])
+    sharded, _ = load_pretrained(run_dir / "model")  # exported whole, gathered on rank 0
+    whole, _ = load_pretrained(single_dir / "model")
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], value, rtol=0, atol=1e-4, msg=name)
+    assert fsdp["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4)  # of every rank's shards
+    # the same weights; rank 0 logs the loss of its half of the validation rows (the stage logs it unsynchronised)
+    assert fsdp["val/loss"] == pytest.approx(one["val/loss"], rel=1e-3)
+    # the checkpoint holds whole weights too: the exported model's, exactly
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    for name, value in sharded.state_dict().items():
+        assert torch.equal(saved[name], value), name
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2,
-    reason="FSDP needs GPUs: Lightning's FSDPStrategy refuses accelerator=cpu and torch's FSDP has no CPU device; "
-    "this test shards a tiny model over 2 GPUs",
+    reason="needs 2 GPUs: shards a tiny model over NCCL in bf16-mixed; "
+    "test_fsdp_on_two_cpu_processes_shards_and_resumes_to_the_single_process_weights covers sharding on CPUs",
 )
 def test_fsdp_on_two_gpus_trains_and_exports_whole_weights(tmp_path):
     from neuraflux.model.io import load_pretrained

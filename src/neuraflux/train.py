@@ -332,8 +332,10 @@ def whole_weights(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    # weights already on the CPU (trainer=fsdp_cpu) stay where they are: torch's offload would free what it gathered
+    offload = trainer.strategy.root_device.type != "cpu"
     return FullyShardedDataParallel.summon_full_params(
-        trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+        trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=offload
     )
 
 

@@ -17,10 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
-@dataclass(frozen=True)
+@dataclass
 class Window:
     """The optimizer step a training micro-batch belongs to: each count its loss is normalised by (`counts()` of
-    the batch: loss tokens, pairs), summed over the step's micro-batches on this rank, and how many there are."""
+    the batch: loss tokens, pairs), summed over the step's micro-batches on this rank, and how many there are.
+
+    Not frozen: the precision plugins that cast a batch's tensors (FSDP's, `bf16-true`) rebuild every dataclass in
+    it field by field with setattr, and refuse a frozen one."""
 
     totals: dict[str, int]
     micro_batches: int
