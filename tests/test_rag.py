@@ -110,3 +110,21 @@ def test_the_curriculums_evaluation_builds_its_store_from_the_retrieval_group(ti
     monkeypatch.setattr(neuraflux.eval, "evaluate", lambda model, tokenizer, world, settings: given.append(settings))
     evaluate_model(tiny_cfg("retrieval.index=hnsw"), tmp_path / "m", tmp_path)
     assert given[0].retrieval.index == "hnsw" and given[0].k == 1  # the evaluation's own k: SFT reads one document
+
+
+def test_a_reward_model_scores_with_the_store_it_was_trained_with(tiny_cfg, tmp_path):
+    # stage=reward gives context-less prompts the world store's top document; PPO and the report, scoring with the
+    # exported model, rebuild that store from the settings it records
+    from neuraflux.feedback.rewards import reward_model_reward
+    from neuraflux.model.reward import NanoRewardModel
+    from neuraflux.train import train
+
+    cfg = tiny_cfg("curriculum=none", "stage=reward", "retrieval.index=hnsw", "+retrieval.index_params.efSearch=16")
+    _, objects = train(cfg)
+    model = NanoRewardModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.retrieve_context and model.retrieval["index"] == "hnsw"
+    world = OmegaConf.to_container(cfg.world, resolve=True)
+    scorer = reward_model_reward(model, objects["tokenizer"], world)
+    assert (scorer.retriever.index.kind, scorer.retriever.index.params["efSearch"]) == ("hnsw", 16)
+    model.retrieval = None  # a reward model saved before the settings were recorded: the defaults, as then
+    assert reward_model_reward(model, objects["tokenizer"], world).retriever.index.kind == "flat"

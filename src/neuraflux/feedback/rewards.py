@@ -142,9 +142,12 @@ def reward_model_reward(reward_model: nn.Module, tokenizer, world) -> RewardMode
             "stage.module.world must hold the world config to retrieve from"
         )
     from neuraflux.rag import world_retriever
+    from neuraflux.retrieval.documents import retrieval_settings
 
     built = world if isinstance(world, World) else generate_world(WorldConfig.from_dict(world))
-    return RewardModelReward(reward_model, tokenizer, world_retriever(built))
+    # the store it was trained with (a model saved before the settings were recorded: the defaults, as then)
+    settings = retrieval_settings(getattr(reward_model, "retrieval", None))
+    return RewardModelReward(reward_model, tokenizer, world_retriever(built, settings))
 
 
 def make_reward(

@@ -85,6 +85,9 @@ class NanoRewardModel(nn.Module):
         # True when trained on prompts given retrieved context (`data.retrieve_context`): whoever scores with it must
         # give context-less prompts the same (`neuraflux.feedback.rewards.RewardModelReward`)
         self.retrieve_context = False
+        # with retrieve_context: the settings its world store was built with (RetrievalSettings.to_dict(); None for
+        # the defaults), so scoring searches the same store
+        self.retrieval: dict | None = None
 
     @classmethod
     def from_lm(
@@ -156,6 +159,7 @@ class NanoRewardModel(nn.Module):
             "score": "last non-pad token",
             "response_token_id": self.response_token_id,
             "retrieve_context": self.retrieve_context,
+            "retrieval": self.retrieval,
         }
         (directory / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         if tokenizer is not None:
@@ -182,6 +186,7 @@ class NanoRewardModel(nn.Module):
         lm = NanoLM.from_pretrained(directory, map_location=map_location)  # checks config and backbone shapes
         model = cls(lm.config, transformer=lm.transformer, response_token_id=meta.get("response_token_id"))
         model.retrieve_context = bool(meta.get("retrieve_context", False))
+        model.retrieval = meta.get("retrieval")
         head = load_weights_file(directory / HEAD_FILE, map_location)
         if LOGLIK_KEY in head:  # reward models saved before the likelihood feature have no weight: it stays 0
             model.loglik_weight.data.copy_(head.pop(LOGLIK_KEY))

@@ -112,6 +112,8 @@ class RewardModelStage(pl.LightningModule):
         # the exported model records how its prompts looked, so that scoring with it gives them the same context
         datamodule = getattr(self.trainer, "datamodule", None)
         self.model.retrieve_context = bool(getattr(datamodule, "retrieve_context", False))
+        settings = getattr(datamodule, "retrieval", None)  # the world store's (the `retrieval` group)
+        self.model.retrieval = settings.to_dict() if settings is not None else None
 
     def on_fit_end(self) -> None:
         if self.export_dir is None or not self.trainer.is_global_zero:
