@@ -62,6 +62,24 @@ def test_the_bar_counts_the_runs_steps_under_the_stage_name(tiny_cfg):
     assert bar.shown == ("pretrain step", 6, 6)  # not "Epoch 0/-2"
 
 
+def test_the_bar_redraws_at_its_interval_and_at_the_last_step(tiny_cfg, monkeypatch):
+    from neuraflux.callbacks.progress import StepProgressBar
+
+    drawn = []
+    show_steps = StepProgressBar.show_steps
+    monkeypatch.setattr(
+        StepProgressBar, "show_steps", lambda bar, t, m: (drawn.append(t.global_step), show_steps(bar, t, m))
+    )
+    bar = "+callbacks.progress_bar._target_=neuraflux.callbacks.progress.StepProgressBar"
+    _, objects = train(tiny_cfg(bar, "+callbacks.progress_bar.refresh_s=3600"))
+    # the epoch's start, the first step (nothing shown yet), then nothing within the hour but the run's last step
+    assert drawn == [0, 1, 6]
+    (bar,) = [c for c in objects["trainer"].callbacks if isinstance(c, StepProgressBar)]
+    assert bar.shown == ("pretrain step", 6, 6)
+    with pytest.raises(ValueError, match="callbacks.progress_bar.refresh_s must be >= 0"):
+        StepProgressBar(refresh_s=-1)
+
+
 def test_the_model_summary_leaves_out_flops_and_mode_counts(capsys):
     from neuraflux.callbacks.progress import ModelSummary
 

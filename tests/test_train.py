@@ -40,6 +40,16 @@ def test_pretrain_writes_tensorboard_checkpoints_and_a_loadable_model(tiny_cfg):
     assert out.shape == (1, ids.shape[1] + 5)
 
 
+def test_a_compiled_run_keeps_its_parameter_names(tiny_cfg):
+    # callbacks.compile compiles the model in place: checkpoints and the export hold the eager run's keys
+    _, objects = train(tiny_cfg("callbacks.compile.enabled=true", "callbacks.compile.backend=eager"))
+    model, run = objects["model"], objects["run_dir"]
+    assert model._compiled_call_impl is not None
+    keys = set(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    assert keys == {f"model.{k}" for k in model.state_dict()} and not any("_orig_mod" in k for k in keys)
+    assert NanoLM.from_pretrained(run / "model").state_dict().keys() == model.state_dict().keys()
+
+
 def test_training_lowers_the_loss(tiny_cfg):
     metrics, _ = train(tiny_cfg("trainer.max_steps=40", "trainer.val_check_interval=40", "optim.lr=3e-3"))
     # from ln(vocab) ~ 5.7 at initialisation; 40 steps on the world text reach well below 5

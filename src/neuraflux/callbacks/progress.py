@@ -76,13 +76,29 @@ class ProgressLog(pl.Callback):
 class StepProgressBar(pl.callbacks.RichProgressBar):
     """Lightning's rich progress bar counting the run's optimizer steps ("sft step 1200/4000"), which is how a run
     is sized (`trainer.max_steps`), instead of the batches of an epoch under "Epoch 0/-2" (a run bounded by steps
-    has no epoch count, and a resumed one showed counts like 600/499)."""
+    has no epoch count, and a resumed one showed counts like 600/499).
+
+    Redrawn every `refresh_s` seconds and at the last step, not after every batch: Lightning's bar reads every
+    metric (one `.item()` each) and renders the whole bar on each batch, twice with the step count, which cost a few
+    percent of a small model's step (docs/BENCHMARKS.md, training throughput)."""
+
+    def __init__(self, refresh_s: float = 0.5, **kwargs):
+        if not refresh_s >= 0:
+            raise ValueError(f"callbacks.progress_bar.refresh_s must be >= 0, got {refresh_s}")
+        super().__init__(**kwargs)
+        self.refresh_s = float(refresh_s)
+        self._drawn = float("-inf")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         self.show_steps(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.monotonic()
+        last = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if now - self._drawn < self.refresh_s and not last:
+            return
+        self._drawn = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.show_steps(trainer, pl_module)
 

@@ -32,6 +32,7 @@ class ThroughputMonitor(pl.Callback):
         self._window_tokens = 0
         self._window_seconds = 0.0
         self._last: float | None = None
+        self._flops: dict[int, int | None] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -41,9 +42,9 @@ class ThroughputMonitor(pl.Callback):
             self.total_seconds += now - self._last
             self._window_tokens += tokens
             self._window_seconds += now - self._last
-            flops_per_token = getattr(getattr(pl_module, "model", None), "flops_per_token", None)
-            if flops_per_token is not None:
-                self._window_flops += tokens * flops_per_token(batch.input_ids.shape[-1])
+            flops = self._flops_per_token(pl_module, batch.input_ids.shape[-1])
+            if flops is not None:
+                self._window_flops += tokens * flops
         self._last = now
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if step_done and trainer.global_step % self.window_steps == 0 and self._window_seconds > 0:
@@ -54,6 +55,17 @@ class ThroughputMonitor(pl.Callback):
                 if self.peak_flops is not None:
                     pl_module.log("train/mfu", flops_per_sec / (self.peak_flops * trainer.world_size), on_step=True)
             self._window_tokens, self._window_seconds, self._window_flops = 0, 0.0, 0.0
+
+    def _flops_per_token(self, pl_module, seq_len: int) -> int | None:
+        """The model's `flops_per_token(seq_len)`, once per length: it counts the parameters, which cost more than the
+        rest of this hook on every step."""
+        if seq_len not in self._flops:
+            flops_per_token = getattr(getattr(pl_module, "model", None), "flops_per_token", None)
+            self._flops[seq_len] = None if flops_per_token is None else flops_per_token(seq_len)
+        return self._flops[seq_len]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._flops = {}  # the model is fixed for a run; counted again for the next one
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._last = None
