@@ -1,7 +1,8 @@
 """What int8 quantization costs a trained model on the world: validation perplexity, exact match and the judges.
 
 For a curriculum run (the directory `python train.py` writes), its final stage's model is evaluated in float32 and
-quantized with each mode of model/quantize.py:
+quantized with each mode of model/quantize.py (int8 computed by its default fused kernels, and `int8-torchao`: int8
+computed by torchao's own kernels, the reference):
 
 - validation perplexity on the pretraining stage's validation tokens and on the SFT stage's validation answers
   (each stage's own data config, read from its config.yaml, split exactly as in training);
@@ -11,7 +12,7 @@ Evaluation is greedy, so a float model gives the same answers every time; the no
 questions happen to be asked: the binomial standard error of an exact-match score on that many questions is
 printed beside the differences.
 
-    python bench/quantize_quality.py --run outputs/world/<date>_<time> [--limit 0] [--threads 2]
+    python bench/quantize_quality.py --run outputs/world/<date>_<time> [--limit 0] [--threads 2] [--rows float32 int8]
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from neuraflux.curriculum import STATE_FILE  # noqa: E402
 from neuraflux.eval import EvalSettings, evaluate, world_config_for  # noqa: E402
-from neuraflux.model.io import load_for_inference  # noqa: E402
-from neuraflux.model.quantize import MODES  # noqa: E402
+from neuraflux.model.io import load_for_inference, load_pretrained  # noqa: E402
+from neuraflux.model.quantize import MODES, quantize_model  # noqa: E402
 from neuraflux.stages.lm import masked_lm_loss  # noqa: E402
 from neuraflux.world import generate_world  # noqa: E402
+
+ROWS = ["float32", *MODES, "int8-torchao"]
 
 
 def final_stage(run: Path) -> Path:
@@ -85,18 +88,23 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True, help="a curriculum run directory (its curriculum.json)")
     p.add_argument("--limit", type=int, default=0, help="questions per split; 0 = all")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="float32 is always measured (the baseline)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = final_stage(args.run)
     world = generate_world(world_config_for(model_dir))
     rows, step_errors = {}, {}
-    for mode in (None, *MODES):
-        model, tokenizer = load_for_inference(model_dir, mode)
-        step_errors[mode or "float32"] = compiled_step_error(model, tokenizer, world.retrieval_documents()[0].text)
+    for name in ["float32", *[r for r in ROWS if r in args.rows and r != "float32"]]:
+        if name == "int8-torchao":
+            model, tokenizer = load_pretrained(model_dir)
+            quantize_model(model.eval(), "int8", kernel="torchao")
+        else:
+            model, tokenizer = load_for_inference(model_dir, None if name == "float32" else name)
+        step_errors[name] = compiled_step_error(model, tokenizer, world.retrieval_documents()[0].text)
         ppl = {stage: perplexity(model, tokenizer, args.run / stage) for stage in ("pretrain", "sft")}
         result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit))
         judges = sum(result["judges"].values()) / len(result["judges"])
-        rows[mode or "float32"] = (ppl, result, judges)
+        rows[name] = (ppl, result, judges)
     print(f"model: {model_dir}  (threads {args.threads}, limit {args.limit or 'all'})")
     base_ppl, base, base_judges = rows["float32"]
     header = "mode          pretrain ppl (rel)   sft ppl (rel)     EM seen  EM unseen  judges mean"
