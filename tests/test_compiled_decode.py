@@ -44,8 +44,10 @@ def test_the_static_step_gives_the_uncached_logits_at_every_position(position_en
 
 @pytest.mark.slow
 def test_compiled_decoding_equals_eager():
-    """On an int8 model (rotary positions): the compiled step must fuse torchao's tensors correctly, which is where
-    compiling went wrong for int8-dynamic; the float path is the same step with plain tensors. ~20 s of compiling."""
+    """On an int8 model (rotary positions, model/quantize.py's fused kernels): the compiled step must keep the
+    bfloat16 roundings around the fused int8 matmul where eager has them (inductor may fuse casts away), and int8 is
+    where compiling went wrong before (int8-dynamic); the float path is the same step with plain tensors. ~20 s of
+    compiling."""
     pytest.importorskip("torchao")
     from neuraflux.model.quantize import quantize_model
 

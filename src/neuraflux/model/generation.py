@@ -127,8 +127,9 @@ def generate_stream(
 
     Rows that have finished keep yielding the pad id. Stops when every row has finished or after
     max_new_tokens steps. `compile`: after an eager prefill, each step is `static_decode_step` under torch.compile
-    (the first call per batch size and capacity compiles, seconds); it pays where eager steps spend their time in
-    Python, e.g. torchao's int8 tensors (docs/BENCHMARKS.md). Padded prompts decode eagerly either way.
+    (the first call per batch size and capacity compiles, seconds); it pays where eager steps spend their time
+    between kernels, e.g. the int8 model's small per-layer conversions (docs/BENCHMARKS.md). Padded prompts decode
+    eagerly either way.
     """
     config = model.config
     B, T0 = input_ids.shape
