@@ -18,6 +18,7 @@ from neuraflux.rag import NanoRAG, world_retriever
 from neuraflux.retrieval.documents import RetrievalSettings
 from neuraflux.world import (
     SPLITS,
+    QAItem,
     World,
     WorldConfig,
     exact_match,
@@ -64,7 +65,7 @@ def chance_exact_match(world: World, items) -> float:
 
 def retrieval_recall(world: World, retriever, k: int, limit: int) -> float:
     """Share of seen/unseen questions whose top-k hits include a document of the asked entity."""
-    items = [it for split in ("seen", "unseen") for it in _limit(qa_items(world, split), limit)]
+    items = [it for split in ("seen", "unseen") for it in split_items(world, split, limit)]
     owner = {d.doc_id: d.entity for d in world.retrieval_documents()}
     hits = retriever.search_batch([it.question for it in items], k)
     return sum(any(owner[h.id] == it.entity for h in hs) for it, hs in zip(items, hits)) / max(1, len(items))
@@ -72,6 +73,19 @@ def retrieval_recall(world: World, retriever, k: int, limit: int) -> float:
 
 def _limit(items: list, limit: int) -> list:
     return items if not limit else items[:limit]
+
+
+def split_items(world: World, split: str, limit: int) -> list[QAItem]:
+    """The questions of `split` the evaluation asks: the first `limit` (0 = all)."""
+    return _limit(qa_items(world, split), limit)
+
+
+def is_right(item: QAItem, response: str, world: World) -> bool:
+    """What the evaluation counts as right: the gold value in the response (`exact_match`), and for an entity nobody
+    documented (split "unknown"), whose right answer is "I don't know", the honesty judge's full mark."""
+    if item.split == "unknown":
+        return judge(item.question, response, world).honesty == 1.0
+    return exact_match(response, item.answer)
 
 
 @torch.no_grad()
@@ -84,16 +98,12 @@ def evaluate(model, tokenizer, world: World, settings: EvalSettings | None = Non
     result: dict = {"exact_match": {}, "chance_exact_match": {}, "n": {}}
     judged_prompts, judged_answers = [], []
     for split in SPLITS:
-        items = _limit(qa_items(world, split), s.limit)
+        items = split_items(world, split, s.limit)
         questions = [it.question for it in items]
         scores = {}
         for use in (True, False):
             answers = _answers(rag, questions, use, s)
-            if split == "unknown":
-                # the right answer about an entity nobody documented is "I don't know": the honesty judge decides
-                hits = [judge(q, a, world).honesty == 1.0 for q, a in zip(questions, answers)]
-            else:
-                hits = [exact_match(a, it.answer) for a, it in zip(answers, items)]
+            hits = [is_right(it, a, world) for it, a in zip(items, answers)]
             scores["with_retrieval" if use else "without_retrieval"] = sum(hits) / max(1, len(hits))
             if use:
                 judged_prompts += questions
