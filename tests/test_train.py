@@ -48,6 +48,12 @@ def test_a_compiled_run_keeps_its_parameter_names(tiny_cfg):
     keys = set(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     assert keys == {f"model.{k}" for k in model.state_dict()} and not any("_orig_mod" in k for k in keys)
     assert NanoLM.from_pretrained(run / "model").state_dict().keys() == model.state_dict().keys()
+    # switched off (the default), it is not built at all: Lightning calls every callback's hooks every step
+    from neuraflux.callbacks.compile import CompileModel
+    from neuraflux.train import build_callbacks
+
+    assert any(isinstance(c, CompileModel) for c in objects["trainer"].callbacks)
+    assert not any(isinstance(c, CompileModel) for c in build_callbacks(tiny_cfg()))
 
 
 def test_training_lowers_the_loss(tiny_cfg):

@@ -216,6 +216,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
             continue
         if "every_n_steps" in spec and not spec.every_n_steps:
             continue  # a diagnostic switched off
+        if spec.get("enabled") is False:
+            continue  # switched off (callbacks.compile): Lightning would still call each of its hooks every step
         callbacks.append(instantiate(spec))
         log.debug("callback %s", name)
     return callbacks
