@@ -20,10 +20,10 @@ python train.py trainer=fsdp_cpu trainer.devices=2   (CPU processes over gloo: s
   storage of size 0", or a segmentation fault), and every optimizer state points into one reused gather buffer
   (`_optim_utils`: exp_avg saved equal to exp_avg_sq, so a resumed run diverges). On CPU processes the strategy's
   state-dict methods gather without the offload, which torch then clones, and which is where the tensors are.
-
-Not filled: FSDP hands `configure_optimizers` one flat 1-D parameter per wrapped unit, so the optimizer's decay
-group (parameters of 2 or more dimensions, `optim.OptimizerFactory.param_groups`) is empty and weight decay is off
-under trainer=fsdp and fsdp_cpu.
+- Weight decay. The optimizer decays parameters of 2 or more dimensions (`optim.OptimizerFactory.param_groups`), but
+  a sharded parameter is a 1-D slice: FSDP's flat parameters would put everything in the no-decay group. With
+  `use_orig_params` (the config sets it) the optimizer holds the model's own parameters, so they are shown to it
+  whole, gathered, while it is built (`setup_optimizers`), and it keeps them as they are sharded after.
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ class FSDPStrategy(LightningFSDPStrategy):
             **self.kwargs,
         )
         return super()._setup_model(wrapped)  # torchmetrics to the device, activation checkpointing
+
+    def setup_optimizers(self, trainer) -> None:
+        if not self.kwargs.get("use_orig_params"):
+            return super().setup_optimizers(trainer)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # every rank gathers (a collective), so the decay groups see each parameter's own shape
+        with FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
+            super().setup_optimizers(trainer)
 
     def _on_this_device(self) -> contextlib.AbstractContextManager:
         return full_state_dicts_in_place() if self.root_device.type == "cpu" else contextlib.nullcontext()
