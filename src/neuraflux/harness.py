@@ -17,8 +17,8 @@ gold value as whole words after normalisation, and the honesty judge for the unk
 
 The same task runs from lm_eval's command line:
 
-lm_eval --model hf --model_args pretrained=harness/hf,dtype=float32 --include_path harness/task \\
-    --tasks neuraflux_world --apply_chat_template --batch_size 1 --device cpu
+HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=harness/hf,dtype=float32 \\
+    --include_path harness/task --tasks neuraflux_world --apply_chat_template --batch_size 1 --device cpu
 
 Only this module imports lm_eval (`pip install 'neuraflux[harness]'`).
 """
