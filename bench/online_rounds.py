@@ -12,7 +12,8 @@ quieter machine):
 both with the same `held_out_fraction`, `seed` and `threads`. Each run's report.json gives the final policy's judges
 mean on the held-out prompts and its KL to the SFT model; the SFT model's own mean is measured here the same way
 (greedy answers to the same prompts). Gap closed = (final - SFT) / (1 - SFT). Wall: the curriculum's stages and
-labelling (training) and its measurements after each policy, as report.json counts them.
+labelling (training) and its measurements after each policy, as report.json counts them; CPU: the whole
+process's user + system seconds, which a busy machine inflates far less than wall time.
 
     python bench/online_rounds.py --sft outputs/full/<time>/sft/model --threads 2 --train-seeds 1337 1
     python bench/online_rounds.py --sft SFT --only online --online curriculum.policy=ppo curriculum.rounds=4
@@ -24,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -45,6 +47,11 @@ CHAINS = {
 }
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_chain(chain: str, out: Path, args, seed: int) -> dict:
     overrides = [*CHAINS[chain], f"curriculum.init_from={args.sft}", f"held_out_fraction={args.held_out_fraction}",
                  f"seed={seed}", f"threads={args.threads}", f"paths.output_dir={out}",
@@ -52,7 +59,7 @@ def run_chain(chain: str, out: Path, args, seed: int) -> dict:
     log = out / "train.log"
     out.mkdir(parents=True, exist_ok=True)
     print(f"[{chain} seed {seed}] python train.py {' '.join(overrides)}", flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     with log.open("w") as f:
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
@@ -63,6 +70,7 @@ def run_chain(chain: str, out: Path, args, seed: int) -> dict:
     training = sum(row["wall_s"] or 0.0 for row in report["stages"])
     return {
         "process_wall_s": round(time.perf_counter() - start, 1),
+        "process_cpu_s": round(_children_cpu() - cpu, 1),
         "training_s": round(training, 1),
         "total_wall_s": report["total_wall_s"],
         "final": {"stage": measured[-1]["stage"], "judges": final["judges"], "kl_to_sft": final["kl_to_sft"]},
@@ -106,17 +114,17 @@ def main() -> None:
             results["runs"][f"{chain}/{seed}"] = run_chain(chain, out / f"{chain}_s{seed}", args, seed)
             (out / "online_rounds.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    print(
-        "\n| chain | seed | held-out prompts | SFT mean | final mean | gap closed | KL to SFT | training s | total s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| chain | seed | held-out prompts | SFT mean | final mean | gap closed | KL to SFT | training s | total s "
+          "| process CPU s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, run in results["runs"].items():
         chain, seed = key.split("/")
         base = results["sft"][int(seed)]
         sft_mean, final_mean = base["judges"]["mean"], run["final"]["judges"]["mean"]
         closed = (final_mean - sft_mean) / (1.0 - sft_mean) if sft_mean < 1.0 else float("nan")
         print(f"| {chain} | {seed} | {base['n']} | {sft_mean:.3f} | {final_mean:.3f} | {closed:.2f} | "
-              f"{run['final']['kl_to_sft']:.2f} | {run['training_s']:.0f} | {run['total_wall_s']:.0f} |")  # fmt: skip
+              f"{run['final']['kl_to_sft']:.2f} | {run['training_s']:.0f} | {run['total_wall_s']:.0f} | "
+              f"{run['process_cpu_s']:.0f} |")  # fmt: skip
     print(
         f"\nwritten: {out / 'online_rounds.json'} (per-round rows under runs.*.rows); OMP threads "
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}"
