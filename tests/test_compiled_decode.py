@@ -55,7 +55,9 @@ def test_compiled_decoding_equals_eager():
     ids = torch.randint(5, 64, (2, 30))
     eager = stepped_logits(model, ids, static_decode_step)
     compiled = stepped_logits(model, ids, compiled_decode_step())
-    assert (compiled - eager).abs().max().item() < 1e-4  # the same arithmetic, fused: float rounding only
+    # the same arithmetic, fused: float rounding, which can move one of the int8 matmul's bfloat16 roundings by a
+    # step (model/quantize.py), so the bound is one bfloat16 step of the largest logit
+    assert (compiled - eager).abs().max().item() < 2**-7 * eager.abs().max().item()
     prompt = ids[:, :PROMPT]
     assert torch.equal(
         generate(model, prompt, 20, temperature=0, compile=True), generate(model, prompt, 20, temperature=0)

@@ -135,7 +135,10 @@ def test_the_fused_kernels_give_torchaos_int8_logits_at_every_position(tmp_path,
     tolerance = 2**-7 * want.abs().max().item()
     assert (got - want).abs().max().item() < tolerance
     assert (got_cached - want).abs().max().item() < tolerance
-    assert (got_cached - got).abs().max().item() < 1e-4  # cached against uncached: the same kernels
+    # cached against uncached: the same kernels, but attention's float32 output differs in the last bits between
+    # the two paths, which can move a bfloat16 rounding by a step (bench/quantize_quality.py: 0.074 on a trained
+    # model's logits up to 16.7); torchao's float path differs by float rounding only
+    assert (got_cached - got).abs().max().item() < tolerance
     assert (want_cached - want).abs().max().item() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
     with torch.no_grad():
