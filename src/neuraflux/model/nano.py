@@ -84,13 +84,13 @@ class NanoEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids, position_ids: (B, T) -> (B, T, C)
+        # input_ids (B, T), position_ids (B, T) or (1, T) -> (B, T, C)
         x = self.token(input_ids)
         return self.dropout(x if self.position is None else x + self.position(position_ids))
 
 
 def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each position's rotation angles: (B, T) -> two (B, 1, T, D / 2) float32 tensors.
+    """cos and sin of each position's rotation angles: (B, T) -> two (B, 1, T, D / 2) float32 tensors (B may be 1).
 
     Pair i of a head's dimensions turns by position * theta^(-2i / D), so the score between a query at m and a
     key at n depends on m - n only (Su et al. 2021)."""
@@ -294,7 +294,8 @@ class NanoModel(nn.Module):
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask[:, : past + T])[:, past:]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+                # (1, T), broadcast over the batch: the position table's backward scatters T rows, not B * T
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # (B, T, C)
         rope = self._rope(position_ids)
