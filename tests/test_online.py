@@ -105,6 +105,7 @@ def rounds_overrides(tmp_path, *extra) -> list[str]:
         "curriculum=online",
         "curriculum.stages=[sft]",
         "curriculum.rounds=2",
+        "curriculum.policy=dpo",
         "curriculum.labels.prompts=12",
         "curriculum.labels.samples=3",
         "curriculum.labels.max_new_tokens=6",
