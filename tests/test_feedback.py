@@ -38,6 +38,7 @@ from neuraflux.feedback.store import (  # noqa: E402
 )
 from neuraflux.retrieval import Retriever  # noqa: E402
 from neuraflux.serve import create_app  # noqa: E402
+from tests.test_dpo_stage import init_dir  # noqa: E402, F401  (the fixture: an untrained policy with a world tokenizer)
 from tests.test_serve import BASE  # noqa: E402
 from tests.test_serve_engine import slow_down, tiny_lm  # noqa: E402
 
@@ -460,3 +461,28 @@ def test_a_vote_on_an_empty_answer_is_skipped_not_written_as_a_record_no_reader_
     for fmt in ("preference", "kto"):
         result = export_feedback(tmp_path / "fb.sqlite", fmt, tmp_path / f"{fmt}.jsonl")
         assert result.records == [] and result.skipped == {"an empty answer": 2}
+
+
+@pytest.mark.parametrize(("stage", "fmt"), [("dpo", "preference"), ("kto", "kto")])
+def test_an_export_of_peoples_votes_trains_a_dpo_and_a_kto_stage(tmp_path, init_dir, stage, fmt):  # noqa: F811
+    from neuraflux.train import train
+    from tests.conftest import compose_cfg
+
+    db = tmp_path / "votes.sqlite"
+    store = FeedbackStore(db)
+    for n in range(24):
+        question, turns = f"Where does person {n} live?", [{"role": "user", "content": f"Where does person {n} live?"}]
+        for side, text in (("a", f"Person {n} lives in town {n}."), ("b", "No idea, you fool.")):
+            store.remember(Completion(f"{side}{n}", "sha", question, turns, [], text, {"temperature": 1.0}))
+        store.vote(Compare((f"a{n}", f"b{n}"), "a"))
+    store.close()
+    out = tmp_path / f"{fmt}.jsonl"
+    assert cli_main(["feedback", "export", str(db), "--format", fmt, "--out", str(out)]) == 0
+    cfg = compose_cfg(tmp_path, f"stage={stage}", f"data={'preference' if fmt == 'preference' else 'kto'}",
+                      f"data.path={out}", f"stage.init_from={init_dir}", "trainer.max_steps=6",
+                      "trainer.val_check_interval=6", "optim.lr=1e-3", f"paths.run_dir={tmp_path / 'run'}")  # fmt: skip
+    metrics, _ = train(cfg)
+    assert metrics["global_step"] == 6
+    # the policy starts as its reference: every implicit reward is 0, so is the margin between the people's chosen
+    # (desirable) and rejected (undesirable) answers; six steps on their choices open it on the validation rows
+    assert metrics["val/margins"] > 0.01
