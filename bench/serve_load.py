@@ -10,6 +10,7 @@ vocabulary, with the special tokens' embeddings zeroed so every answer runs to -
 Needs the serve extra: pip install -e ".[serve]".
 
     python bench/serve_load.py --threads 1 --clients 1 8 32 --seconds 10
+    python bench/serve_load.py --model RUN --weights float32 int8 --clients 1 8    # one server each, levels alternating
 """
 
 from __future__ import annotations
@@ -144,14 +145,21 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--weights", nargs="+", default=["float32"], choices=["float32", "int8", "int8-dynamic"],
+                   help="one server per choice; each client level runs on each in turn")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model:
-        from neuraflux.model.io import load_for_inference
+    from neuraflux.model.quantize import quantize_model
 
-        model, tok = load_for_inference(args.model)
-    else:
-        model, tok = random_model()
+    models = {}
+    for weights in args.weights:
+        if args.model:
+            from neuraflux.model.io import load_for_inference
+
+            models[weights] = load_for_inference(args.model, None if weights == "float32" else weights)
+        else:
+            model, tok = random_model()
+            models[weights] = (model if weights == "float32" else quantize_model(model, weights), tok)
     config = ServeConfig(
         max_new_tokens=max(args.max_new_tokens, 1),
         default_max_new_tokens=1,
@@ -160,35 +168,43 @@ def main() -> None:
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
     )
-    url, server, thread = start_server(create_app(config, model, tok, model_name="bench"))
+    servers = {
+        w: start_server(create_app(config, model, tok, model_name="bench")) for w, (model, tok) in models.items()
+    }
     rows = []
     try:
-        asyncio.run(run_level(url, 1, 1.0, 8))  # warm-up
+        for url, _, _ in servers.values():
+            asyncio.run(run_level(url, 1, 1.0, 8))  # warm-up
         for n in args.clients:
-            rows.append(asyncio.run(run_level(url, n, args.seconds, args.max_new_tokens)).row())
+            for weights, (url, _, _) in servers.items():
+                rows.append(
+                    {"weights": weights, **asyncio.run(run_level(url, n, args.seconds, args.max_new_tokens)).row()}
+                )
     finally:
-        server.should_exit = True
-        thread.join(10)
+        for _, server, thread in servers.values():
+            server.should_exit = True
+            thread.join(10)
     print(
         f"torch threads {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}, "
         f"max_concurrent {args.max_concurrent}, {args.seconds:g} s per level"
     )
     print(
-        f"{'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
+        f"{'weights':>12} {'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
         f"{'aggregate tok/s':>15}  errors"
     )
     for r in rows:
         print(
-            f"{r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} {r['ttft_p99_ms']:>11.1f} "
-            f"{r['stream_tok_s']:>12.1f} {r['aggregate_tok_s']:>15.1f}  {r['errors'] or '-'}"
+            f"{r['weights']:>12} {r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} "
+            f"{r['ttft_p99_ms']:>11.1f} {r['stream_tok_s']:>12.1f} {r['aggregate_tok_s']:>15.1f}  {r['errors'] or '-'}"
         )
-    base = next((r for r in rows if r["clients"] == 1), None)
-    eight = next((r for r in rows if r["clients"] == 8), None)
-    if base and eight:
-        print(
-            f"aggregate at 8 clients / 1 client: {eight['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x "
-            "(target >= 3x)"
-        )
+    for weights in servers:
+        base = next((r for r in rows if r["clients"] == 1 and r["weights"] == weights), None)
+        eight = next((r for r in rows if r["clients"] == 8 and r["weights"] == weights), None)
+        if base and eight:
+            print(
+                f"{weights}: aggregate at 8 clients / 1 client: "
+                f"{eight['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x (target >= 3x)"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
