@@ -263,3 +263,13 @@ def test_feedback_rounds_train_on_peoples_votes_and_stop_when_no_new_vote_came(t
     labels = read_jsonl(parent / "round1" / "labels.jsonl")
     assert len(labels) == 20 and {r["rejected"] for r in labels} == {"No idea."}
     assert (parent / "round1" / "dpo" / "model" / "model.safetensors").is_file()
+
+
+def test_a_labels_record_renders_as_the_prompt_the_policy_was_sampled_on(world):
+    from neuraflux.feedback.measure import held_out_prompts, render
+    from neuraflux.feedback.online import prompt_record
+
+    prompts = held_out_prompts(world, "all")
+    assert any(p.context for p in prompts) and any(p.context is None for p in prompts)
+    for prompt in prompts:  # what data=preference trains on is what the round sampled
+        assert render_record(prompt_record(prompt)) == render(prompt)

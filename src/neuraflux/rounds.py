@@ -31,19 +31,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from neuraflux.feedback.constitutional_data import write_jsonl
 from neuraflux.feedback.online import LABEL_SOURCES, LabelledRound, feedback_pairs, judge_pairs, record_key
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("dpo", "ppo")
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # a crash mid-write leaves the previous file, never half of one
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -27,6 +27,7 @@ import torch
 from neuraflux.chat import render_record
 from neuraflux.data.prompts import encode_prompts
 from neuraflux.data.splits import held_out_score
+from neuraflux.feedback.measure import render
 from neuraflux.feedback.rollout import generate_rollouts
 from neuraflux.model import NanoLM
 from neuraflux.world import RLPrompt, World, judge
@@ -42,7 +43,8 @@ class LabelledRound:
 
 
 def prompt_record(prompt: RLPrompt) -> dict:
-    """An RL prompt as a data record's prompt fields (`render_record` renders it as the stages render the prompt)."""
+    """An RL prompt as a data record's prompt fields (`render_record` renders them as `measure.render` renders the
+    prompt, which is what the policy was sampled on)."""
     return {"prompt": prompt.prompt, **({"context": prompt.context} if prompt.context else {})}
 
 
@@ -64,7 +66,7 @@ def sample_answers(
         raise ValueError(
             f"curriculum.labels.temperature must be > 0 (greedy answers would all agree), got {temperature}"
         )
-    texts = [render_record(prompt_record(p)) for p in prompts for _ in range(samples)]
+    texts = [render(p) for p in prompts for _ in range(samples)]
     config = model.config
     max_prompt_tokens = min(config.block_size, config.max_position_embeddings - max_new_tokens)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
@@ -94,7 +96,7 @@ def judge_pairs(
     out = LabelledRound([])
     flipped, totals = 0, []
     for prompt, group in zip(prompts, answers, strict=True):
-        rendered = render_record(prompt_record(prompt))
+        rendered = render(prompt)
         scored = [(judge(rendered, a, world).total, a.strip()) for a in group if a.strip()]
         totals += [s for s, _ in scored]
         if len(scored) < 2:
