@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def stage_overrides(
     return [*per_stage, *user, "curriculum=none", f"stage={name}", f"paths.run_dir={run_dir}", *extra]
 
 
+def stage_composer(cfg: DictConfig, user: list[str], parent: Path) -> Callable[..., DictConfig]:
+    """compose_stage(name, extra, step=None): stage `name`'s config as this curriculum composes it."""
+    from hydra import compose
+
+    def compose_stage(name: str, extra: list[str], step: str | None = None) -> DictConfig:
+        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra, step))
+
+    return compose_stage
+
+
 def resume_parent(cfg: DictConfig) -> Path | None:
     """With resume=last, the newest parent directory of this curriculum that has not finished; or resume=DIR."""
     resume = cfg.get("resume")
@@ -171,14 +182,11 @@ def _existing(path, key: str) -> Path | None:
 def stage_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
     """Each stage's composed config, as the curriculum will train it (its per-stage overrides, the command line's,
     its own; the previous stage's model appears as `stage.init_from` only when the chain runs)."""
-    from hydra import compose
 
     user = [o for o in overrides if not o.lstrip("~+").startswith(_OWNED)]
     parent = Path(cfg.paths.run_dir)
 
-    def compose_stage(name: str, extra: list[str], step: str | None = None) -> DictConfig:
-        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra, step))
-
+    compose_stage = stage_composer(cfg, user, parent)
     configs = {name: compose_stage(name, []) for name in stage_names(cfg)}
     if cfg.curriculum.get("rounds"):  # an online round's stages, as round 1 composes them
         rounds = OnlineSettings.from_config(cfg.curriculum).compose_checks(compose_stage, parent)
@@ -192,7 +200,6 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
 
     Needs an initialised Hydra (inside @hydra.main, or tests' initialize_config_dir) to compose each stage.
     """
-    from hydra import compose
 
     stages = stage_names(cfg)
     check_stages(list(cfg.curriculum.stages))
@@ -202,9 +209,7 @@ def run_curriculum(cfg: DictConfig, overrides: list[str]) -> dict:
     reward_model = _existing(cfg.curriculum.get("reward_model"), "curriculum.reward_model")
     parent = resume_parent(cfg) or Path(cfg.paths.run_dir)
 
-    def compose_stage(name: str, extra: list[str], step: str | None = None) -> DictConfig:
-        return compose(config_name="config", overrides=stage_overrides(cfg, name, user, parent, extra, step))
-
+    compose_stage = stage_composer(cfg, user, parent)
     # Compose every stage before anything runs: a bad override or a missing input fails here, not mid-chain.
     launch = [o for o in overrides if not o.lstrip("~+").startswith(("resume", "hydra"))]
     resuming = (parent / STATE_FILE).is_file()
