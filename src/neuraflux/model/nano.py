@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neuraflux.model.config import NanoConfig
+from neuraflux.model.dropout import NanoDropout, attention_with_dropout
 
 if TYPE_CHECKING:
     from neuraflux.tokenizer import NanoTokenizer
@@ -81,7 +82,7 @@ class NanoEmbeddings(nn.Module):
         self.token = nn.Embedding(config.vocab_size, config.n_embd)
         learned = config.position_encoding == "learned"
         self.position = nn.Embedding(config.max_position_embeddings, config.n_embd) if learned else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = NanoDropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # input_ids (B, T), position_ids (B, T) or (1, T) -> (B, T, C)
@@ -116,7 +117,7 @@ class NanoSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = NanoDropout(config.dropout)
 
     def forward(
         self,
@@ -170,7 +171,10 @@ class NanoSelfAttention(nn.Module):
             is_causal = mask is None and T > 1
             if is_causal and k.shape[2] != T:
                 raise ValueError(f"{T} queries over {k.shape[2]} keys need an explicit causal mask")
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            if dropout_p > 0 and cache is None and x.device.type == "cpu":
+                y = attention_with_dropout(q, k, v, mask, dropout_p)  # the kernel's CPU dropout path is unfused fp32
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), weights
 
@@ -181,7 +185,7 @@ class NanoMLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.act = nn.GELU()  # exact erf form: as nanoGPT, and faster than the tanh form on CPU
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = NanoDropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))
