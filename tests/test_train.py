@@ -246,10 +246,28 @@ def test_per_step_metrics_are_computed_exactly_on_the_steps_lightning_writes(tin
     assert [e.step for e in acc.Scalars("train/lr")] == [1, 3, 5]
 
 
-def test_bf16_mixed_trains_with_gradient_clipping(tiny_cfg, tmp_path):
-    """trainer.precision=bf16-mixed with gradient clipping: Lightning refuses to clip a fused AdamW's gradients
-    under mixed precision, so the factory takes the foreach kernel there (this run raised before)."""
-    metrics, _ = train(tiny_cfg("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"))
-    assert math.isfinite(metrics["train/loss"])
-    with pytest.raises(ValueError, match="optim.fused=true cannot train with trainer.precision=bf16-mixed"):
-        train(tiny_cfg("trainer.precision=bf16-mixed", "optim.fused=true", f"paths.run_dir={tmp_path}/fused"))
+def test_bf16_mixed_clips_a_fused_adamw(tiny_cfg, tmp_path):
+    """trainer.precision=bf16-mixed with gradient clipping trains with the fused AdamW (Lightning refused to clip a
+    fused optimizer under any mixed precision), and the clipping acts: from the same start, one step clipped to a
+    norm of 1e-12 (Adam's first update g / (|g| + eps) all but vanishes) ends about lr away from one unclipped
+    (every weight moves by about lr). 16-mixed, whose gradient scaler would unscale after the clip, keeps the foreach
+    kernel and refuses optim.fused=true."""
+
+    def one_step(*overrides):
+        cfg = tiny_cfg(
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=1",
+            "optim.weight_decay=0",
+            "optim.warmup_steps=0",
+            *overrides,
+        )
+        metrics, objects = train(cfg)
+        assert objects["trainer"].optimizers[0].defaults["fused"] is True
+        assert math.isfinite(metrics["train/loss"])
+        return objects["model"].transformer.layers[0].mlp.fc.weight.detach(), cfg.optim.lr
+
+    free, lr = one_step(f"paths.run_dir={tmp_path}/free")
+    clipped, _ = one_step("trainer.gradient_clip_val=1e-12", f"paths.run_dir={tmp_path}/clipped")
+    assert 0.9 < (free - clipped).abs().median().item() / lr < 1.1
+    with pytest.raises(ValueError, match="optim.fused=true cannot train with trainer.precision=16-mixed"):
+        train(tiny_cfg("trainer.precision=16-mixed", "optim.fused=true", f"paths.run_dir={tmp_path}/fused"))
