@@ -5,6 +5,7 @@ after a warm-up step. Ratio = median framework / median plain. Optionally one fu
 
     python bench/train_throughput.py --shape char --rounds 3 --steps 300 --threads 2
     python bench/train_throughput.py --shape nano --precision bf16-mixed --steps 40 --threads 2
+    python bench/train_throughput.py --shape nano --precision 32-true bf16-mixed --steps 20 --threads 1  # bf16 / fp32
     python bench/train_throughput.py --shape char --full-run   # 2000 iterations, prints val loss
     python bench/train_throughput.py --shape char --reference --threads 1   # nanoGPT's own run, re-implemented
     python bench/train_throughput.py --against-reference --rounds 5 --threads 1   # train.py's it/s / nanoGPT loop's
@@ -403,7 +404,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     p.add_argument("--shape", choices=sorted(SHAPES), default="char")
-    p.add_argument("--precision", default="32-true")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["32-true"],
+        help="trainer.precision; several: each round runs each in turn, and the medians are compared to the first",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
@@ -440,13 +446,13 @@ def main() -> None:
         print(f"threads={args.threads}, train.py overrides: {' '.join(extra) or 'none'}")
         against_reference(args.data, args.rounds, args.threads, extra)
         return
-    if args.precision.startswith("bf16") and not has_fast_bf16():
+    if any(p.startswith("bf16") for p in args.precision) and not has_fast_bf16():
         print(
             "this CPU has neither AMX nor AVX512-BF16: bfloat16 matmuls are emulated and slower than float32 here, "
             "so train with trainer.precision=32-true on it; the figures below measure the emulation, not bf16"
         )
     print(
-        f"shape={args.shape} precision={args.precision} threads={args.threads} steps/round={args.steps} "
+        f"shape={args.shape} precision={' '.join(args.precision)} threads={args.threads} steps/round={args.steps} "
         f"position_encoding={args.position_encoding}"
     )
     if args.reference:
@@ -464,7 +470,7 @@ def main() -> None:
                 args.data,
                 args.shape,
                 2000,
-                args.precision,
+                args.precision[0],
                 args.threads,
                 Path(d),
                 extra=[
@@ -478,33 +484,43 @@ def main() -> None:
                 f"val/loss {m['val/loss']:.4f}, {m['train/tokens_per_sec_mean']:.0f} tokens/s"
             )
         return
-    fw, plain = [], []
+    fw = {p: [] for p in args.precision}
+    plain = {p: [] for p in args.precision}
     for r in range(args.rounds):
-        with tempfile.TemporaryDirectory() as d:
-            fw.append(
-                framework_run(
-                    args.data,
-                    args.shape,
-                    args.steps,
-                    args.precision,
-                    args.threads,
-                    Path(d),
-                    extra=[f"model.position_encoding={args.position_encoding}"],
-                )["train/tokens_per_sec_mean"]
+        for precision in args.precision:  # in turn within a round, so each precision sees the same load
+            with tempfile.TemporaryDirectory() as d:
+                fw[precision].append(
+                    framework_run(
+                        args.data,
+                        args.shape,
+                        args.steps,
+                        precision,
+                        args.threads,
+                        Path(d),
+                        extra=[f"model.position_encoding={args.position_encoding}"],
+                    )["train/tokens_per_sec_mean"]
+                )
+            plain[precision].append(
+                plain_loop(args.data, args.shape, args.steps, precision, args.threads, args.position_encoding)
             )
-        plain.append(
-            plain_loop(args.data, args.shape, args.steps, args.precision, args.threads, args.position_encoding)
-        )
+            print(
+                f"round {r} {precision}: framework {fw[precision][-1]:.0f} tokens/s, plain loop "
+                f"{plain[precision][-1]:.0f} tokens/s, ratio {fw[precision][-1] / plain[precision][-1]:.3f}"
+            )
+    for precision in args.precision:
+        # each round's pair ran back to back under the same load: the median of per-round ratios is the figure
+        ratio = statistics.median(a / b for a, b in zip(fw[precision], plain[precision]))
         print(
-            f"round {r}: framework {fw[-1]:.0f} tokens/s, plain loop {plain[-1]:.0f} tokens/s, "
-            f"ratio {fw[-1] / plain[-1]:.3f}"
+            f"{precision} median: framework {statistics.median(fw[precision]):.0f} tokens/s, plain "
+            f"{statistics.median(plain[precision]):.0f} tokens/s, median per-round ratio {ratio:.3f}"
         )
-    # each round's pair ran back to back under the same load: the median of per-round ratios is the figure
-    ratio = statistics.median(a / b for a, b in zip(fw, plain))
-    print(
-        f"median: framework {statistics.median(fw):.0f} tokens/s, plain {statistics.median(plain):.0f} tokens/s, "
-        f"median per-round ratio {ratio:.3f}"
-    )
+    base = args.precision[0]
+    for precision in args.precision[1:]:
+        print(
+            f"{precision} / {base} tokens/s (median of per-round ratios): framework "
+            f"{statistics.median(a / b for a, b in zip(fw[precision], fw[base])):.2f}x, plain loop "
+            f"{statistics.median(a / b for a, b in zip(plain[precision], plain[base])):.2f}x"
+        )
 
 
 if __name__ == "__main__":
