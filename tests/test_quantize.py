@@ -15,6 +15,7 @@ from neuraflux.model.io import load_for_inference, load_pretrained  # noqa: E402
 from neuraflux.model.nano import KVCache  # noqa: E402
 from neuraflux.model.quantize import (  # noqa: E402
     MODES,
+    Int8DynamicLinear,
     Int8Embedding,
     Int8Linear,
     QuantizationError,
@@ -144,6 +145,49 @@ def test_the_fused_kernels_give_torchaos_int8_logits_at_every_position(tmp_path,
     with torch.no_grad():
         table = torch.nn.functional.embedding(ids, reference.transformer.embeddings.token.weight)
         assert torch.equal(fused.transformer.embeddings.token(ids), table)
+
+
+def test_a_dynamic_layer_is_the_exact_integer_product_of_its_quantized_rows():
+    """Int8DynamicLinear, by hand: each input row's scale is max |x| / 127.5, its values round(x / scale) clipped
+    to [-128, 127]; the int8 x int8 sums are exact integers (float64 holds them), times the row scale and the
+    weight's row scales, plus the bias. Only the float32 rescaling rounds."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(40, 24))  # any width: no multiple-of-16 rule here
+    q.torchao_quantization().quantize_(layer, q.torchao_config("int8-dynamic"))
+    fused = Int8DynamicLinear(layer[0])
+    x = torch.randn(2, 3, 40) * torch.tensor([1.0, 100.0, 1e-3])[:, None]  # rows of very different size
+    x[1, 2] = 0.0  # an all-zero row: the scale's floor, float32 eps, keeps it finite
+    rows = x.reshape(-1, 40).double()
+    scale = (rows.abs().amax(-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    ints = torch.clamp(torch.round(rows * (1.0 / scale.float()).double()), -128, 127)
+    weight = layer[0].weight
+    exact = ints @ weight.qdata.double().t()  # integers below 2**31: no rounding
+    want = (exact * scale * weight.scale.double().reshape(-1) + layer[0].bias.double()).reshape(2, 3, 24)
+    with torch.no_grad():
+        got = fused(x).double()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert bool((got[1, 2] == layer[0].bias.double()).all())
+
+
+@pytest.mark.parametrize("position_encoding", ["learned", "rope"])
+def test_the_fused_dynamic_layers_give_torchaos_int8_dynamic_logits_at_every_position(
+    tmp_path, position_encoding, model_dir
+):
+    """int8-dynamic's fused layers do torchao's arithmetic op for op (row scales, rounding, int32 sums, the same
+    float32 rescaling in the same order), so every logit is torchao's exactly, cached and uncached, and a saved
+    directory loads back onto them."""
+    path, tok, ids = model_dir(tmp_path, position_encoding)
+    reference = q.quantize_model(load_pretrained(path)[0].eval(), "int8-dynamic", kernel="torchao")
+    fused = q.quantize_model(load_pretrained(path)[0].eval(), "int8-dynamic")
+    assert sum(isinstance(m, Int8DynamicLinear) for m in fused.modules()) == 2 * 4 + 1
+    assert not any(isinstance(m, Int8DynamicLinear) for m in reference.modules())
+    want, want_cached = every_position(reference, ids)
+    got, got_cached = every_position(fused, ids)
+    assert torch.equal(got, want) and torch.equal(got_cached, want_cached)
+    loaded, _ = load_for_inference(save_quantized(fused, tok, tmp_path / "q"))
+    assert sum(isinstance(m, Int8DynamicLinear) for m in loaded.modules()) == 2 * 4 + 1
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), want)
 
 
 def test_a_layer_the_fused_kernel_cannot_take_keeps_torchaos_int8_path():

@@ -17,12 +17,14 @@ refuses it (`model.io.load_pretrained`).
 
 Which kernels compute with the int8 weights (`kernel`): torchao stores them either way, but torchao 0.18's own CPU
 path converts the whole weight to float on every call (and the whole token table on every lookup), which made int8
-decoding 3x slower than float32. `kernel="fused"` (the default) swaps in two small modules over the same tensors:
+decoding 3x slower than float32. `kernel="fused"` (the default) swaps in small modules over the same tensors:
 `Int8Linear`, torch's fused int8-weight matmul (`aten._weight_int8pack_mm`, the kernel inductor's weight-only-int8
 pattern lowers to), and `Int8Embedding`, which converts only the rows it reads. The fused matmul is vectorized for
 bfloat16 activations only, so each layer's input row is rounded to bfloat16 on the way in (the residual stream,
-norms, attention and the KV cache stay in the model's float dtype); `int8-dynamic` keeps torchao's linear layers.
-`kernel="torchao"` is torchao's path throughout: the reference the fused one is tested against.
+norms, attention and the KV cache stay in the model's float dtype). `int8-dynamic` layers become
+`Int8DynamicLinear`: torchao's arithmetic op for op (the same logits, bit for bit) without its per-call tensor
+subclass dispatch, the int8 x int8 product on `torch._int_mm` (AMX or VNNI). `kernel="torchao"` is torchao's path
+throughout: the reference the fused one is tested against.
 
 Nothing falls back to float silently: a mode torchao cannot apply here, a tensor it did not convert, or a forward
 pass that fails on this machine's kernels raises QuantizationError naming the reason. A layer the fused kernel cannot
@@ -168,6 +170,28 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int8DynamicLinear(nn.Module):
+    """An int8-dynamic linear layer in three steps instead of torchao's tensor-subclass dispatch: each input row
+    quantized to int8 (symmetric, scale = max |x| / 127.5, torchao's formula), an int8 x int8 matmul with int32
+    sums (`torch._int_mm`: AMX or VNNI tiles), then the row and weight scales. The arithmetic is torchao's own, op
+    for op, so the outputs are its numbers; `weight` stays torchao's tensor."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("qdata", linear.weight.qdata, persistent=False)  # (N, K) int8
+        self.register_buffer("scale", linear.weight.scale.reshape(-1), persistent=False)  # (N,) float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (M, K)
+        # torchao's choose_qparams_affine (symmetric): max(-min(x, 0), max(x, 0)) is max |x|; float32 eps floor
+        x_scale = (rows.abs().amax(dim=-1, keepdim=True).float() / 127.5).clamp_(min=torch.finfo(torch.float32).eps)
+        q = torch.clamp(torch.round(rows * (1.0 / x_scale)), -128, 127).to(torch.int8)  # quantize_affine
+        y = (torch._int_mm(q, self.qdata.t()).to(torch.float32) * x_scale).to(x.dtype) * self.scale  # (M, N)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
 class Int8Embedding(nn.Module):
     """A lookup in torchao's int8 token table that converts only the rows it reads: (q - zero point) * scale, the
     arithmetic of torchao's whole-table dequantization, so the rows are the same numbers."""
@@ -215,9 +239,24 @@ def fused_eligible(module: nn.Module) -> bool:
     )
 
 
+def dynamic_eligible(module: nn.Module) -> bool:
+    """A linear layer Int8DynamicLinear takes: int8 weights with per-row symmetric int8 activations."""
+    weight = getattr(module, "weight", None)
+    kwargs = getattr(weight, "act_quant_kwargs", None)
+    return (
+        _stored_as(weight) == "Int8Tensor"
+        and kwargs is not None
+        and getattr(weight, "act_pre_scale", None) is None
+        and getattr(weight, "act_quant_scale", None) is None
+        and type(kwargs.granularity).__name__ == "PerRow"
+        and kwargs.mapping_type.name == "SYMMETRIC"
+        and not bool(weight.zero_point.any())
+    )
+
+
 def use_kernel(model: NanoLM, kernel: str) -> NanoLM:
-    """Swap the int8 modules of a quantized model to `kernel`'s ("fused": Int8Linear and Int8Embedding; "torchao":
-    torchao's own modules are kept). Called by quantize_model and load_quantized."""
+    """Swap the int8 modules of a quantized model to `kernel`'s ("fused": Int8Linear or Int8DynamicLinear, and
+    Int8Embedding; "torchao": torchao's own modules are kept). Called by quantize_model and load_quantized."""
     if check_kernel(kernel) == "torchao":
         return model
     missing = fused_kernel_missing()
@@ -225,11 +264,13 @@ def use_kernel(model: NanoLM, kernel: str) -> NanoLM:
         log.warning("torch's fused int8 matmul is unavailable (%s): int8 layers use torchao's kernels", missing)
     embeddings = model.transformer.embeddings
     embeddings.token = Int8Embedding(embeddings.token)
-    if missing:
-        return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and fused_eligible(child):
+            if not isinstance(child, nn.Linear):
+                continue
+            if dynamic_eligible(child):
+                setattr(parent, name, Int8DynamicLinear(child))
+            elif not missing and fused_eligible(child):
                 setattr(parent, name, Int8Linear(child))
     return model
 
@@ -240,7 +281,7 @@ def quantized_tensors(model: NanoLM) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Int8Linear)) or module is embedding
+        if isinstance(module, (nn.Linear, Int8Linear, Int8DynamicLinear)) or module is embedding
     }
 
 
