@@ -14,7 +14,7 @@ being read from cache.
 Needs the bench and quantize extras: pip install -e ".[bench,quantize]".
 
     python bench/generate.py --threads 1 --rounds 3 [--weights float32 bfloat16 int8 int8-dynamic int8-torchao]
-    python bench/generate.py --threads 1 --profile     # where a batch-1 step goes (float32, int8, int8 compiled)
+    python bench/generate.py --threads 1 --profile     # where a batch-1 step goes; int8 layers at 1 and 8 rows
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def ours(model: NanoLM, batch: int, prompt: int, new: int, compile: bool = False
 
 def profile(prompt: int, new: int) -> None:
     """Where a batch-1 decoding step goes (float32, int8 eager and int8 compiled: the top operators by self CPU
-    time), the output projection alone in float32 and bfloat16, and one int8 linear layer's call per kernel."""
+    time), the output projection alone in float32 and bfloat16, and one int8 linear layer's call per kernel at 1 and
+    8 rows."""
     from torch.profiler import profile as torch_profile
 
-    from neuraflux.model.quantize import Int8Linear
+    from neuraflux.model.quantize import Int8DynamicLinear, Int8Linear
 
     ids = torch.randint(10, 10_000, (1, prompt))
     for weights, compiled in (("float32", False), ("int8", False), ("int8", True)):
@@ -103,18 +104,21 @@ def profile(prompt: int, new: int) -> None:
             f"output projection ({SHAPE['vocab_size']} x {SHAPE['n_embd']}, one token), {dtype}: "
             f"{(time.perf_counter() - t0) / 200 * 1e3:.2f} ms"
         )
-    layers = {}  # one quantized linear layer (the MLP's 384 -> 1536, one token), per kernel
+    layers = {}  # one quantized linear layer (the MLP's 384 -> 1536), per kernel, for 1 and 8 rows
     for mode in MODES:
         layers[f"{mode} (torchao)"] = torch.nn.Sequential(torch.nn.Linear(SHAPE["n_embd"], 4 * SHAPE["n_embd"]))
         quantize_model_layers(layers[f"{mode} (torchao)"].eval(), mode)
     layers["int8 (fused)"] = Int8Linear(layers["int8 (torchao)"][0])
-    x = torch.randn(1, SHAPE["n_embd"])
-    for name, layer in layers.items():
-        with torch.no_grad(), torch_profile() as prof:
-            for _ in range(50):
-                layer(x)
-        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:4]
-        print(f"{name} linear, per call: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 50:.0f} us" for e in top))
+    layers["int8-dynamic (fused)"] = Int8DynamicLinear(layers["int8-dynamic (torchao)"][0])
+    for rows in (1, 8):
+        x = torch.randn(rows, SHAPE["n_embd"])
+        for name, layer in layers.items():
+            with torch.no_grad(), torch_profile() as prof:
+                for _ in range(50):
+                    layer(x)
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:4]
+            calls = ", ".join(f"{e.key} {e.self_cpu_time_total / 50:.0f} us" for e in top)
+            print(f"{name} linear, {rows} row(s), per call: {calls}")
 
 
 def quantize_model_layers(module: torch.nn.Module, mode: str) -> None:

@@ -6,6 +6,7 @@ after a warm-up step. Ratio = median framework / median plain. Optionally one fu
     python bench/train_throughput.py --shape char --rounds 3 --steps 300 --threads 2
     python bench/train_throughput.py --shape nano --precision bf16-mixed --steps 40 --threads 2
     python bench/train_throughput.py --shape nano --precision 32-true bf16-mixed --steps 20 --threads 1  # bf16 / fp32
+    python bench/train_throughput.py --shape nano --precision 32-true bf16-mixed --threads 1 --profile  # where it goes
     python bench/train_throughput.py --shape char --full-run   # 2000 iterations, prints val loss
     python bench/train_throughput.py --shape char --reference --threads 1   # nanoGPT's own run, re-implemented
     python bench/train_throughput.py --against-reference --rounds 5 --threads 1   # train.py's it/s / nanoGPT loop's
@@ -72,9 +73,16 @@ def framework_run(data: Path, shape: str, steps: int, precision: str, threads: i
 
 
 def plain_loop(
-    data: Path, shape: str, steps: int, precision: str, threads: int, position_encoding: str = "rope"
+    data: Path,
+    shape: str,
+    steps: int,
+    precision: str,
+    threads: int,
+    position_encoding: str = "rope",
+    profile_steps: int = 0,
 ) -> float:
-    """nanoGPT-style: random offsets, forward, loss, backward, clip, AdamW step. Returns tokens/s."""
+    """nanoGPT-style: random offsets, forward, loss, backward, clip, AdamW step. Returns tokens/s. With
+    profile_steps, that many more steps run under torch.profiler and the top operators are printed."""
     torch.set_num_threads(threads)
     s = SHAPES[shape]
     text = data.read_text()
@@ -97,10 +105,8 @@ def plain_loop(
     opt, _ = OptimizerFactory(lr=1e-3, betas=(0.9, 0.99))(model.named_parameters(), total_steps=steps)
     B, T = s["batch_size"], s["block_size"]
     bf16 = precision.startswith("bf16")
-    start = None
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()  # step 0 warms up allocators and kernels
+
+    def step() -> None:
         ix = torch.randint(len(train) - T - 1, (B,))
         x = torch.stack([train[i : i + T] for i in ix])
         y = torch.stack([train[i + 1 : i + T + 1] for i in ix])
@@ -111,7 +117,25 @@ def plain_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps * B * T / (time.perf_counter() - start)
+
+    step()  # step 0 warms up allocators and kernels
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    rate = steps * B * T / (time.perf_counter() - start)
+    if profile_steps:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            for _ in range(profile_steps):
+                step()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"{precision}: {total / profile_steps / 1e3:.0f} ms a step (profiled), top operators by self CPU time:")
+        for e in events[:14]:
+            ms = e.self_cpu_time_total / profile_steps / 1e3
+            print(f"  {e.key:<32} {ms:7.1f} ms a step  {100 * e.self_cpu_time_total / total:4.1f} %")
+    return rate
 
 
 class _RefGPT(nn.Module):
@@ -428,6 +452,9 @@ def main() -> None:
     p.add_argument("--reference-clock", type=Path, help=argparse.SUPPRESS)  # one clocked reference run (a subprocess)
     p.add_argument("--seed", type=int, default=1337, help="seed of the full or reference run")
     p.add_argument(
+        "--profile", action="store_true", help="only: where a plain-loop step goes, per --precision (3 steps profiled)"
+    )
+    p.add_argument(
         "--position-encoding",
         choices=["learned", "rope"],
         default="rope",
@@ -455,6 +482,10 @@ def main() -> None:
         f"shape={args.shape} precision={' '.join(args.precision)} threads={args.threads} steps/round={args.steps} "
         f"position_encoding={args.position_encoding}"
     )
+    if args.profile:
+        for precision in args.precision:
+            plain_loop(args.data, args.shape, 2, precision, args.threads, args.position_encoding, profile_steps=3)
+        return
     if args.reference:
         t0 = time.perf_counter()
         r = reference_run(args.data, args.seed)

@@ -64,6 +64,7 @@ class _BitDropout(torch.autograd.Function):
         return _masked(x, bits, scale)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (bits,) = ctx.saved_tensors
         return _masked(grad.contiguous(), bits, ctx.scale), None, None
