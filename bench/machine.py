@@ -34,6 +34,23 @@ def has_fast_bf16(flags: set[str] | None = None) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
+def bf16_worth_measuring(precisions: list[str], emulated: bool = False, flags: set[str] | None = None):
+    """(the precisions to measure, a line to print or None). On a CPU without AMX or AVX512-BF16 a bf16 figure is a
+    slowdown of emulated matmuls, not a result: those precisions are left out, and the line says so and recommends
+    float32, unless `emulated` asks to measure the emulation anyway (the line then labels the figures)."""
+    bf16 = [p for p in precisions if p.startswith("bf16")]
+    if not bf16 or has_fast_bf16(flags):
+        return list(precisions), None
+    why = "this CPU has neither AMX nor AVX512-BF16: bfloat16 matmuls are emulated and slower than float32 here"
+    if emulated:
+        return list(precisions), f"{why}; the {' '.join(bf16)} figures below measure the emulation, not bf16"
+    kept = [p for p in precisions if p not in bf16]
+    return kept, (
+        f"{why}, so train with trainer.precision=32-true on it; {' '.join(bf16)} not measured "
+        "(--emulated-bf16 measures the emulation anyway)"
+    )
+
+
 def cpu_name() -> str:
     info = Path("/proc/cpuinfo")
     if info.is_file():

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import describe, has_fast_bf16  # noqa: E402
+from machine import bf16_worth_measuring, describe  # noqa: E402
 
 from neuraflux.model import NanoConfig, NanoLM  # noqa: E402
 from neuraflux.optim import OptimizerFactory  # noqa: E402
@@ -452,6 +452,11 @@ def main() -> None:
     p.add_argument("--reference-clock", type=Path, help=argparse.SUPPRESS)  # one clocked reference run (a subprocess)
     p.add_argument("--seed", type=int, default=1337, help="seed of the full or reference run")
     p.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="measure bf16 precisions on a CPU without AMX or AVX512-BF16 too (skipped there by default)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="only: where a plain-loop step goes, per --precision (3 steps profiled)"
     )
     p.add_argument(
@@ -473,11 +478,11 @@ def main() -> None:
         print(f"threads={args.threads}, train.py overrides: {' '.join(extra) or 'none'}")
         against_reference(args.data, args.rounds, args.threads, extra)
         return
-    if any(p.startswith("bf16") for p in args.precision) and not has_fast_bf16():
-        print(
-            "this CPU has neither AMX nor AVX512-BF16: bfloat16 matmuls are emulated and slower than float32 here, "
-            "so train with trainer.precision=32-true on it; the figures below measure the emulation, not bf16"
-        )
+    args.precision, advice = bf16_worth_measuring(args.precision, args.emulated_bf16)
+    if advice:
+        print(advice)
+    if not args.precision:
+        return
     print(
         f"shape={args.shape} precision={' '.join(args.precision)} threads={args.threads} steps/round={args.steps} "
         f"position_encoding={args.position_encoding}"
