@@ -59,3 +59,34 @@ def test_world_config_for_reads_the_run_and_names_a_stale_key(tmp_path):
     (tmp_path / "config.yaml").write_text("world:\n  seed: 5\n  answer_style: value\n")
     with pytest.raises(ValueError, match=r"config.yaml: world: unknown world key\(s\) \['answer_style'\]"):
         world_config_for(tmp_path / "model")
+
+
+def test_evaluation_uses_the_runs_retrieval_settings_and_names_a_bad_key(tmp_path, monkeypatch):
+    """`python -m neuraflux.eval` scores retrieval with the store the run trained with (config.yaml's `retrieval`
+    group), not this installation's defaults; a run without one gets conf/retrieval/default.yaml's."""
+    from neuraflux import eval as ev
+    from neuraflux.retrieval.documents import load_retrieval_settings
+
+    (tmp_path / "model").mkdir()
+    assert ev.retrieval_settings_for(tmp_path / "model") == load_retrieval_settings()
+    (tmp_path / "config.yaml").write_text(
+        "world:\n  seed: 5\n  n_entities: 40\nretrieval:\n  index: hnsw\n  index_params: {efSearch: 16}\n  k: 3\n"
+    )
+    settings = ev.retrieval_settings_for(tmp_path / "model")
+    assert (settings.index, settings.index_params, settings.k) == ("hnsw", {"efSearch": 16}, 3)
+    seen = {}
+    import neuraflux.model.io as io
+
+    monkeypatch.setattr(io, "load_for_inference", lambda *a: (None, None))
+
+    def fake_evaluate(model, tokenizer, world, s):
+        seen["retrieval"] = s.retrieval
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(tmp_path / "model")])
+    assert seen["retrieval"] == settings
+    (tmp_path / "config.yaml").write_text("retrieval:\n  indx: flat\n")
+    with pytest.raises(SystemExit, match=r"error: .*config.yaml: unknown retrieval key\(s\) \['indx'\]"):
+        ev.main(["--model", str(tmp_path / "model")])

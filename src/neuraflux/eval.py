@@ -148,17 +148,42 @@ def eval_table(result: dict, title: str = "evaluation"):
     return table
 
 
-def world_config_for(run_dir: Path) -> WorldConfig:
-    """The world a run trained on, from its saved config.yaml (the run dir or the model dir's parent)."""
+def _run_section(run_dir: Path, section: str):
+    """(config.yaml path, the section as a dict) from a run's saved config.yaml (the run dir or the model dir's
+    parent) that has it, or None."""
     from omegaconf import OmegaConf
 
     for candidate in (run_dir / "config.yaml", run_dir.parent / "config.yaml"):
         if candidate.is_file():
             cfg = OmegaConf.load(candidate)
-            if "world" in cfg:
-                return WorldConfig.from_dict(OmegaConf.to_container(cfg.world, resolve=True), f"{candidate}: world")
+            if section in cfg:
+                return candidate, OmegaConf.to_container(cfg[section], resolve=True)
+    return None
+
+
+def world_config_for(run_dir: Path) -> WorldConfig:
+    """The world a run trained on, from its saved config.yaml (the run dir or the model dir's parent)."""
+    found = _run_section(run_dir, "world")
+    if found is not None:
+        return WorldConfig.from_dict(found[1], f"{found[0]}: world")
     log.warning("no config.yaml with a world section beside %s: using the default world", run_dir)
     return WorldConfig()
+
+
+def retrieval_settings_for(run_dir: Path) -> RetrievalSettings:
+    """The world store's settings a run trained with (its config.yaml's `retrieval` group: the reward stage's
+    context and the curriculum's evaluation used them), or, for a run that saved none, this installation's
+    conf/retrieval/default.yaml. A bad key is named with the file."""
+    from neuraflux.retrieval.documents import load_retrieval_settings, retrieval_settings
+    from neuraflux.retrieval.errors import RetrievalError
+
+    found = _run_section(run_dir, "retrieval")
+    if found is None:
+        return load_retrieval_settings()
+    try:
+        return retrieval_settings(found[1])
+    except RetrievalError as err:
+        raise ValueError(f"{found[0]}: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: --model {args.model}: {err}") from None
     source = Path(args.model)
-    world = generate_world(world_config_for(source if source.is_dir() else source.parent))
-    result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit, k=args.k))
+    run_dir = source if source.is_dir() else source.parent
+    try:
+        retrieval = retrieval_settings_for(run_dir)  # a bad key is named before the world is built
+        world = generate_world(world_config_for(run_dir))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    result = evaluate(model, tokenizer, world, EvalSettings(limit=args.limit, k=args.k, retrieval=retrieval))
     out = args.out or ((source if source.is_dir() else source.parent) / "eval.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console

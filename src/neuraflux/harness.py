@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from neuraflux.chat import END, parse_prompt
-from neuraflux.eval import EvalSettings, evaluate, is_right, split_items, world_config_for
+from neuraflux.eval import EvalSettings, evaluate, is_right, retrieval_settings_for, split_items, world_config_for
 from neuraflux.model import NanoLM
 from neuraflux.rag import NanoRAG, world_retriever
 from neuraflux.tokenizer import NanoTokenizer
@@ -207,8 +207,8 @@ def compare(model_dir: str | Path, out: str | Path, settings: EvalSettings | Non
     from neuraflux.model.export import export_model
     from neuraflux.model.io import load_for_inference
 
-    s = settings or EvalSettings()
     model_dir, out = Path(model_dir), Path(out)
+    s = settings or EvalSettings(retrieval=retrieval_settings_for(model_dir))
     model, tokenizer = load_for_inference(model_dir)
     world_config = world_config_for(model_dir)
     world = generate_world(world_config)
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1, help="lm_eval's generation batch (1: no padding)")
     args = p.parse_args(argv)
     try:
-        result = compare(args.model, args.out, EvalSettings(limit=args.limit, k=args.k), args.batch_size)
+        settings = EvalSettings(limit=args.limit, k=args.k, retrieval=retrieval_settings_for(Path(args.model)))
+        result = compare(args.model, args.out, settings, args.batch_size)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise SystemExit(f"error: {err}") from None
     from rich.console import Console
