@@ -8,9 +8,20 @@ import torch
 
 from neuraflux.model.nano import KVCache, NanoLM
 
-# A compiled decode step is traced for one (batch, cache capacity): capacities are rounded up to this many
-# positions so that prompts of different lengths share a compilation.
+# A compiled decode step is traced for one (batch, cache capacity, key length): capacities are rounded up to this
+# many positions so that prompts of different lengths share a compilation, and each step attends over the first
+# `key_bucket` slots, a power-of-two multiple of it, so attention reads at most twice the keys it needs with a few
+# compilations (64, 128, 256, ... up to the capacity) instead of the whole capacity on every step.
 CAPACITY_STEP = 64
+
+
+def key_bucket(length: int, capacity: int) -> int:
+    """The key length a compiled step attends over to cover `length` cached positions: CAPACITY_STEP times the
+    smallest power of two that reaches it, at most `capacity`."""
+    bucket = CAPACITY_STEP
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, capacity)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -77,12 +88,19 @@ def ends_with_padding(attention_mask: torch.Tensor) -> bool:
 
 
 def static_decode_step(
-    model: NanoLM, token: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+    model: NanoLM,
+    token: torch.Tensor,
+    positions: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    key_length: int | None = None,
 ) -> torch.Tensor:
-    """One decoding step whose shapes never change, so torch.compile traces it once: token (B, 1) is written at
-    positions (B,) of a per-row cache of fixed capacity (`KVCache.slots`), every query attends over the whole
-    capacity with the slots after its own position masked -> logits (B, V). Does not advance `positions`."""
-    hidden, _ = model.transformer.forward_at(token, positions, keys, values, key_length=keys[0].shape[2])
+    """One decoding step whose shapes are fixed by (batch, capacity, key_length), so torch.compile traces it once per
+    key length: token (B, 1) is written at positions (B,) of a per-row cache of fixed capacity (`KVCache.slots`),
+    every query attends over the first `key_length` slots (None: the whole capacity; it must exceed every position)
+    with the slots after its own position masked -> logits (B, V). Does not advance `positions`."""
+    key_length = keys[0].shape[2] if key_length is None else key_length
+    hidden, _ = model.transformer.forward_at(token, positions, keys, values, key_length=key_length)
     return model.lm_head(hidden[:, -1])
 
 
@@ -105,6 +123,11 @@ def compiled_decode_step():
     """`static_decode_step` under torch.compile, built on first use (dynamo re-traces it per model and shape)."""
     global _compiled_step
     if _compiled_step is None:
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per (model, batch, capacity, key bucket): a process that decodes two models at two batch sizes
+        # holds 16, past dynamo's default of 8 per function, after which it would decode eagerly without a word
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _compiled_step = torch.compile(static_decode_step, dynamic=False)
     return _compiled_step
 
@@ -194,15 +217,19 @@ def _eager_decoder(model: NanoLM, input_ids, max_new_tokens: int, mask, use_kv_c
 
 def _compiled_decoder(model: NanoLM, input_ids, max_new_tokens: int) -> Decoder:
     """As `_eager_decoder` for unpadded prompts, each step the compiled `static_decode_step` over a slot cache whose
-    capacity is rounded up to CAPACITY_STEP positions (one compilation serves prompts of different lengths)."""
+    capacity is rounded up to CAPACITY_STEP positions (one compilation serves prompts of different lengths), attending
+    over `key_bucket` slots."""
     config, (B, T0) = model.config, input_ids.shape
     capacity = min(config.max_position_embeddings, -(-(T0 + max_new_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
     weight = model.lm_head.weight
     cache = KVCache.slots(config, B, capacity, weight.device, weight.dtype)
     step = compiled_decode_step()
+    length = T0  # every row's, unpadded: the positions cached so far
 
     def advance(token: torch.Tensor) -> torch.Tensor:
-        logits = step(model, token[:, None], cache.positions, cache.keys, cache.values)
+        nonlocal length
+        length += 1
+        logits = step(model, token[:, None], cache.positions, cache.keys, cache.values, key_bucket(length, capacity))
         cache.positions += 1
         return logits
 
