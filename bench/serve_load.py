@@ -11,12 +11,14 @@ Needs the serve extra: pip install -e ".[serve]".
 
     python bench/serve_load.py --threads 1 --clients 1 8 32 --seconds 10
     python bench/serve_load.py --model RUN --weights float32 int8 --clients 1 8    # one server each, levels alternating
+    python bench/serve_load.py --compile --clients 1 8 --max-concurrent 8           # eager against serve.compile=true
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import socket
 import statistics
@@ -147,6 +149,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--weights", nargs="+", default=["float32"], choices=["float32", "int8", "int8-dynamic"],
                    help="one server per choice; each client level runs on each in turn")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="beside each --weights server, one with serve.compile=true")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from neuraflux.model.quantize import quantize_model
@@ -171,10 +175,14 @@ def main() -> None:
     servers = {
         w: start_server(create_app(config, model, tok, model_name="bench")) for w, (model, tok) in models.items()
     }
+    if args.compile:
+        compiled = dataclasses.replace(config, compile=True)
+        for w, (model, tok) in models.items():
+            servers[f"{w} compiled"] = start_server(create_app(compiled, model, tok, model_name="bench"))
     rows = []
     try:
         for url, _, _ in servers.values():
-            asyncio.run(run_level(url, 1, 1.0, 8))  # warm-up
+            asyncio.run(run_level(url, 1, 1.0, 8))  # warm-up (a compiled engine compiled every shape at its start)
         for n in args.clients:
             for weights, (url, _, _) in servers.items():
                 rows.append(
@@ -189,12 +197,12 @@ def main() -> None:
         f"max_concurrent {args.max_concurrent}, {args.seconds:g} s per level"
     )
     print(
-        f"{'weights':>12} {'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
+        f"{'server':>16} {'clients':>7} {'requests':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'stream tok/s':>12} "
         f"{'aggregate tok/s':>15}  errors"
     )
     for r in rows:
         print(
-            f"{r['weights']:>12} {r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} "
+            f"{r['weights']:>16} {r['clients']:>7} {r['requests']:>8} {r['ttft_p50_ms']:>11.1f} "
             f"{r['ttft_p99_ms']:>11.1f} {r['stream_tok_s']:>12.1f} {r['aggregate_tok_s']:>15.1f}  {r['errors'] or '-'}"
         )
     for weights in servers:

@@ -578,6 +578,7 @@ def test_config_file_overrides_and_env(monkeypatch, tmp_path):
         ("default_max_new_tokens=999", "serve.default_max_new_tokens (999) must be <= serve.max_new_tokens (256)"),
         ("request_timeout_s=0", "serve.request_timeout_s must be a positive number of seconds, got 0.0"),
         ("top_p=2", "serve.top_p must be in (0, 1] or null, got 2.0"),
+        ("compile=maybe", "serve.compile: Value 'maybe' is not a valid bool"),
         ("max_concurrent", "override 'max_concurrent' is not key=value"),
     ],
 )

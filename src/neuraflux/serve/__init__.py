@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env NEURAFLUX_API_KEY)")
     p.add_argument("--config", type=Path, default=None, help="a serve YAML instead of conf/serve/default.yaml")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="serve an int8 copy (torchao)")
+    p.add_argument(
+        "--compile", action="store_true", default=None, help="decode with torch.compile'd steps (serve.compile=true)"
+    )
     p.add_argument("--compare-model", default=None, help="a second model: compare=true gets a blind answer from each")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. max_concurrent=16 retrieval=world")
     return p
@@ -71,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --config {args.config}: no such file")
     try:
         config = load_serve_config(args.overrides, args.config or DEFAULT_CONFIG)
-        flags = (("host", args.host), ("port", args.port), ("api_key", args.api_key), ("quantize", args.quantize))
+        flags = (
+            ("host", args.host),
+            ("port", args.port),
+            ("api_key", args.api_key),
+            ("quantize", args.quantize),
+            ("compile", args.compile),
+        )
         given = {k: v for k, v in flags if v is not None}
         config = dataclasses.replace(config, **given)  # re-runs the checks
         constitution = load_constitution(config.constitution)  # create_app loads it again; here it fails early

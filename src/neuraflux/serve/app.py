@@ -132,6 +132,7 @@ def build_sides(
         max_queue=config.max_queue,
         slot_length=cap + limits.max_new_tokens,
         seed=config.seed + 1,
+        compile=config.compile,
     )
     return (served, Side(other_engine, weights_sha256(other) if hashed else None, other_name)), limits
 
@@ -247,6 +248,7 @@ def create_app(
         max_queue=config.max_queue,
         slot_length=limits.max_prompt_tokens + limits.max_new_tokens,
         seed=config.seed,
+        compile=config.compile,
     )
     name = config.model_name or model_name
     sides, limits = build_sides(config, model, tokenizer, engine, compare_model, limits, name)

@@ -44,6 +44,9 @@ class ServeConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
     quantize: str | None = None  # None (the model's float weights), int8 or int8-dynamic (model/quantize.py)
+    # decode with generation's torch.compile'd step (model/generation.py) over a power-of-two number of slots and of
+    # keys: each such shape compiles (seconds) when the traffic first reaches it (docs/SERVING.md)
+    compile: bool = False
     # what a request may cost before a route runs (serve/guard.py): bytes of an HTTP body or a WebSocket message,
     # and seconds for a request's headers, then its body, to arrive
     max_body_bytes: int = 1_000_000
@@ -77,6 +80,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be a list of strings or null, got {value!r}")
         if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 0:
             raise ValueError(f"serve.max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"serve.compile must be true or false, got {self.compile!r}")
         if self.quantize is not None and self.quantize not in QUANT_MODES:
             raise ValueError(f"serve.quantize must be null or one of {', '.join(QUANT_MODES)}, got {self.quantize!r}")
         if not 0 < self.port < 65536:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from neuraflux.model.generation import sample_next
+from neuraflux.model.generation import check_compilable, compiled_decode_step, key_bucket, sample_next
 from neuraflux.model.nano import KVCache, NanoLM
 from neuraflux.serve.protocol import Sampling, ServeError
 from neuraflux.tokenizer import NanoTokenizer, StreamDecoder
@@ -100,7 +100,11 @@ class Engine:
         max_queue: int = 32,
         slot_length: int | None = None,
         seed: int = 0,
+        compile: bool = False,
     ):
+        """`compile`: each decoding step is generation's torch.compile'd static step over a power-of-two number of
+        slots (free ones fed a pad token) and a power-of-two key bucket, one compilation per (rows, keys) pair as the
+        traffic first reaches it; ValueError for a model whose compiled step is refused (int8-dynamic)."""
         if max_concurrent <= 0 or max_queue < 0:
             raise ValueError(f"max_concurrent must be > 0 and max_queue >= 0, got {max_concurrent} and {max_queue}")
         self.model = model.eval()
@@ -112,6 +116,10 @@ class Engine:
         self.device = w.device
         self.cache = KVCache.slots(c, max_concurrent, self.slot_length, w.device, w.dtype)
         self.generator = torch.Generator(device=w.device).manual_seed(seed)
+        self._compiled = None
+        if compile:
+            check_compilable(model)
+            self._compiled = compiled_decode_step()
         self.slots: list[Ticket | None] = [None] * max_concurrent
         self.pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
@@ -122,11 +130,40 @@ class Engine:
 
     # ---- the callers' side ------------------------------------------------------------------------------
     def start(self) -> Engine:
+        if self._compiled is not None and self._thread is None:
+            self._compile_shapes()
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="neuraflux-engine", daemon=True)
             self._thread.start()
         return self
+
+    def _compile_shapes(self) -> None:
+        """Compile the decoding step for every (rows, key bucket) pair it can meet, before any request: compiling
+        the first time traffic reached a shape stalled every request in flight for seconds. The steps write into
+        free slots at position 0, which a prefill overwrites."""
+        rows, shapes = [], []
+        n = 1
+        while n < self.max_concurrent:
+            rows.append(n)
+            n *= 2
+        rows.append(self.max_concurrent)
+        length = 1
+        while True:
+            bucket = key_bucket(length, self.slot_length)
+            shapes += [(r, bucket) for r in rows]
+            if bucket >= self.slot_length:
+                break
+            length = bucket + 1
+        log.info("compiling the decoding step for %d shapes (rows x keys)", len(shapes))
+        started = time.monotonic()
+        with torch.no_grad():
+            for r, bucket in shapes:
+                cache = self.cache.rows(r)
+                tokens = torch.full((r, 1), self.model.config.pad_token_id, dtype=torch.long, device=self.device)
+                self._compiled(self.model, tokens, cache.positions, cache.keys, cache.values, bucket)
+        self.cache.positions.zero_()
+        log.info("compiled in %.1f s", time.monotonic() - started)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the current step, fail whatever is left with `cancelled`, and end the thread."""
@@ -260,8 +297,11 @@ class Engine:
         self._accept(ticket, self._sample(logits, [ticket])[0])
 
     def _decode_step(self, active: list[Ticket]) -> None:
-        """One forward for every active request: rows [0, top) of the cache, free rows fed a dummy token."""
+        """One forward for every active request: rows [0, top) of the cache (compiled: top rounded up to a power of
+        two), free rows fed a dummy token."""
         top = max(t.slot for t in active) + 1
+        if self._compiled is not None:  # a power of two of rows, as few shapes to compile as key buckets
+            top = min(self.max_concurrent, 1 << (top - 1).bit_length())
         tokens = torch.full((top,), self.model.config.pad_token_id, dtype=torch.long)
         live = torch.zeros(top, dtype=torch.bool)
         for t in active:
@@ -269,9 +309,25 @@ class Engine:
             live[t.slot] = True
         positions = self.cache.positions[:top]
         positions.masked_fill_(~live.to(self.device), 0)  # a free row writes at 0, where the next prefill overwrites
-        hidden = self.model.transformer(tokens.to(self.device)[:, None], kv_cache=self.cache.rows(top))  # (top, 1, C)
         rows = torch.tensor([t.slot for t in active], device=self.device)
-        logits = self.model.lm_head(hidden[rows, -1])  # (N, V)
+        if self._compiled is None:
+            hidden = self.model.transformer(tokens.to(self.device)[:, None], kv_cache=self.cache.rows(top))
+            logits = self.model.lm_head(hidden[rows, -1])  # (N, V)
+        else:
+            length = int(positions.max()) + 1
+            if length > self.slot_length:
+                raise ValueError(f"a cache row would hold {length} tokens, over its limit of {self.slot_length}")
+            cache = self.cache.rows(top)
+            step = self._compiled(
+                self.model,
+                tokens.to(self.device)[:, None],
+                cache.positions,
+                cache.keys,
+                cache.values,
+                key_bucket(length, self.slot_length),
+            )  # (top, V)
+            cache.positions += 1  # a view of the engine's positions: advances them
+            logits = step[rows]
         with self._cond:
             self._steps += 1
         for ticket, token in zip(active, self._sample(logits, active)):
