@@ -277,7 +277,7 @@ def create_app(
     async def lifespan(_app: FastAPI):
         engines = list({id(s.engine): s.engine for s in sides}.values())  # one, or two with --compare-model
         for each in engines:
-            each.start()
+            await asyncio.to_thread(each.start)  # serve.compile compiles every decoding shape here: off the loop
         try:
             yield
         finally:

@@ -103,8 +103,8 @@ class Engine:
         compile: bool = False,
     ):
         """`compile`: each decoding step is generation's torch.compile'd static step over a power-of-two number of
-        slots (free ones fed a pad token) and a power-of-two key bucket, one compilation per (rows, keys) pair as the
-        traffic first reaches it; ValueError for a model whose compiled step is refused (int8-dynamic)."""
+        slots (free ones fed a pad token) and a power-of-two key bucket, every such shape compiled by `start`;
+        ValueError for a model whose compiled step is refused (int8-dynamic)."""
         if max_concurrent <= 0 or max_queue < 0:
             raise ValueError(f"max_concurrent must be > 0 and max_queue >= 0, got {max_concurrent} and {max_queue}")
         self.model = model.eval()
