@@ -178,7 +178,9 @@ def main() -> None:
     if args.compile:
         compiled = dataclasses.replace(config, compile=True)
         for w, (model, tok) in models.items():
+            t0 = time.perf_counter()
             servers[f"{w} compiled"] = start_server(create_app(compiled, model, tok, model_name="bench"))
+            print(f"{w} compiled: the server started in {time.perf_counter() - t0:.0f} s (every shape compiled)")
     rows = []
     try:
         for url, _, _ in servers.values():
