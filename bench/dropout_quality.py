@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import describe  # noqa: E402
+from train_throughput import train_step, windows  # noqa: E402
 
 import neuraflux.model.dropout as bit_dropout  # noqa: E402
 import neuraflux.model.nano as nano  # noqa: E402
@@ -68,26 +69,15 @@ def run(tokens: torch.Tensor, split: int, seed: int, steps: int, precision: str,
     for step in range(steps):
         if step == 1:
             start = time.perf_counter()
-        ix = torch.randint(split - T - 1, (B,), generator=batches)
-        x = torch.stack([tokens[i : i + T] for i in ix])
-        y = torch.stack([tokens[i + 1 : i + T + 1] for i in ix])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, *windows(tokens, torch.randint(split - T - 1, (B,), generator=batches), T), bf16)
         sched.step()
-        opt.zero_grad(set_to_none=True)
     rate = (steps - 1) * B * T / (time.perf_counter() - start)
     model.eval()
     val = torch.Generator().manual_seed(0)  # the same validation windows for every run
     losses = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for _ in range(eval_batches):
-            ix = split + torch.randint(len(tokens) - split - T - 1, (B,), generator=val)
-            x = torch.stack([tokens[i : i + T] for i in ix])
-            y = torch.stack([tokens[i + 1 : i + T + 1] for i in ix])
+            x, y = windows(tokens, split + torch.randint(len(tokens) - split - T - 1, (B,), generator=val), T)
             losses.append(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item())
     return statistics.mean(losses), rate
 

@@ -72,6 +72,22 @@ def framework_run(data: Path, shape: str, steps: int, precision: str, threads: i
     return json.loads((out / "metrics.json").read_text())
 
 
+def windows(tokens: torch.Tensor, starts: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (B, T): the windows of `tokens` at `starts`, and the same shifted by one."""
+    return torch.stack([tokens[i : i + T] for i in starts]), torch.stack([tokens[i + 1 : i + T + 1] for i in starts])
+
+
+def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> None:
+    """nanoGPT's step: forward (under bf16 autocast or not), cross-entropy, backward, clip to 1.0, update."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def plain_loop(
     data: Path,
     shape: str,
@@ -107,16 +123,7 @@ def plain_loop(
     bf16 = precision.startswith("bf16")
 
     def step() -> None:
-        ix = torch.randint(len(train) - T - 1, (B,))
-        x = torch.stack([train[i : i + T] for i in ix])
-        y = torch.stack([train[i + 1 : i + T + 1] for i in ix])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, *windows(train, torch.randint(len(train) - T - 1, (B,)), T), bf16)
 
     step()  # step 0 warms up allocators and kernels
     start = time.perf_counter()
