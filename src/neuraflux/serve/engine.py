@@ -142,19 +142,10 @@ class Engine:
         """Compile the decoding step for every (rows, key bucket) pair it can meet, before any request: compiling
         the first time traffic reached a shape stalled every request in flight for seconds. The steps write into
         free slots at position 0, which a prefill overwrites."""
-        rows, shapes = [], []
-        n = 1
-        while n < self.max_concurrent:
-            rows.append(n)
-            n *= 2
-        rows.append(self.max_concurrent)
-        length = 1
-        while True:
-            bucket = key_bucket(length, self.slot_length)
-            shapes += [(r, bucket) for r in rows]
-            if bucket >= self.slot_length:
-                break
-            length = bucket + 1
+        # the rules `_decode_step` applies, over every count of busy rows and every length a slot can hold
+        rows = sorted({self._compiled_rows(n) for n in range(1, self.max_concurrent + 1)})
+        keys = sorted({key_bucket(n, self.slot_length) for n in range(1, self.slot_length + 1)})
+        shapes = [(r, k) for k in keys for r in rows]
         log.info("compiling the decoding step for %d shapes (rows x keys)", len(shapes))
         started = time.monotonic()
         with torch.no_grad():
@@ -164,6 +155,11 @@ class Engine:
                 self._compiled(self.model, tokens, cache.positions, cache.keys, cache.values, bucket)
         self.cache.positions.zero_()
         log.info("compiled in %.1f s", time.monotonic() - started)
+
+    def _compiled_rows(self, top: int) -> int:
+        """The rows a compiled step runs for the busy rows [0, top): a power of two (as few shapes to compile as key
+        buckets), at most max_concurrent."""
+        return min(self.max_concurrent, 1 << (top - 1).bit_length())
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the current step, fail whatever is left with `cancelled`, and end the thread."""
@@ -300,8 +296,8 @@ class Engine:
         """One forward for every active request: rows [0, top) of the cache (compiled: top rounded up to a power of
         two), free rows fed a dummy token."""
         top = max(t.slot for t in active) + 1
-        if self._compiled is not None:  # a power of two of rows, as few shapes to compile as key buckets
-            top = min(self.max_concurrent, 1 << (top - 1).bit_length())
+        if self._compiled is not None:
+            top = self._compiled_rows(top)
         tokens = torch.full((top,), self.model.config.pad_token_id, dtype=torch.long)
         live = torch.zeros(top, dtype=torch.bool)
         for t in active:
